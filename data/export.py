@@ -1,0 +1,37 @@
+"""Writing tables for spreadsheets safely.
+
+A cell that starts with ``=``, ``+``, ``-``, ``@``, tab or carriage return is run as a
+formula by spreadsheet programs (OWASP "CSV Injection"); such text cells are prefixed
+with a single quote. Numbers are left as numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["neutralise_formulas", "write_safe_csv"]
+
+_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _safe(v):
+    if isinstance(v, str) and v.startswith(_TRIGGERS):
+        return "'" + v
+    return v
+
+
+def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``df`` whose text cells cannot be read as spreadsheet formulas."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
+            out[col] = out[col].map(_safe)
+    return out
+
+
+def write_safe_csv(df: pd.DataFrame, path: Path) -> None:
+    """Write ``df`` as UTF-8 CSV with formulas neutralised."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    neutralise_formulas(df).to_csv(path, index=False, encoding="utf-8")

@@ -1,0 +1,184 @@
+"""Reading delimited text files robustly: encoding, delimiter, header names, bad lines.
+
+Used by every CSV-based importer. DuckDB's ``read_csv`` does the bulk reading; this module
+decides the dialect first and turns DuckDB's errors into messages that name the file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from data.importers.base import ImportFileError
+
+__all__ = ["CsvDialect", "sniff", "read_csv_varchar", "transcode_to_utf8"]
+
+
+@dataclass
+class CsvDialect:
+    path: Path  # the file DuckDB reads (a UTF-8 copy when the original was cp1252/latin-1)
+    original: Path
+    encoding: str  # encoding of the original file
+    delimiter: str
+    header: list[str]  # as in the file, BOM stripped
+
+
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _first_line(path: Path) -> bytes:
+    with _open_bytes(path) as fh:
+        return fh.readline(1 << 20)
+
+
+def _decode(raw: bytes, path: Path) -> tuple[str, str]:
+    if raw.startswith(codecs.BOM_UTF8):
+        return raw[3:].decode("utf-8", errors="strict"), "utf-8-sig"
+    for enc in ("utf-8", "cp1252", "latin-1"):
+        try:
+            return raw.decode(enc), enc
+        except UnicodeDecodeError:
+            continue
+    raise ImportFileError(f"{path.name}: header is not text")  # latin-1 never fails; defensive
+
+
+def _split_header(line: str, delim: str) -> list[str]:
+    import csv
+
+    return next(csv.reader([line], delimiter=delim))
+
+
+def sniff(path: Path) -> CsvDialect:
+    """Encoding of the header, delimiter and header names of a delimited file.
+
+    Raises :class:`ImportFileError` for an empty file or one that is not delimited text.
+    """
+    try:
+        raw = _first_line(path)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise ImportFileError(f"{path.name}: cannot be read ({exc})") from exc
+    if not raw.strip():
+        raise ImportFileError(f"{path.name}: the file is empty (no header line)")
+    if b"\x00" in raw:
+        raise ImportFileError(f"{path.name}: not a text file (binary content); expected CSV or JSON")
+    text, enc = _decode(raw, path)
+    text = text.rstrip("\r\n")
+    counts = {d: text.count(d) for d in (",", ";", "\t", "|")}
+    delim = max(counts, key=counts.get)
+    if counts[delim] == 0:
+        raise ImportFileError(
+            f"{path.name}: no delimiter found in the header line (expected ',', ';' or tab separated columns)"
+        )
+    header = [h.strip().lstrip("\ufeff") for h in _split_header(text, delim)]
+    return CsvDialect(path=path, original=path, encoding=enc, delimiter=delim, header=header)
+
+
+def transcode_to_utf8(path: Path, workdir: Path) -> tuple[Path, str]:
+    """A UTF-8 copy of a cp1252 (else latin-1) file; returns (copy, encoding used).
+
+    cp1252 is tried first because Windows lab exports use it (µ is 0xB5, ä 0xE4 in both);
+    bytes undefined in cp1252 fall back to latin-1, which decodes any byte.
+    """
+    with _open_bytes(path) as fh:
+        data = fh.read()
+    for enc in ("cp1252", "latin-1"):
+        try:
+            text = data.decode(enc)
+            break
+        except UnicodeDecodeError:
+            continue
+    out = workdir / (path.name.removesuffix(".gz") + ".utf8.csv")
+    out.write_text(text, encoding="utf-8")
+    return out, enc
+
+
+def _is_encoding_error(exc: Exception) -> bool:
+    t = str(exc).lower()
+    return "utf-8" in t or "unicode" in t or "encoding" in t
+
+
+def read_csv_varchar(cur, dialect: CsvDialect, table: str, select_sql: str, workdir: Path | None = None) -> str:
+    """Create temp ``table`` from the file, every column VARCHAR, plus ``source_row``.
+
+    ``select_sql`` selects the staged columns from a relation named ``raw`` (which has
+    ``source_row``). Lines DuckDB cannot split (wrong number of fields, unclosed quotes)
+    become rows of the temp table ``csv_rejects`` (source_row, reason, line). Returns the
+    encoding actually used. Raises :class:`ImportFileError` when the file cannot be read.
+    """
+
+    def attempt(path: Path) -> None:
+        cur.execute("DROP TABLE IF EXISTS reject_errors; DROP TABLE IF EXISTS reject_scans")
+        cur.execute(
+            f"""
+            CREATE OR REPLACE TEMP TABLE raw_csv AS
+            SELECT * FROM read_csv(?, delim = ?, header = true, all_varchar = true, quote = '"',
+                                   escape = '"', auto_detect = false,
+                                   columns = {_columns_struct(dialect.header)},
+                                   store_rejects = true, null_padding = false,
+                                   strict_mode = true, parallel = true)
+            """,
+            [str(path), dialect.delimiter],
+        )
+
+    used = dialect.encoding
+    try:
+        attempt(dialect.path)
+        bad_text = cur.execute("SELECT count(*) FROM reject_errors WHERE error_type IN ('INVALID UNICODE', 'INVALID ENCODING')").fetchone()[0]
+    except (duckdb.InvalidInputException, duckdb.ConversionException) as exc:
+        if not _is_encoding_error(exc):
+            raise ImportFileError(f"{dialect.original.name}: cannot be read as CSV ({_short(exc)})") from exc
+        bad_text = 1
+    if bad_text:
+        workdir = workdir or Path(tempfile.mkdtemp(prefix="labtrend-import-"))
+        utf8, used = transcode_to_utf8(dialect.original, workdir)
+        dialect.path = utf8
+        attempt(utf8)
+    # data row numbers: the k-th accepted row skips the rejected lines before it
+    cur.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE csv_rejects AS
+        SELECT DISTINCT ON (line) line - 1 AS source_row, error_type || ': ' || error_message AS reason, csv_line AS line
+        FROM reject_errors ORDER BY line
+        """
+    )
+    n_rej = cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
+    if n_rej:
+        cur.execute(
+            """
+            CREATE OR REPLACE TEMP VIEW raw AS
+            WITH r AS (SELECT source_row - row_number() OVER (ORDER BY source_row) AS a FROM csv_rejects),
+                 numbered AS (SELECT row_number() OVER () AS k, * FROM raw_csv)
+            SELECT n.k + (SELECT count(*) FROM r WHERE r.a < n.k) AS source_row, n.* EXCLUDE (k)
+            FROM numbered n
+            """
+        )
+    else:
+        cur.execute("CREATE OR REPLACE TEMP VIEW raw AS SELECT row_number() OVER () AS source_row, * FROM raw_csv")
+    cur.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {select_sql}")
+    return used
+
+
+def _columns_struct(header: list[str]) -> str:
+    seen = {}
+    parts = []
+    for h in header:
+        name = h or "column"
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}_{seen[name]}"
+        else:
+            seen[name] = 0
+        parts.append("'" + name.replace("'", "''") + "': 'VARCHAR'")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).split("\n")[0]
+    # never pass DuckDB's advice about ignore_errors to users: we handle bad lines ourselves
+    return text.replace("ignore_errors", "").strip()

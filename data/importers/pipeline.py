@@ -1,0 +1,500 @@
+"""The common load pipeline: from the staged rows of any importer to ``lab_results``.
+
+Runs inside the import's single transaction (see :func:`data.importers.run_import`), in
+DuckDB SQL so that ten million rows load at bulk speed. Per row it decides, in order:
+
+1. **quarantine** (kept in ``quarantine`` with column and reason, never loaded): no
+   patient id; no or unreadable collection time; no analyte (neither LOINC nor name);
+   a LOINC code whose check digit is wrong; a numeric result whose unit is unknown or
+   cannot be converted to the analyte's canonical unit;
+2. **skipped as exact duplicate**: same patient, analyte, time, specimen, report time,
+   value, unit, flag, comment and reference interval as a row already kept (in this file
+   or an earlier import);
+3. otherwise **loaded**, with the value parsed (:mod:`data.values`), converted to the
+   canonical UCUM unit (:mod:`data.units`), and flagged: ``implausible`` (outside the
+   catalogue's cited plausible limits: stored, not dropped), ``unit_missing``,
+   ``conflicting`` (another value for the same patient, analyte and time: both kept).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+
+from data.catalogue import load_catalogue
+from data.importers.base import ImportFileError, Staged
+from data.units import UnitError, conversion_factor, normalise_unit, parse_ucum
+from data.values import value_sql
+
+__all__ = ["ImportSummary", "load_staged", "loinc_check_digit_ok", "timestamp_sql", "detect_date_order"]
+
+
+@dataclass
+class ImportSummary:
+    batch_id: int
+    file: str
+    format: str
+    rows_read: int = 0
+    rows_loaded: int = 0
+    rows_quarantined: int = 0
+    rows_duplicate: int = 0
+    rows_skipped: int = 0
+    patients: int = 0
+    rows_censored: int = 0
+    rows_text: int = 0
+    rows_implausible: int = 0
+    rows_conflicting: int = 0
+    rows_unit_missing: int = 0
+    skipped_reasons: dict = field(default_factory=dict)
+    quarantine_reasons: dict = field(default_factory=dict)
+    already_imported: bool = False
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def loinc_check_digit_ok(code: str) -> bool:
+    """True when ``code`` is ``digits-checkdigit`` with a correct LOINC Mod 10 check digit.
+
+    The algorithm is the one LOINC publishes (Regenstrief, "LOINC Users' Guide", appendix
+    on the Mod 10 check digit), equivalent to Luhn over the digits before the hyphen.
+    """
+    if not isinstance(code, str) or code.count("-") != 1:
+        return False
+    body, check = code.split("-")
+    if not body.isdigit() or not check.isdigit() or len(check) != 1 or not 1 <= len(body) <= 7:
+        return False
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        d = int(ch)
+        if i % 2 == 0:
+            d *= 2
+            d = d - 9 if d > 9 else d
+        total += d
+    return (10 - total % 10) % 10 == int(check)
+
+
+_WS = "chr(32) || chr(9) || chr(13) || chr(10)"
+
+
+def _blank_to_null(col: str) -> str:
+    return f"NULLIF(trim({col}, {_WS}), '')"
+
+
+def timestamp_sql(col: str, date_order: str | None) -> str:
+    """DuckDB expression reading a VARCHAR timestamp column.
+
+    ISO 8601 (``YYYY-MM-DD``, optional ``HH:MM[:SS[.f]]``, ``T`` or space) is always read;
+    a UTC offset or ``Z`` converts the time to UTC. With ``date_order`` 'dayfirst' or
+    'monthfirst', ``dd.mm.yyyy`` / ``mm/dd/yyyy`` (separators . / -) are read too.
+    """
+    c = f"trim({col}, {_WS})"
+    tz = (
+        f"CASE WHEN regexp_matches({c}, '(Z|[+-][0-9]{{2}}:?[0-9]{{2}})$') "
+        f"THEN (TRY_CAST({c} AS TIMESTAMPTZ) AT TIME ZONE 'UTC') END"
+    )
+    iso = f"CASE WHEN regexp_matches({c}, '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}') THEN TRY_CAST({c} AS TIMESTAMP) END"
+    parts = [tz, iso]
+    if date_order in ("dayfirst", "monthfirst"):
+        a, b = ("%d", "%m") if date_order == "dayfirst" else ("%m", "%d")
+        fmts = []
+        for sep in (".", "/", "-"):
+            d = f"{a}{sep}{b}{sep}%Y"
+            fmts += [f"{d} %H:%M:%S", f"{d} %H:%M", f"{d}"]
+        fmt_list = ", ".join(f"'{f}'" for f in fmts)
+        parts.append(f"try_strptime({c}, [{fmt_list}])")
+    return "COALESCE(" + ", ".join(f"({p})" for p in parts) + ")"
+
+
+def detect_date_order(cur, table: str, col: str, file_label: str) -> str | None:
+    """Decide day-first vs month-first for non-ISO dates in ``table.col``.
+
+    Returns None when every date is ISO, 'dayfirst' / 'monthfirst' when some date has a
+    day above 12 in one position. Raises :class:`ImportFileError` when no row decides it
+    (every day <= 12) or when both orders occur.
+    """
+    row = cur.execute(
+        f"""
+        WITH d AS (
+            SELECT regexp_extract(trim({col}), '^([0-9]{{1,2}})[./-]([0-9]{{1,2}})[./-][0-9]{{4}}', ['a', 'b']) AS g
+            FROM {table} WHERE {col} IS NOT NULL AND NOT regexp_matches(trim({col}), '^[0-9]{{4}}-')
+        )
+        SELECT count(*) FILTER (WHERE g.a <> ''),
+               max(TRY_CAST(NULLIF(g.a, '') AS INTEGER)),
+               max(TRY_CAST(NULLIF(g.b, '') AS INTEGER))
+        FROM d
+        """
+    ).fetchone()
+    n, max_a, max_b = row
+    if not n:
+        return None
+    if max_a > 12 and max_b > 12:
+        raise ImportFileError(
+            f"{file_label}: column '{col}' mixes day-first and month-first dates; fix the file"
+        )
+    if max_a > 12:
+        return "dayfirst"
+    if max_b > 12:
+        return "monthfirst"
+    raise ImportFileError(
+        f"{file_label}: column '{col}' has dates like '01.02.2024' where every day is <= 12, "
+        "so day and month cannot be told apart; re-run with --dayfirst or --monthfirst"
+    )
+
+
+def _analyte_code_sql() -> str:
+    return (
+        f"COALESCE({_blank_to_null('loinc')}, {_blank_to_null('local_code')}, "
+        f"'local:' || lower({_blank_to_null('test_name')}))"
+    )
+
+
+def _unit_map(cur, staged: Staged) -> pd.DataFrame:
+    """One row per distinct (analyte_code, unit): factor to canonical, or the reason it fails."""
+    pairs = pd.DataFrame(
+        cur.execute(
+            f"SELECT {_analyte_code_sql()} AS analyte_code, unit, count(*) AS n FROM stg "
+            "WHERE patient_id IS NOT NULL GROUP BY ALL HAVING analyte_code IS NOT NULL"
+        ).fetchall(),
+        columns=["analyte_code", "unit", "n"],
+        dtype=object,
+    )
+    cat = load_catalogue()
+    existing = dict(
+        cur.execute(
+            "SELECT analyte_code, any_value(unit_canonical) FROM lab_results "
+            "WHERE unit_canonical IS NOT NULL AND analyte_code IN (SELECT DISTINCT " + _analyte_code_sql() + " FROM stg) "
+            "GROUP BY analyte_code"
+        ).fetchall()
+    )
+    rows = []
+    # canonical unit for analytes outside the catalogue: what the store already uses,
+    # else the most frequent readable unit in this file.
+    local_canonical: dict[str, str | None] = {}
+    for code, grp in pairs.groupby("analyte_code", sort=False):
+        if code in cat:
+            continue
+        if code in existing:
+            local_canonical[code] = existing[code]
+            continue
+        best = None
+        for unit, n in sorted(zip(grp["unit"], grp["n"]), key=lambda t: -t[1]):
+            u = normalise_unit(unit)
+            if u is None:
+                continue
+            try:
+                parse_ucum(u)
+            except UnitError:
+                continue
+            best = u
+            break
+        local_canonical[code] = best
+    for code, unit in zip(pairs["analyte_code"], pairs["unit"]):
+        factor, canonical, error, missing = None, None, None, False
+        analyte = cat.get(code)
+        if analyte is not None:
+            canonical = analyte.canonical_unit
+            try:
+                factor = conversion_factor(unit, analyte)
+            except UnitError as exc:
+                if normalise_unit(unit) is None:
+                    missing = True
+                else:
+                    error = str(exc)
+        else:
+            canonical = local_canonical.get(code)
+            u = normalise_unit(unit)
+            if u is None:
+                if canonical is None:
+                    factor = 1.0  # a code that never carries a unit (counts, ratios, text tests)
+                else:
+                    missing = True
+            elif canonical is None:
+                error = f"unit '{unit}' is not a known UCUM unit (test {code})"
+            else:
+                try:
+                    q = 1.0 * parse_ucum(u)
+                    factor = float(q.to(parse_ucum(canonical).units).magnitude / parse_ucum(canonical).magnitude)
+                except Exception:
+                    error = f"unit '{unit}' cannot be converted to {canonical} for test {code}"
+        rows.append((code, unit, factor, canonical, error, missing))
+    out = pd.DataFrame(rows, columns=["analyte_code", "unit", "factor", "unit_canonical", "unit_error", "unit_missing"], dtype=object)
+    out["factor"] = out["factor"].astype("float64")
+    out["unit_missing"] = out["unit_missing"].astype(bool)
+    return out
+
+
+def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSummary:
+    """Move ``stg`` into ``lab_results`` / ``quarantine`` / ``patients``; return the counts.
+
+    Must run inside the caller's transaction; raises :class:`ImportFileError` for a file
+    whose dates cannot be read without a choice from the user.
+    """
+    date_order = staged.date_order
+    if date_order is None:
+        date_order = detect_date_order(cur, "stg", "collected_at", file_label)
+    staged.options["date_order"] = date_order
+    staged.options["decimal"] = staged.decimal
+
+    unit_map = _unit_map(cur, staged)
+    cur.register("unit_map_df", unit_map)
+    cur.execute("CREATE OR REPLACE TEMP TABLE unit_map AS SELECT * FROM unit_map_df")
+    cur.unregister("unit_map_df")
+
+    codes = [r[0] for r in cur.execute("SELECT DISTINCT trim(loinc) FROM stg WHERE NULLIF(trim(loinc), '') IS NOT NULL").fetchall()]
+    bad = pd.DataFrame({"loinc": [c for c in codes if not loinc_check_digit_ok(c)]}, dtype=object)
+    cur.register("bad_loinc_df", bad)
+    cur.execute("CREATE OR REPLACE TEMP TABLE bad_loinc AS SELECT loinc::VARCHAR AS loinc FROM bad_loinc_df")
+    cur.unregister("bad_loinc_df")
+
+    val = value_sql("s.value", staged.decimal)
+    ref_low = value_sql("s.ref_low", staged.decimal)["number"]
+    ref_high = value_sql("s.ref_high", staged.decimal)["number"]
+    ts = timestamp_sql("s.collected_at", date_order)
+    rts = timestamp_sql("s.reported_at", date_order)
+    code = _analyte_code_sql().replace("loinc", "s.loinc").replace("local_code", "s.local_code").replace("test_name", "s.test_name")
+    cur.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE p AS
+        WITH base AS (
+            SELECT s.source_row,
+                   {_blank_to_null('s.patient_id')} AS patient_id,
+                   s.collected_at AS collected_raw,
+                   {ts} AS collected_at,
+                   {rts} AS reported_at,
+                   {_blank_to_null('s.specimen_id')} AS specimen_id,
+                   {code} AS analyte_code,
+                   {_blank_to_null('s.loinc')} AS loinc,
+                   NULLIF(trim(s.test_name), '') AS analyte_name,
+                   s.value AS value_text,
+                   {val['kind']} AS result_kind,
+                   {val['comparator']} AS comparator,
+                   {val['number']} AS value_num,
+                   s.unit AS unit,
+                   {ref_low} AS ref_low,
+                   {ref_high} AS ref_high,
+                   NULLIF(trim(s.flag), '') AS flag,
+                   s.comment AS comment
+            FROM stg s
+        )
+        SELECT b.*, u.factor, u.unit_canonical, u.unit_error, COALESCE(u.unit_missing, false) AS unit_missing,
+               a.plausible_low, a.plausible_high,
+               CASE
+                 WHEN b.patient_id IS NULL THEN 'patient_id'
+                 WHEN b.collected_at IS NULL THEN 'collected_at'
+                 WHEN b.analyte_code IS NULL THEN 'loinc'
+                 WHEN bl.loinc IS NOT NULL THEN 'loinc'
+                 WHEN b.result_kind IN ('numeric', 'censored') AND u.unit_error IS NOT NULL THEN 'unit'
+               END AS q_column,
+               CASE
+                 WHEN b.patient_id IS NULL THEN 'patient id is missing'
+                 WHEN NULLIF(trim(b.collected_raw), '') IS NULL THEN 'collection time is missing'
+                 WHEN b.collected_at IS NULL THEN 'cannot read collection time ''' || b.collected_raw || ''''
+                 WHEN b.analyte_code IS NULL THEN 'neither a LOINC code nor a test name'
+                 WHEN bl.loinc IS NOT NULL THEN 'LOINC code ''' || b.loinc || ''' fails its check digit'
+                 WHEN b.result_kind IN ('numeric', 'censored') AND u.unit_error IS NOT NULL THEN u.unit_error
+               END AS q_reason
+        FROM base b
+        LEFT JOIN unit_map u ON u.analyte_code IS NOT DISTINCT FROM b.analyte_code AND u.unit IS NOT DISTINCT FROM b.unit
+        LEFT JOIN analytes a ON a.code = b.analyte_code
+        LEFT JOIN bad_loinc bl ON bl.loinc = b.loinc
+        """
+    )
+
+    # exact duplicates: only keys that occur more than once can hold one.
+    cur.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE multi AS
+        SELECT patient_id, analyte_code, collected_at FROM p WHERE q_reason IS NULL
+        GROUP BY ALL HAVING count(*) > 1
+        UNION
+        SELECT DISTINCT p.patient_id, p.analyte_code, p.collected_at FROM p
+        JOIN lab_results l ON l.patient_id = p.patient_id AND l.analyte_code = p.analyte_code
+             AND l.collected_at = p.collected_at
+        WHERE p.q_reason IS NULL
+        """
+    )
+    cur.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE dup AS
+        WITH cand AS (
+            SELECT p.* FROM p SEMI JOIN multi m
+              ON m.patient_id = p.patient_id AND m.analyte_code = p.analyte_code AND m.collected_at = p.collected_at
+            WHERE p.q_reason IS NULL
+        ),
+        within_file AS (
+            SELECT source_row, row_number() OVER (
+                PARTITION BY patient_id, analyte_code, collected_at, specimen_id, reported_at, value_text,
+                             unit, flag, comment, ref_low, ref_high
+                ORDER BY source_row) AS rn
+            FROM cand
+        )
+        SELECT source_row FROM within_file WHERE rn > 1
+        UNION
+        SELECT c.source_row FROM cand c JOIN lab_results l
+          ON l.patient_id = c.patient_id AND l.analyte_code = c.analyte_code AND l.collected_at = c.collected_at
+         AND l.specimen_id IS NOT DISTINCT FROM c.specimen_id AND l.reported_at IS NOT DISTINCT FROM c.reported_at
+         AND l.value_text IS NOT DISTINCT FROM c.value_text AND l.unit IS NOT DISTINCT FROM c.unit
+         AND l.flag IS NOT DISTINCT FROM c.flag AND l.comment IS NOT DISTINCT FROM c.comment
+         AND l.ref_low IS NOT DISTINCT FROM c.ref_low AND l.ref_high IS NOT DISTINCT FROM c.ref_high
+        """
+    )
+    cur.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE conflict_keys AS
+        WITH vals AS (
+            SELECT p.patient_id, p.analyte_code, p.collected_at, p.value_text FROM p
+            SEMI JOIN multi m ON m.patient_id = p.patient_id AND m.analyte_code = p.analyte_code AND m.collected_at = p.collected_at
+            WHERE p.q_reason IS NULL AND p.source_row NOT IN (SELECT source_row FROM dup)
+            UNION ALL
+            SELECT l.patient_id, l.analyte_code, l.collected_at, l.value_text FROM lab_results l
+            SEMI JOIN multi m ON m.patient_id = l.patient_id AND m.analyte_code = l.analyte_code AND m.collected_at = l.collected_at
+        )
+        SELECT patient_id, analyte_code, collected_at FROM vals GROUP BY ALL
+        HAVING count(DISTINCT COALESCE(value_text, '')) > 1
+        """
+    )
+    cur.execute(
+        """
+        UPDATE lab_results SET conflicting = true
+        FROM conflict_keys k
+        WHERE lab_results.patient_id = k.patient_id AND lab_results.analyte_code = k.analyte_code
+          AND lab_results.collected_at = k.collected_at AND NOT lab_results.conflicting
+        """
+    )
+    cur.execute(
+        f"""
+        INSERT INTO lab_results
+        SELECT ({batch_id}::BIGINT << 32) + p.source_row AS result_id,
+               p.patient_id, p.specimen_id, p.collected_at, p.reported_at, p.analyte_code, p.loinc,
+               p.analyte_name, p.value_text, p.comparator, p.value_num, p.unit,
+               CASE WHEN p.result_kind IN ('numeric', 'censored') AND NOT p.unit_missing THEN p.value_num * p.factor END,
+               p.unit_canonical, p.ref_low, p.ref_high,
+               CASE WHEN NOT p.unit_missing THEN p.ref_low * p.factor END,
+               CASE WHEN NOT p.unit_missing THEN p.ref_high * p.factor END,
+               p.flag, p.comment, p.result_kind,
+               COALESCE(p.result_kind IN ('numeric', 'censored') AND NOT p.unit_missing AND (
+                   p.value_num * p.factor < p.plausible_low OR p.value_num * p.factor > p.plausible_high), false),
+               p.unit_missing AND p.result_kind IN ('numeric', 'censored'),
+               k.patient_id IS NOT NULL,
+               {batch_id}, p.source_row
+        FROM p
+        LEFT JOIN conflict_keys k ON k.patient_id = p.patient_id AND k.analyte_code = p.analyte_code
+             AND k.collected_at = p.collected_at
+        WHERE p.q_reason IS NULL AND p.source_row NOT IN (SELECT source_row FROM dup)
+        ORDER BY p.patient_id, p.analyte_code, p.collected_at
+        """
+    )
+    cur.execute(
+        f"""
+        INSERT INTO quarantine
+        SELECT {batch_id}, p.source_row, p.q_column, p.q_reason, to_json(s)
+        FROM p JOIN stg s ON s.source_row = p.source_row
+        WHERE p.q_reason IS NOT NULL
+        ORDER BY p.source_row
+        """
+    )
+    n_rejected = 0
+    if staged.rejects_table:
+        cur.execute(
+            f"INSERT INTO quarantine SELECT {batch_id}, source_row, NULL, 'line cannot be read: ' || reason, "
+            f"to_json({{'line': line}}) FROM {staged.rejects_table} ORDER BY source_row"
+        )
+        n_rejected = cur.execute(f"SELECT count(*) FROM {staged.rejects_table}").fetchone()[0]
+    _upsert_patients(cur, staged, batch_id)
+
+    counts = cur.execute(
+        f"""
+        SELECT count(*),
+               count(*) FILTER (WHERE result_kind = 'censored'),
+               count(*) FILTER (WHERE result_kind IN ('text')),
+               count(*) FILTER (WHERE implausible),
+               count(*) FILTER (WHERE conflicting),
+               count(*) FILTER (WHERE unit_missing),
+               count(DISTINCT patient_id)
+        FROM lab_results WHERE batch_id = {batch_id}
+        """
+    ).fetchone()
+    n_stg = cur.execute("SELECT count(*) FROM stg").fetchone()[0]
+    n_dup = cur.execute("SELECT count(*) FROM dup").fetchone()[0]
+    q_reasons = dict(
+        cur.execute(
+            "SELECT CASE WHEN q_column = 'unit' THEN 'unit unknown or not convertible' ELSE q_reason END AS r, count(*) "
+            "FROM p WHERE q_reason IS NOT NULL GROUP BY r ORDER BY 2 DESC"
+        ).fetchall()
+    )
+    if n_rejected:
+        q_reasons["line cannot be read (wrong number of fields or quoting)"] = int(n_rejected)
+    skipped = Counter(staged.skipped)
+    if n_dup:
+        skipped["exact duplicate of a row already kept"] += n_dup
+    s = ImportSummary(
+        batch_id=batch_id,
+        file=file_label,
+        format=staged.format,
+        rows_read=int(n_stg + n_rejected + sum(staged.skipped.values())),
+        rows_loaded=int(counts[0]),
+        rows_quarantined=int(sum(q_reasons.values())),
+        rows_duplicate=int(n_dup),
+        rows_skipped=int(sum(skipped.values())),
+        patients=int(counts[6]),
+        rows_censored=int(counts[1]),
+        rows_text=int(counts[2]),
+        rows_implausible=int(counts[3]),
+        rows_conflicting=int(counts[4]),
+        rows_unit_missing=int(counts[5]),
+        skipped_reasons=dict(skipped),
+        quarantine_reasons=q_reasons,
+    )
+    if s.rows_loaded + s.rows_quarantined + s.rows_skipped != s.rows_read:
+        raise RuntimeError(f"internal accounting error for {file_label}: {s.to_dict()}")
+    for t in ("p", "multi", "dup", "conflict_keys", "unit_map", "bad_loinc"):
+        cur.execute(f"DROP TABLE IF EXISTS {t}")
+    return s
+
+
+_SEX_SQL = """CASE
+    WHEN lower(trim(sex)) IN ('f', 'female', 'w', 'woman', 'weiblich', 'femme') THEN 'F'
+    WHEN lower(trim(sex)) IN ('m', 'male', 'man', 'männlich', 'homme') THEN 'M'
+END"""
+
+
+def _upsert_patients(cur, staged: Staged, batch_id: int) -> None:
+    """Create patients seen in this batch; fill sex / birth date / age where still unknown."""
+    if staged.has_patients:
+        src = f"""
+            SELECT trim(patient_id) AS patient_id, any_value({_SEX_SQL}) AS sex,
+                   any_value(TRY_CAST(birth_date AS DATE)) AS birth_date,
+                   any_value(TRY_CAST(age_at_ref AS DOUBLE)) AS age_at_ref,
+                   any_value(TRY_CAST(ref_date AS DATE)) AS ref_date
+            FROM stg_patients WHERE NULLIF(trim(patient_id), '') IS NOT NULL GROUP BY 1
+        """
+    else:
+        src = "SELECT NULL::VARCHAR AS patient_id, NULL::VARCHAR AS sex, NULL::DATE AS birth_date, NULL::DOUBLE AS age_at_ref, NULL::DATE AS ref_date WHERE false"
+    cur.execute(
+        f"""
+        INSERT INTO patients (patient_id, sex, birth_date, age_at_ref, ref_date, source, batch_id)
+        SELECT ids.patient_id, src.sex, src.birth_date, src.age_at_ref, src.ref_date, ?, {batch_id}
+        FROM (SELECT DISTINCT patient_id FROM lab_results WHERE batch_id = {batch_id}
+              UNION SELECT patient_id FROM ({src})) ids
+        LEFT JOIN ({src}) src ON src.patient_id = ids.patient_id
+        ON CONFLICT (patient_id) DO UPDATE SET
+            sex = COALESCE(patients.sex, EXCLUDED.sex),
+            birth_date = COALESCE(patients.birth_date, EXCLUDED.birth_date),
+            age_at_ref = COALESCE(patients.age_at_ref, EXCLUDED.age_at_ref),
+            ref_date = COALESCE(patients.ref_date, EXCLUDED.ref_date)
+        """,
+        [staged.format],
+    )
+
+
+def summary_json(summary: ImportSummary) -> str:
+    keys = ["batch_id", "file", "format", "rows_read", "rows_loaded", "rows_quarantined", "rows_duplicate",
+            "rows_skipped", "patients", "rows_censored", "rows_text", "rows_implausible", "rows_conflicting",
+            "rows_unit_missing", "skipped_reasons", "quarantine_reasons", "already_imported", "message"]
+    d = summary.to_dict()
+    return json.dumps({k: d[k] for k in keys}, ensure_ascii=False, default=str)

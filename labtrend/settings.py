@@ -1,0 +1,69 @@
+"""Where things live: the database, the shared datasets, the model directory.
+
+Every path is resolved here, once, from (in order) an explicit argument, an environment
+variable, then a default under the project's ignored ``var/`` folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VAR_DIR = PROJECT_ROOT / "var"
+
+MIMIC_DEMO_URL = "https://physionet.org/content/mimic-iv-demo/2.2/"
+
+
+def db_path(explicit: str | os.PathLike | None = None) -> Path:
+    """The DuckDB file: ``--db`` if given, else ``$LABTREND_DB``, else ``var/labtrend.duckdb``."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("LABTREND_DB")
+    if env:
+        return Path(env)
+    return VAR_DIR / "labtrend.duckdb"
+
+
+def shared_data_dir() -> Path | None:
+    """The folder holding the open lab datasets, or None when it is not on this machine.
+
+    ``$LABTREND_DATA_DIR`` wins; otherwise ``../shared/data`` next to the project checkout.
+    """
+    env = os.environ.get("LABTREND_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(PROJECT_ROOT.parent / "shared" / "data")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+def dataset_dir(name: str) -> Path | None:
+    """One dataset folder under :func:`shared_data_dir` (e.g. ``mimic-iv-demo``), or None."""
+    root = shared_data_dir()
+    if root is None or not (root / name).is_dir():
+        return None
+    return root / name
+
+
+def mimic_demo_dir() -> Path | None:
+    """MIMIC-IV demo: ``$LABTREND_DEMO_DATA`` else the shared copy, or None."""
+    env = os.environ.get("LABTREND_DEMO_DATA")
+    if env and Path(env).is_dir():
+        return Path(env)
+    return dataset_dir("mimic-iv-demo")
+
+
+def model_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The fine-tuned model: explicit, else ``$LABTREND_MODEL``, else ``var/model``."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("LABTREND_MODEL")
+    return Path(env) if env else VAR_DIR / "model"
+
+
+def pretrained_dir() -> Path:
+    """Cache of the project's own pretrained checkpoint (built once by ``--stage pretrain``)."""
+    env = os.environ.get("LABTREND_PRETRAINED")
+    return Path(env) if env else VAR_DIR / "pretrained"
