@@ -1,0 +1,21 @@
+"""LabTrend's forecasting model: network, training, inference, explanations.
+
+Shared data contracts (pandas long frames) used across ``model/``:
+
+* **history / cohort** — one row per result: ``patient_id`` (str), ``collected_at``
+  (datetime64, naive), ``analyte_code`` (LOINC or local code), ``value`` (float, canonical
+  unit), ``censor`` (int8: -1 for '<'/'<=', 0 exact, +1 for '>'/'>='), ``unit_canonical``
+  (UCUM), ``sex`` ('F', 'M' or None), ``age_years`` (float, NaN when unknown). This is what
+  ``data.queries.cohort`` returns; text, implausible and unit-missing results never appear.
+* **queries** — ``patient_id``, ``analyte_code``, ``at`` (datetime64): forecast the value of
+  that analyte at that time from results collected strictly before ``at``.
+* **forecasts** — the queries' columns plus ``q05, q10, q25, q50, q75, q90, q95`` (float,
+  canonical unit; monotone), ``unit``, ``n_history`` (prior results of that analyte),
+  ``status`` ('ok' or the reason there is no forecast) and ``model_version``.
+"""
+
+QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+QUANTILE_COLUMNS = ("q05", "q10", "q25", "q50", "q75", "q90", "q95")
+HISTORY_COLUMNS = ("patient_id", "collected_at", "analyte_code", "value", "censor", "unit_canonical", "sex", "age_years")
+QUERY_COLUMNS = ("patient_id", "analyte_code", "at")
+MIN_HISTORY = 2  # results of the analyte needed before a forecast is made (FC-12)
