@@ -35,3 +35,17 @@ def write_safe_csv(df: pd.DataFrame, path: Path) -> None:
     """Write ``df`` as UTF-8 CSV with formulas neutralised."""
     path.parent.mkdir(parents=True, exist_ok=True)
     neutralise_formulas(df).to_csv(path, index=False, encoding="utf-8")
+
+
+def quarantine_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Quarantined rows with the raw row spread into its own columns (for fixing and re-import).
+
+    ``df`` is :func:`data.queries.quarantine_rows`'s frame; returns ``batch_id, file, row,
+    column, reason`` followed by the source columns as given.
+    """
+    import json
+
+    raw = pd.DataFrame([json.loads(r) if isinstance(r, str) else {} for r in df.get("raw_row", [])], index=df.index)
+    raw = raw.drop(columns=[c for c in ("source_row",) if c in raw.columns])
+    base = df.drop(columns=["raw_row"]) if "raw_row" in df.columns else df
+    return pd.concat([base, raw.add_prefix("raw_")], axis=1)

@@ -120,9 +120,9 @@ def add_quarantine_args(p):
 
 def cmd_quarantine(args) -> int:
     from data import queries
-    from data.export import write_safe_csv
+    from data.export import quarantine_table, write_safe_csv
 
-    df = queries.quarantine_rows(_store(args), args.batch)
+    df = quarantine_table(queries.quarantine_rows(_store(args), args.batch))
     write_safe_csv(df, Path(args.out))
     print(json.dumps({"batch_id": args.batch, "rows": len(df), "out": args.out}))
     return 0

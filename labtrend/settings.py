@@ -67,3 +67,12 @@ def pretrained_dir() -> Path:
     """Cache of the project's own pretrained checkpoint (built once by ``--stage pretrain``)."""
     env = os.environ.get("LABTREND_PRETRAINED")
     return Path(env) if env else VAR_DIR / "pretrained"
+
+
+def cases_dir() -> Path | None:
+    """The real-world input cases (``../shared/cases``), or None when absent."""
+    root = shared_data_dir()
+    if root is None:
+        return None
+    c = root.parent / "cases"
+    return c if c.is_dir() else None

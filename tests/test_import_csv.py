@@ -1,0 +1,171 @@
+"""Canonical CSV and MIMIC-IV imports: accounting, bad input, atomicity, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import pandas as pd
+import pytest
+
+from data import queries
+from data.importers import ImportFileError, run_import
+from labtrend.cli import main as cli_main
+
+HEADER = "patient_id,collected_at,loinc,test_name,value,unit\n"
+
+
+def test_mimic_every_event_accounted_for(mimic_store):
+    s = mimic_store.mimic_summary
+    assert s.rows_read == 107_727
+    assert s.rows_loaded + s.rows_quarantined + s.rows_skipped == 107_727
+    assert s.patients == 100
+    with mimic_store.read() as cur:
+        n_res, n_q = cur.execute("SELECT (SELECT count(*) FROM lab_results), (SELECT count(*) FROM quarantine)").fetchone()
+        assert cur.execute("SELECT count(*) FROM patients").fetchone()[0] == 100
+        no_reason = cur.execute("SELECT count(*) FROM quarantine WHERE reason IS NULL OR reason = ''").fetchone()[0]
+        sexes = dict(cur.execute("SELECT sex, count(*) FROM patients GROUP BY 1").fetchall())
+    assert (n_res, n_q) == (s.rows_loaded, s.rows_quarantined)
+    assert no_reason == 0
+    assert sexes == {"M": 57, "F": 43}
+    assert sum(s.quarantine_reasons.values()) == s.rows_quarantined
+    assert sum(s.skipped_reasons.values()) == s.rows_skipped
+    # the 40 most frequent blood tests are on LOINC
+    top = queries.top_analytes(mimic_store, 40)
+    assert (~top["analyte_code"].str.startswith("mimic:")).sum() >= 36
+
+
+def test_mimic_known_result(mimic_store):
+    """A potassium in mEq/L is stored in mmol/L with its reference interval."""
+    with mimic_store.read() as cur:
+        row = cur.execute(
+            "SELECT unit, unit_canonical, value_num = value_canonical, ref_low, ref_high FROM lab_results "
+            "WHERE analyte_code = '2823-3' AND unit = 'mEq/L' AND ref_low IS NOT NULL LIMIT 1").fetchone()
+    assert row[:3] == ("mEq/L", "mmol/L", True) and row[3] < row[4]
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "empty"),
+    (b"\x00\x01\x02binary", "not a text file"),
+    (b"just one line of words\n", "no delimiter"),
+    (b"patient_id,loinc,value,unit\nA,2823-3,4,mmol/L\n", "missing column.*collected_at"),
+    (b"collected_at,loinc,value,unit\n2024-01-01,2823-3,4,mmol/L\n", "missing column.*patient_id"),
+    (b"patient_id,collected_at,value,unit\nA,2024-01-01,4,mmol/L\n", "loinc or test_name"),
+])
+def test_unreadable_files_name_file_and_write_nothing(store, tmp_path, content, match):
+    p = tmp_path / "bad.csv"
+    p.write_bytes(content)
+    with pytest.raises(ImportFileError, match=match) as err:
+        run_import(store, p)
+    assert "bad.csv" in str(err.value)
+    with store.read() as cur:
+        assert cur.execute("SELECT count(*) FROM lab_results").fetchone()[0] == 0
+        assert cur.execute("SELECT count(*) FROM import_batches").fetchone()[0] == 0
+
+
+def test_bad_rows_quarantined_with_row_column_reason(store, tmp_path):
+    p = tmp_path / "rows.csv"
+    p.write_text(HEADER +
+                 "A,2024-01-01 08:00,2823-3,Potassium,4.1,mmol/L\n"      # 1 ok
+                 ",2024-01-01 08:00,2823-3,Potassium,4.1,mmol/L\n"       # 2 no patient
+                 "A,yesterday,2823-3,Potassium,4.1,mmol/L\n"             # 3 bad time
+                 "A,2024-01-02 08:00,2823-4,Potassium,4.1,mmol/L\n"      # 4 bad LOINC
+                 "A,2024-01-03 08:00,2823-3,Potassium,4.1,parsecs\n"     # 5 bad unit
+                 "A,2024-01-04 08:00,2823-3,Potassium,4.1,mmol/L,extra\n"  # 6 wrong field count
+                 "A,2024-01-05 08:00,,,4.1,mmol/L\n"                     # 7 no analyte
+                 "A,2024-01-06 08:00,2823-3,Potassium,4.3,mmol/L\n",     # 8 ok
+                 encoding="utf-8")
+    s = run_import(store, p)
+    assert (s.rows_read, s.rows_loaded, s.rows_quarantined) == (8, 2, 6)
+    q = queries.quarantine_rows(store, s.batch_id)
+    assert q["row"].tolist() == [2, 3, 4, 5, 6, 7]
+    assert q["column"].tolist()[:5] == ["patient_id", "collected_at", "loinc", "unit", None] or \
+        q.set_index("row").loc[[2, 3, 4, 5, 7], "column"].tolist() == ["patient_id", "collected_at", "loinc", "unit", "loinc"]
+    reasons = q.set_index("row")["reason"]
+    assert "patient id is missing" in reasons[2]
+    assert "yesterday" in reasons[3]
+    assert "check digit" in reasons[4]
+    assert "parsecs" in reasons[5]
+    assert "line cannot be read" in reasons[6]
+    assert all(q["file"] == "rows.csv")
+    assert json.loads(q.set_index("row")["raw_row"][3])["collected_at"] == "yesterday"
+    # the good rows after the bad line keep their own row numbers
+    assert queries.timeline(store, "A")["source_row"].tolist() == [1, 8]
+
+
+def test_quarantine_export_cli_neutralises_formulas(tmp_path, capsys):
+    db = tmp_path / "db.duckdb"
+    p = tmp_path / "f.csv"
+    p.write_text(HEADER + "=HYPERLINK(\"x\"),2024-01-01,2823-3,K,4,mmol/L\n@SUM(A1),bad,2823-3,K,4,mmol/L\n", encoding="utf-8")
+    assert cli_main(["import", str(p), "--db", str(db)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["rows_quarantined"] == 1 and out["rows_loaded"] == 1
+    assert out["rows_loaded"] + out["rows_quarantined"] + out["rows_skipped"] == out["rows_read"]
+    qfile = tmp_path / "q.csv"
+    assert cli_main(["quarantine", "--batch", str(out["batch_id"]), "--out", str(qfile), "--db", str(db)]) == 0
+    capsys.readouterr()
+    q = pd.read_csv(qfile)
+    assert q["row"].tolist() == [2] and "bad" in q["reason"][0]
+    assert q["raw_patient_id"][0] == "'@SUM(A1)" and q["raw_collected_at"][0] == "bad"
+    # the formula-looking patient id is stored as given and is a patient of its own
+    assert cli_main(["patients", "--db", str(db), "--format", "json"]) == 0
+    pats = json.loads(capsys.readouterr().out)
+    assert [x["patient_id"] for x in pats] == ["=HYPERLINK(\"x\")"]
+    assert cli_main(["timeline", "--patient", "=HYPERLINK(\"x\")", "--db", str(db), "--format", "csv"]) == 0
+
+
+def test_cli_bad_file_exit_2(tmp_path, capsys):
+    p = tmp_path / "empty.csv"
+    p.write_bytes(b"")
+    assert cli_main(["import", str(p), "--db", str(tmp_path / "d.duckdb")]) == 2
+    err = capsys.readouterr().err
+    assert "empty.csv" in err and "empty" in err
+
+
+def test_cli_timeline_filters(tmp_path, cases, capsys):
+    db = str(tmp_path / "d.duckdb")
+    cli_main(["import", str(cases / "LAB-04.csv"), "--db", db])
+    capsys.readouterr()
+    assert cli_main(["timeline", "--patient", "P0006", "--analyte", "2345-7", "--db", db, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3 and {r["analyte_code"] for r in rows} == {"2345-7"}
+    assert cli_main(["timeline", "--patient", "NOPE", "--db", db]) == 2
+
+
+def _big_csv(path, n):
+    with open(path, "w") as f:
+        f.write(HEADER)
+        for i in range(n):
+            j = i // 500  # each patient's j-th result, one minute apart: no duplicates
+            f.write(f"P{i % 500},2024-01-{1 + j // 1440:02d} {(j // 60) % 24:02d}:{j % 60:02d},2823-3,Potassium,"
+                    f"{4 + (i % 100) / 100},mmol/L\n")
+
+
+def test_killed_import_leaves_no_partial_batch(tmp_path):
+    """kill -9 in the middle of an import: the store has no batch and no rows from it."""
+    db = tmp_path / "k.duckdb"
+    big = tmp_path / "big.csv"
+    _big_csv(big, 1_500_000)
+    proc = subprocess.Popen([sys.executable, "-m", "labtrend.cli", "import", str(big), "--db", str(db)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # wait until the import has started writing (the database file exists), then kill it
+    deadline = time.time() + 60
+    while time.time() < deadline and not db.exists():
+        time.sleep(0.05)
+    time.sleep(0.8)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    con = duckdb.connect(str(db))
+    n_batches = con.execute("SELECT count(*) FROM import_batches").fetchone()[0]
+    n_rows = con.execute("SELECT count(*) FROM lab_results").fetchone()[0]
+    con.close()
+    if proc.returncode == 0:  # finished before the kill on a fast machine: then it is whole
+        assert (n_batches, n_rows) == (1, 1_500_000)
+    else:
+        assert (n_batches, n_rows) == (0, 0)
