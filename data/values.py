@@ -1,7 +1,7 @@
 """Reading result values as exported: numbers, censored numbers, text.
 
 One rule, written once in two forms that are tested against each other (hypothesis):
-``parse_value`` for Python and ``value_sql`` for DuckDB (bulk imports).
+``parse_value`` for Python and ``value_select_sql`` for DuckDB (bulk imports).
 
 * ``"4.1"``            -> ('=', 4.1), kind 'numeric'
 * ``"<0.5"``, ``"> 1000"``, ``"<= 3"``, ``"≥7"`` -> (comparator, number), kind 'censored'
@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 
-__all__ = ["ParsedValue", "parse_value", "value_sql", "COMPARATORS", "NUMBER_PATTERN"]
+__all__ = ["ParsedValue", "parse_value", "value_select_sql", "plain_number_sql", "COMPARATORS", "NUMBER_PATTERN"]
 
 COMPARATORS = ("=", "<", "<=", ">", ">=")
 
@@ -73,31 +73,49 @@ def parse_value(text: str | None, decimal: str = ".") -> ParsedValue:
     return ParsedValue("censored" if cmp != "=" else "numeric", cmp, number)
 
 
-def value_sql(column: str, decimal: str = ".") -> dict[str, str]:
-    """DuckDB expressions equivalent to :func:`parse_value` over a VARCHAR column.
+SIMPLE_NUMBER_PATTERN = r"[0-9]{1,15}(\.[0-9]{1,15})?"
 
-    Returns a dict with SQL for ``kind``, ``comparator`` and ``number``. ``column`` must be
-    a trusted identifier (it is the importer's own staging column, never user input).
+
+def value_select_sql(relation: str, column: str, decimal: str = ".") -> str:
+    """A DuckDB SELECT over ``relation`` adding ``value_kind``, ``value_comparator`` and
+    ``value_number`` — the same answers as :func:`parse_value` for ``column``.
+
+    Plain unsigned decimals (the bulk of any export) take a fast path (a cast); everything
+    else goes through one regular-expression extraction. ``relation`` and ``column`` must
+    be trusted identifiers (the importer's own staging names), never user input.
+
+    Raises ValueError for a ``decimal`` other than '.' or ','.
     """
     if decimal not in (".", ","):
         raise ValueError(f"decimal must be '.' or ',', got {decimal!r}")
     src = column if decimal == "." else f"(CASE WHEN contains({column}, '.') THEN NULL ELSE replace({column}, ',', '.') END)"
     pat = NUMBER_PATTERN.replace("'", "''")
-    groups = f"regexp_extract({src}, '{pat}', ['cmp', 'num'])"
-    num = (
-        f"(CASE WHEN regexp_full_match({src}, '{pat}') "
-        f"AND isfinite(TRY_CAST({groups}.num AS DOUBLE)) "
-        f"THEN TRY_CAST({groups}.num AS DOUBLE) + 0.0 END)"
-    )
-    cmp_raw = f"{groups}.cmp"
-    comparator = (
-        f"(CASE WHEN {num} IS NULL THEN NULL "
-        f"WHEN {cmp_raw} = '' THEN '=' WHEN {cmp_raw} = '≤' THEN '<=' WHEN {cmp_raw} = '≥' THEN '>=' "
-        f"ELSE {cmp_raw} END)"
-    )
-    kind = (
-        f"(CASE WHEN {column} IS NULL OR trim({column}, chr(32) || chr(9) || chr(13) || chr(10) || chr(12) || chr(11)) = '' THEN 'empty' "
-        f"WHEN {num} IS NULL THEN 'text' "
-        f"WHEN {comparator} = '=' THEN 'numeric' ELSE 'censored' END)"
-    )
-    return {"kind": kind, "comparator": comparator, "number": num}
+    ws = "chr(32) || chr(9) || chr(13) || chr(10) || chr(12) || chr(11)"
+    return f"""
+        SELECT * EXCLUDE (_src, _simple, _g),
+               CASE WHEN _simple THEN _src::DOUBLE + 0.0
+                    WHEN NULLIF(_g.num, '') IS NOT NULL AND isfinite(TRY_CAST(_g.num AS DOUBLE))
+                    THEN TRY_CAST(_g.num AS DOUBLE) + 0.0 END AS value_number,
+               CASE WHEN _simple THEN '='
+                    WHEN NULLIF(_g.num, '') IS NULL OR NOT isfinite(TRY_CAST(_g.num AS DOUBLE)) THEN NULL
+                    WHEN _g.cmp = '' THEN '=' WHEN _g.cmp = '≤' THEN '<=' WHEN _g.cmp = '≥' THEN '>='
+                    ELSE _g.cmp END AS value_comparator,
+               CASE WHEN _simple THEN 'numeric'
+                    WHEN {column} IS NULL OR trim({column}, {ws}) = '' THEN 'empty'
+                    WHEN NULLIF(_g.num, '') IS NULL OR NOT isfinite(TRY_CAST(_g.num AS DOUBLE)) THEN 'text'
+                    WHEN _g.cmp IN ('', '=') THEN 'numeric' ELSE 'censored' END AS value_kind
+        FROM (
+            SELECT *, CASE WHEN _simple THEN NULL ELSE regexp_extract(_src, '{pat}', ['cmp', 'num']) END AS _g
+            FROM (SELECT *, {src} AS _src, COALESCE(regexp_full_match({src}, '{SIMPLE_NUMBER_PATTERN}'), false) AS _simple
+                  FROM {relation})
+        )
+    """
+
+
+def plain_number_sql(column: str, decimal: str = ".") -> str:
+    """DuckDB expression: ``column`` as a finite DOUBLE when it is a plain number, else NULL.
+
+    For reference-interval limits, which exports give as plain numbers.
+    """
+    src = f"trim({column})" if decimal == "." else f"replace(trim({column}), ',', '.')"
+    return f"(CASE WHEN isfinite(TRY_CAST({src} AS DOUBLE)) THEN TRY_CAST({src} AS DOUBLE) END)"

@@ -141,7 +141,41 @@ def cmd_batches(args) -> int:
     return 0
 
 
+# -- demo ---------------------------------------------------------------------------------
+def add_demo_args(p):
+    _add_db(p)
+
+
+def cmd_demo(args) -> int:
+    """Build a fresh store from MIMIC-IV demo (or say where to get it) and show it."""
+    from data import queries
+    from data.db import open_store
+    from data.importers import run_import, summary_json
+
+    db = settings.db_path(args.db) if args.db else settings.VAR_DIR / "demo.duckdb"
+    src = settings.mimic_demo_dir()
+    if src is None:
+        print(
+            "MIMIC-IV demo data not found. Download the open MIMIC-IV Clinical Database Demo from "
+            f"{settings.MIMIC_DEMO_URL} and set LABTREND_DEMO_DATA to its folder.",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    for suffix in ("", ".wal"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    store = open_store(db)
+    print(summary_json(run_import(store, src)))
+    pats = queries.patients(store)
+    print(f"\n{len(pats)} patients in {db}")
+    _emit(pats.head(10), "table")
+    top = queries.top_analytes(store, 20)
+    print("\nMost frequent analytes:")
+    _emit(top, "table")
+    return 0
+
+
 COMMANDS = {
+    "demo": (add_demo_args, cmd_demo, "build the demo store from MIMIC-IV demo and show it"),
     "import": (add_import_args, cmd_import, "import lab exports (CSV, MIMIC-IV, FHIR, OMOP, Synthea)"),
     "patients": (add_patients_args, cmd_patients, "list patients with result counts"),
     "timeline": (add_timeline_args, cmd_timeline, "one patient's results"),

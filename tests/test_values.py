@@ -9,16 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.values import COMPARATORS, parse_value, value_sql
+from data.values import COMPARATORS, parse_value, value_select_sql
 
 _CON = duckdb.connect()
 
 
 def _sql(texts, decimal="."):
-    e = value_sql("v", decimal)
+    _CON.execute("CREATE OR REPLACE TEMP TABLE vt AS SELECT unnest(?::VARCHAR[]) AS v, generate_subscripts(?::VARCHAR[], 1) AS i",
+                 [texts, texts])
     rows = _CON.execute(
-        f"SELECT {e['kind']}, {e['comparator']}, {e['number']} FROM (SELECT unnest(?::VARCHAR[]) AS v, generate_subscripts(?::VARCHAR[], 1) AS i) ORDER BY i",
-        [texts, texts],
+        f"SELECT value_kind, value_comparator, value_number FROM ({value_select_sql('vt', 'v', decimal)}) ORDER BY i"
     ).fetchall()
     return rows
 
@@ -78,3 +78,5 @@ def test_decimal_comma():
     assert parse_value("13.4", decimal=",").kind == "text"
     with pytest.raises(ValueError, match="decimal must be"):
         parse_value("1", decimal=";")
+    with pytest.raises(ValueError, match="decimal must be"):
+        value_select_sql("t", "v", decimal=";")

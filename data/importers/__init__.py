@@ -136,8 +136,7 @@ def run_import(store, path, fmt: str | None = None, options: ImportOptions | Non
              summary.rows_conflicting, summary.rows_censored, summary.rows_text, summary.rows_implausible,
              summary.rows_unit_missing, summary.patients, json.dumps(summary.skipped_reasons), started, _now()],
         )
-        cur.execute("DROP VIEW IF EXISTS raw")
-        for t in ("stg", "stg_patients", "raw_csv", "csv_rejects", "mimic_map"):
+        for t in ("stg", "stg_patients", "csv_rejects", "mimic_map", "reject_errors", "reject_scans"):
             cur.execute(f"DROP TABLE IF EXISTS {t}")
     return summary
 

@@ -64,7 +64,7 @@ def _detect_decimal(cur, col: str | None, delimiter: str, label: str) -> str:
         f"""
         SELECT count(*) FILTER (WHERE regexp_full_match(trim({col}), '[<>≤≥]?=?\\s*[+-]?[0-9]*,[0-9]+')),
                count(*) FILTER (WHERE regexp_full_match(trim({col}), '[<>≤≥]?=?\\s*[+-]?[0-9]*\\.[0-9]+'))
-        FROM raw
+        FROM stg
         """
     ).fetchone()
     if n_comma and n_dot:
@@ -97,7 +97,8 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
             return "NULL::VARCHAR AS local_code"
         return f"{_q(cols[c])} AS {c}" if c in cols else f"NULL::VARCHAR AS {c}"
 
-    select_sql = "SELECT " + ", ".join(sel(c) for c in STAGING_COLUMNS) + " FROM raw"
+    extras = [f"{_q(cols[c])} AS {c}" for c in ("sex", "birth_date") if c in cols]
+    select_sql = "SELECT " + ", ".join([sel(c) for c in STAGING_COLUMNS] + extras) + " FROM raw"
     encoding = read_csv_varchar(cur, dialect, "stg", select_sql)
     staged = Staged(format=FORMAT, files=[path])
     n_rej = cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
@@ -106,16 +107,15 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
     if options.decimal:
         staged.decimal = options.decimal
     else:
-        staged.decimal = _detect_decimal(cur, _q(cols["value"]), dialect.delimiter, label)
+        staged.decimal = _detect_decimal(cur, "value", dialect.delimiter, label)
     staged.date_order = options.date_order
     staged.options = {"encoding": encoding, "delimiter": dialect.delimiter, "columns": cols}
     if "sex" in cols or "birth_date" in cols:
         cur.execute(
-            "CREATE OR REPLACE TEMP TABLE stg_patients AS SELECT "
-            + f"{_q(cols['patient_id'])} AS patient_id, "
-            + (f"{_q(cols['sex'])} AS sex, " if "sex" in cols else "NULL AS sex, ")
-            + (f"{_q(cols['birth_date'])} AS birth_date, " if "birth_date" in cols else "NULL AS birth_date, ")
-            + "NULL AS age_at_ref, NULL AS ref_date FROM raw"
+            "CREATE OR REPLACE TEMP TABLE stg_patients AS SELECT DISTINCT patient_id, "
+            + ("sex, " if "sex" in cols else "NULL AS sex, ")
+            + ("birth_date, " if "birth_date" in cols else "NULL AS birth_date, ")
+            + "NULL AS age_at_ref, NULL AS ref_date FROM stg"
         )
         staged.has_patients = True
     return staged

@@ -104,32 +104,38 @@ def _is_encoding_error(exc: Exception) -> bool:
 
 
 def read_csv_varchar(cur, dialect: CsvDialect, table: str, select_sql: str, workdir: Path | None = None) -> str:
-    """Create temp ``table`` from the file, every column VARCHAR, plus ``source_row``.
+    """Create temp ``table`` from the file in one pass, every column VARCHAR.
 
-    ``select_sql`` selects the staged columns from a relation named ``raw`` (which has
-    ``source_row``). Lines DuckDB cannot split (wrong number of fields, unclosed quotes)
-    become rows of the temp table ``csv_rejects`` (source_row, reason, line). Returns the
-    encoding actually used. Raises :class:`ImportFileError` when the file cannot be read.
+    ``select_sql`` selects the staged columns from a relation named ``raw``: the file's
+    columns (named as in the header) plus ``source_row``, the 1-based data row. Lines
+    DuckDB cannot split (wrong number of fields, unclosed quotes) become rows of the temp
+    table ``csv_rejects`` (source_row, reason, line), and the rows after them keep their
+    own row numbers. Returns the encoding used: UTF-8 (BOM or not), else the file is
+    transcoded from cp1252 / latin-1. Raises :class:`ImportFileError` when unreadable.
     """
 
-    def attempt(path: Path) -> None:
+    def attempt(path: Path) -> int:
         cur.execute("DROP TABLE IF EXISTS reject_errors; DROP TABLE IF EXISTS reject_scans")
         cur.execute(
             f"""
-            CREATE OR REPLACE TEMP TABLE raw_csv AS
-            SELECT * FROM read_csv(?, delim = ?, header = true, all_varchar = true, quote = '"',
-                                   escape = '"', auto_detect = false,
-                                   columns = {_columns_struct(dialect.header)},
-                                   store_rejects = true, null_padding = false,
-                                   strict_mode = true, parallel = true)
+            CREATE OR REPLACE TEMP TABLE {table} AS
+            WITH raw AS (
+                SELECT row_number() OVER () AS source_row, *
+                FROM read_csv(?, delim = ?, header = true, all_varchar = true, quote = '"', escape = '"',
+                              auto_detect = false, columns = {_columns_struct(dialect.header)},
+                              store_rejects = true, null_padding = false, strict_mode = true)
+            )
+            {select_sql}
             """,
             [str(path), dialect.delimiter],
         )
+        return cur.execute(
+            "SELECT count(*) FROM reject_errors WHERE error_type IN ('INVALID UNICODE', 'INVALID ENCODING')"
+        ).fetchone()[0]
 
     used = dialect.encoding
     try:
-        attempt(dialect.path)
-        bad_text = cur.execute("SELECT count(*) FROM reject_errors WHERE error_type IN ('INVALID UNICODE', 'INVALID ENCODING')").fetchone()[0]
+        bad_text = attempt(dialect.path)
     except (duckdb.InvalidInputException, duckdb.ConversionException) as exc:
         if not _is_encoding_error(exc):
             raise ImportFileError(f"{dialect.original.name}: cannot be read as CSV ({_short(exc)})") from exc
@@ -139,7 +145,6 @@ def read_csv_varchar(cur, dialect: CsvDialect, table: str, select_sql: str, work
         utf8, used = transcode_to_utf8(dialect.original, workdir)
         dialect.path = utf8
         attempt(utf8)
-    # data row numbers: the k-th accepted row skips the rejected lines before it
     cur.execute(
         """
         CREATE OR REPLACE TEMP TABLE csv_rejects AS
@@ -147,20 +152,15 @@ def read_csv_varchar(cur, dialect: CsvDialect, table: str, select_sql: str, work
         FROM reject_errors ORDER BY line
         """
     )
-    n_rej = cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
-    if n_rej:
+    if cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]:
+        # the k-th accepted row comes after every rejected row r_i with r_i - i < k
         cur.execute(
-            """
-            CREATE OR REPLACE TEMP VIEW raw AS
-            WITH r AS (SELECT source_row - row_number() OVER (ORDER BY source_row) AS a FROM csv_rejects),
-                 numbered AS (SELECT row_number() OVER () AS k, * FROM raw_csv)
-            SELECT n.k + (SELECT count(*) FROM r WHERE r.a < n.k) AS source_row, n.* EXCLUDE (k)
-            FROM numbered n
+            f"""
+            UPDATE {table} SET source_row = {table}.source_row + (
+                SELECT count(*) FROM (SELECT source_row - row_number() OVER (ORDER BY source_row) AS a FROM csv_rejects) r
+                WHERE r.a < {table}.source_row)
             """
         )
-    else:
-        cur.execute("CREATE OR REPLACE TEMP VIEW raw AS SELECT row_number() OVER () AS source_row, * FROM raw_csv")
-    cur.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {select_sql}")
     return used
 
 

@@ -27,7 +27,7 @@ import pandas as pd
 from data.catalogue import load_catalogue
 from data.importers.base import ImportFileError, Staged
 from data.units import UnitError, conversion_factor, normalise_unit, parse_ucum
-from data.values import value_sql
+from data.values import plain_number_sql, value_select_sql
 
 __all__ = ["ImportSummary", "load_staged", "loinc_check_digit_ok", "timestamp_sql", "detect_date_order"]
 
@@ -153,25 +153,26 @@ def _analyte_code_sql() -> str:
     )
 
 
-def _unit_map(cur, staged: Staged) -> pd.DataFrame:
-    """One row per distinct (analyte_code, unit): factor to canonical, or the reason it fails."""
+def _unit_map(cur) -> pd.DataFrame:
+    """One row per distinct (analyte_code, unit) of ``stg``: factor to canonical, or why not,
+    and whether a LOINC code fails its check digit (``bad_loinc``)."""
     pairs = pd.DataFrame(
         cur.execute(
-            f"SELECT {_analyte_code_sql()} AS analyte_code, unit, count(*) AS n FROM stg "
-            "WHERE patient_id IS NOT NULL GROUP BY ALL HAVING analyte_code IS NOT NULL"
+            f"SELECT {_analyte_code_sql()} AS analyte_code, unit, count(*) AS n FROM stg GROUP BY ALL "
+            "HAVING analyte_code IS NOT NULL"
         ).fetchall(),
         columns=["analyte_code", "unit", "n"],
         dtype=object,
     )
     cat = load_catalogue()
+    local_codes = sorted({c for c in pairs["analyte_code"] if c not in cat})
     existing = dict(
         cur.execute(
             "SELECT analyte_code, any_value(unit_canonical) FROM lab_results "
-            "WHERE unit_canonical IS NOT NULL AND analyte_code IN (SELECT DISTINCT " + _analyte_code_sql() + " FROM stg) "
-            "GROUP BY analyte_code"
+            "WHERE unit_canonical IS NOT NULL AND list_contains(?::VARCHAR[], analyte_code) GROUP BY analyte_code",
+            [local_codes],
         ).fetchall()
-    )
-    rows = []
+    ) if local_codes else {}
     # canonical unit for analytes outside the catalogue: what the store already uses,
     # else the most frequent readable unit in this file.
     local_canonical: dict[str, str | None] = {}
@@ -182,7 +183,7 @@ def _unit_map(cur, staged: Staged) -> pd.DataFrame:
             local_canonical[code] = existing[code]
             continue
         best = None
-        for unit, n in sorted(zip(grp["unit"], grp["n"]), key=lambda t: -t[1]):
+        for unit, _n in sorted(zip(grp["unit"], grp["n"]), key=lambda t: -t[1]):
             u = normalise_unit(unit)
             if u is None:
                 continue
@@ -193,6 +194,7 @@ def _unit_map(cur, staged: Staged) -> pd.DataFrame:
             best = u
             break
         local_canonical[code] = best
+    rows = []
     for code, unit in zip(pairs["analyte_code"], pairs["unit"]):
         factor, canonical, error, missing = None, None, None, False
         analyte = cat.get(code)
@@ -218,14 +220,72 @@ def _unit_map(cur, staged: Staged) -> pd.DataFrame:
             else:
                 try:
                     q = 1.0 * parse_ucum(u)
-                    factor = float(q.to(parse_ucum(canonical).units).magnitude / parse_ucum(canonical).magnitude)
+                    target = parse_ucum(canonical)
+                    factor = float(q.to(target.units).magnitude / target.magnitude)
                 except Exception:
                     error = f"unit '{unit}' cannot be converted to {canonical} for test {code}"
-        rows.append((code, unit, factor, canonical, error, missing))
-    out = pd.DataFrame(rows, columns=["analyte_code", "unit", "factor", "unit_canonical", "unit_error", "unit_missing"], dtype=object)
+        bad_loinc = ":" not in code and not loinc_check_digit_ok(code)
+        rows.append((code, unit, factor, canonical, error, missing, bad_loinc))
+    out = pd.DataFrame(rows, columns=["analyte_code", "unit", "factor", "unit_canonical", "unit_error", "unit_missing",
+                                      "bad_loinc"], dtype=object)
     out["factor"] = out["factor"].astype("float64")
     out["unit_missing"] = out["unit_missing"].astype(bool)
+    out["bad_loinc"] = out["bad_loinc"].astype(bool)
     return out
+
+
+def _register_table(cur, name: str, frame: pd.DataFrame, sql_select: str = "*") -> None:
+    cur.register(f"{name}_df", frame)
+    cur.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT {sql_select} FROM {name}_df")
+    cur.unregister(f"{name}_df")
+
+
+_P_SQL = """
+CREATE OR REPLACE TEMP TABLE p AS
+SELECT b.* EXCLUDE (collected_raw), u.factor, u.unit_canonical, COALESCE(u.unit_missing, false) AS unit_missing,
+       a.plausible_low, a.plausible_high,
+       hash(b.patient_id, b.analyte_code, b.collected_at) AS key_hash,
+       CASE
+         WHEN b.patient_id IS NULL THEN 'patient_id'
+         WHEN b.collected_at IS NULL THEN 'collected_at'
+         WHEN b.analyte_code IS NULL THEN 'loinc'
+         WHEN u.bad_loinc THEN 'loinc'
+         WHEN b.result_kind IN ('numeric', 'censored') AND u.unit_error IS NOT NULL THEN 'unit'
+       END AS q_column,
+       CASE
+         WHEN b.patient_id IS NULL THEN 'patient id is missing'
+         WHEN NULLIF(trim(b.collected_raw), '') IS NULL THEN 'collection time is missing'
+         WHEN b.collected_at IS NULL THEN 'cannot read collection time ''' || b.collected_raw || ''''
+         WHEN b.analyte_code IS NULL THEN 'neither a LOINC code nor a test name'
+         WHEN u.bad_loinc THEN 'LOINC code ''' || b.loinc || ''' fails its check digit'
+         WHEN b.result_kind IN ('numeric', 'censored') AND u.unit_error IS NOT NULL THEN u.unit_error
+       END AS q_reason
+FROM ({parsed}) b
+LEFT JOIN unit_map u ON u.analyte_code IS NOT DISTINCT FROM b.analyte_code AND u.unit IS NOT DISTINCT FROM b.unit
+LEFT JOIN analytes a ON a.code = b.analyte_code
+"""
+
+_PARSED_SQL = """
+SELECT source_row,
+       {patient_id} AS patient_id,
+       collected_at AS collected_raw,
+       {ts} AS collected_at,
+       {rts} AS reported_at,
+       {specimen_id} AS specimen_id,
+       {analyte_code} AS analyte_code,
+       {loinc} AS loinc,
+       NULLIF(trim(test_name), '') AS analyte_name,
+       value AS value_text,
+       value_kind AS result_kind,
+       value_comparator AS comparator,
+       value_number AS value_num,
+       unit,
+       {ref_low} AS ref_low,
+       {ref_high} AS ref_high,
+       NULLIF(trim(flag), '') AS flag,
+       comment
+FROM ({values})
+"""
 
 
 def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSummary:
@@ -240,82 +300,46 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     staged.options["date_order"] = date_order
     staged.options["decimal"] = staged.decimal
 
-    unit_map = _unit_map(cur, staged)
-    cur.register("unit_map_df", unit_map)
-    cur.execute("CREATE OR REPLACE TEMP TABLE unit_map AS SELECT * FROM unit_map_df")
-    cur.unregister("unit_map_df")
+    # 1. units and LOINC check digits: decided once per distinct (code, unit), in Python
+    _register_table(cur, "unit_map", _unit_map(cur))
 
-    codes = [r[0] for r in cur.execute("SELECT DISTINCT trim(loinc) FROM stg WHERE NULLIF(trim(loinc), '') IS NOT NULL").fetchall()]
-    bad = pd.DataFrame({"loinc": [c for c in codes if not loinc_check_digit_ok(c)]}, dtype=object)
-    cur.register("bad_loinc_df", bad)
-    cur.execute("CREATE OR REPLACE TEMP TABLE bad_loinc AS SELECT loinc::VARCHAR AS loinc FROM bad_loinc_df")
-    cur.unregister("bad_loinc_df")
-
-    val = value_sql("s.value", staged.decimal)
-    ref_low = value_sql("s.ref_low", staged.decimal)["number"]
-    ref_high = value_sql("s.ref_high", staged.decimal)["number"]
-    ts = timestamp_sql("s.collected_at", date_order)
-    rts = timestamp_sql("s.reported_at", date_order)
-    code = _analyte_code_sql().replace("loinc", "s.loinc").replace("local_code", "s.local_code").replace("test_name", "s.test_name")
-    cur.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE p AS
-        WITH base AS (
-            SELECT s.source_row,
-                   {_blank_to_null('s.patient_id')} AS patient_id,
-                   s.collected_at AS collected_raw,
-                   {ts} AS collected_at,
-                   {rts} AS reported_at,
-                   {_blank_to_null('s.specimen_id')} AS specimen_id,
-                   {code} AS analyte_code,
-                   {_blank_to_null('s.loinc')} AS loinc,
-                   NULLIF(trim(s.test_name), '') AS analyte_name,
-                   s.value AS value_text,
-                   {val['kind']} AS result_kind,
-                   {val['comparator']} AS comparator,
-                   {val['number']} AS value_num,
-                   s.unit AS unit,
-                   {ref_low} AS ref_low,
-                   {ref_high} AS ref_high,
-                   NULLIF(trim(s.flag), '') AS flag,
-                   s.comment AS comment
-            FROM stg s
-        )
-        SELECT b.*, u.factor, u.unit_canonical, u.unit_error, COALESCE(u.unit_missing, false) AS unit_missing,
-               a.plausible_low, a.plausible_high,
-               CASE
-                 WHEN b.patient_id IS NULL THEN 'patient_id'
-                 WHEN b.collected_at IS NULL THEN 'collected_at'
-                 WHEN b.analyte_code IS NULL THEN 'loinc'
-                 WHEN bl.loinc IS NOT NULL THEN 'loinc'
-                 WHEN b.result_kind IN ('numeric', 'censored') AND u.unit_error IS NOT NULL THEN 'unit'
-               END AS q_column,
-               CASE
-                 WHEN b.patient_id IS NULL THEN 'patient id is missing'
-                 WHEN NULLIF(trim(b.collected_raw), '') IS NULL THEN 'collection time is missing'
-                 WHEN b.collected_at IS NULL THEN 'cannot read collection time ''' || b.collected_raw || ''''
-                 WHEN b.analyte_code IS NULL THEN 'neither a LOINC code nor a test name'
-                 WHEN bl.loinc IS NOT NULL THEN 'LOINC code ''' || b.loinc || ''' fails its check digit'
-                 WHEN b.result_kind IN ('numeric', 'censored') AND u.unit_error IS NOT NULL THEN u.unit_error
-               END AS q_reason
-        FROM base b
-        LEFT JOIN unit_map u ON u.analyte_code IS NOT DISTINCT FROM b.analyte_code AND u.unit IS NOT DISTINCT FROM b.unit
-        LEFT JOIN analytes a ON a.code = b.analyte_code
-        LEFT JOIN bad_loinc bl ON bl.loinc = b.loinc
-        """
+    # 2. one pass: parse every row and decide its quarantine
+    parsed = _PARSED_SQL.format(
+        patient_id=_blank_to_null("patient_id"),
+        ts=timestamp_sql("collected_at", date_order),
+        rts=timestamp_sql("reported_at", date_order),
+        specimen_id=_blank_to_null("specimen_id"),
+        analyte_code=_analyte_code_sql(),
+        loinc=_blank_to_null("loinc"),
+        ref_low=plain_number_sql("ref_low", staged.decimal),
+        ref_high=plain_number_sql("ref_high", staged.decimal),
+        values=value_select_sql("stg", "value", staged.decimal),
     )
+    cur.execute(_P_SQL.format(parsed=parsed))
+    has_existing = cur.execute("SELECT EXISTS (SELECT 1 FROM lab_results)").fetchone()[0]
 
-    # exact duplicates: only keys that occur more than once can hold one.
+    # 3. exact duplicates and conflicts: only keys that occur more than once can hold one
+    #    (found by a hash of the key; the full key is compared afterwards)
     cur.execute(
-        """
-        CREATE OR REPLACE TEMP TABLE multi AS
-        SELECT patient_id, analyte_code, collected_at FROM p WHERE q_reason IS NULL
-        GROUP BY ALL HAVING count(*) > 1
-        UNION
+        "CREATE OR REPLACE TEMP TABLE multi_hash AS "
+        "SELECT key_hash FROM p WHERE q_reason IS NULL GROUP BY key_hash HAVING count(*) > 1"
+    )
+    existing_keys = (
+        """UNION
         SELECT DISTINCT p.patient_id, p.analyte_code, p.collected_at FROM p
         JOIN lab_results l ON l.patient_id = p.patient_id AND l.analyte_code = p.analyte_code
              AND l.collected_at = p.collected_at
+        WHERE p.q_reason IS NULL"""
+        if has_existing
+        else ""
+    )
+    cur.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE multi AS
+        SELECT DISTINCT p.patient_id, p.analyte_code, p.collected_at FROM p
+        SEMI JOIN multi_hash h ON h.key_hash = p.key_hash
         WHERE p.q_reason IS NULL
+        {existing_keys}
         """
     )
     cur.execute(
@@ -349,7 +373,8 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
         WITH vals AS (
             SELECT p.patient_id, p.analyte_code, p.collected_at, p.value_text FROM p
             SEMI JOIN multi m ON m.patient_id = p.patient_id AND m.analyte_code = p.analyte_code AND m.collected_at = p.collected_at
-            WHERE p.q_reason IS NULL AND p.source_row NOT IN (SELECT source_row FROM dup)
+            ANTI JOIN dup d ON d.source_row = p.source_row
+            WHERE p.q_reason IS NULL
             UNION ALL
             SELECT l.patient_id, l.analyte_code, l.collected_at, l.value_text FROM lab_results l
             SEMI JOIN multi m ON m.patient_id = l.patient_id AND m.analyte_code = l.analyte_code AND m.collected_at = l.collected_at
@@ -385,8 +410,9 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
         FROM p
         LEFT JOIN conflict_keys k ON k.patient_id = p.patient_id AND k.analyte_code = p.analyte_code
              AND k.collected_at = p.collected_at
-        WHERE p.q_reason IS NULL AND p.source_row NOT IN (SELECT source_row FROM dup)
-        ORDER BY p.patient_id, p.analyte_code, p.collected_at
+        ANTI JOIN dup d ON d.source_row = p.source_row
+        WHERE p.q_reason IS NULL
+        ORDER BY p.patient_id
         """
     )
     cur.execute(
@@ -452,7 +478,7 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     )
     if s.rows_loaded + s.rows_quarantined + s.rows_skipped != s.rows_read:
         raise RuntimeError(f"internal accounting error for {file_label}: {s.to_dict()}")
-    for t in ("p", "multi", "dup", "conflict_keys", "unit_map", "bad_loinc"):
+    for t in ("p", "multi_hash", "multi", "dup", "conflict_keys", "unit_map"):
         cur.execute(f"DROP TABLE IF EXISTS {t}")
     return s
 

@@ -1,0 +1,154 @@
+"""Ingest benchmark: LabTrend's canonical-CSV import vs DuckDB's raw read_csv, same file, same run.
+
+Builds a deterministic N-row canonical long CSV (default 10 million rows), then reports:
+* import rows/s (median of --runs fresh imports) and peak RSS of the importing process;
+* DuckDB's raw ``read_csv`` into a table of the same file (median of --runs) — the ratio
+  import/raw is the figure that matters (target >= 0.5);
+* one patient's timeline query latency p50/p95 over 200 random patients.
+
+    python benchmarks/ingest.py [--rows 10000000] [--runs 3]
+
+Prints JSON and saves it to benchmarks/results/ingest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import duckdb  # noqa: E402
+
+from benchmarks.common import median, percentile, save  # noqa: E402
+
+ANALYTES = [
+    ("2823-3", "Potassium", "mmol/L", 4.2, 0.5), ("2951-2", "Sodium", "mmol/L", 139, 3),
+    ("2160-0", "Creatinine", "mg/dL", 1.0, 0.3), ("2075-0", "Chloride", "mmol/L", 102, 3),
+    ("3094-0", "Urea nitrogen", "mg/dL", 15, 5), ("4544-3", "Hematocrit", "%", 40, 4),
+    ("1963-8", "Bicarbonate", "mmol/L", 25, 3), ("777-3", "Platelets", "10*3/uL", 250, 60),
+    ("718-7", "Hemoglobin", "g/dL", 13.5, 1.5), ("787-2", "MCV", "fL", 90, 5),
+    ("2345-7", "Glucose", "mg/dL", 100, 20), ("2601-3", "Magnesium", "mg/dL", 2.0, 0.2),
+    ("17861-6", "Calcium", "mg/dL", 9.4, 0.4), ("2777-1", "Phosphate", "mg/dL", 3.5, 0.5),
+    ("1920-8", "AST", "U/L", 25, 8), ("1742-6", "ALT", "U/L", 25, 10),
+    ("6768-6", "Alkaline phosphatase", "U/L", 80, 20), ("1751-7", "Albumin", "g/dL", 4.0, 0.4),
+    ("1975-2", "Bilirubin", "mg/dL", 0.8, 0.3), ("6690-2", "WBC", "10*3/uL", 7, 2),
+]
+
+
+def build_csv(path: Path, rows: int) -> None:
+    """Deterministic canonical CSV: ~500 results per patient, 20 analytes, 0.1% text, 0.1% censored."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE a AS SELECT * FROM (VALUES " + ", ".join(
+        f"({i}, '{c}', '{n}', '{u}', {m}, {s})" for i, (c, n, u, m, s) in enumerate(ANALYTES)) +
+        ") t(i, code, name, unit, mu, sd)")
+    con.execute(
+        f"""
+        COPY (
+            SELECT 'P' || lpad(((r // 500))::VARCHAR, 6, '0') AS patient_id,
+                   strftime(TIMESTAMP '2020-01-01' + to_minutes(((r % 500) // 20) * 1440 + (r % 20)), '%Y-%m-%d %H:%M:%S') AS collected_at,
+                   a.code AS loinc, a.name AS test_name,
+                   CASE WHEN hash(r) % 1000 = 0 THEN 'HEMOLYZED'
+                        WHEN hash(r) % 1000 = 1 THEN '<' || round(a.mu * 0.2, 2)::VARCHAR
+                        ELSE round(a.mu + a.sd * ((hash(r * 7) % 2000) / 1000.0 - 1.0), 2)::VARCHAR END AS value,
+                   a.unit AS unit
+            FROM range({rows}) t(r) JOIN a ON a.i = r % 20
+            ORDER BY r
+        ) TO '{path}' (HEADER, DELIMITER ',')
+        """
+    )
+    con.close()
+
+
+_IMPORT = """
+import json, resource, sys, time
+from data.db import open_store
+from data.importers import run_import
+store = open_store(sys.argv[1])
+t0 = time.perf_counter()
+s = run_import(store, sys.argv[2])
+dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt, "rows_loaded": s.rows_loaded, "rows_read": s.rows_read,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+_RAW = """
+import duckdb, json, resource, sys, time
+con = duckdb.connect(sys.argv[1])
+t0 = time.perf_counter()
+con.execute("CREATE TABLE t AS SELECT * FROM read_csv(?)", [sys.argv[2]])
+n = con.execute("SELECT count(*) FROM t").fetchone()[0]
+dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt, "rows": n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _run(code: str, *args) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--queries", type=int, default=200)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="labtrend-bench-"))
+    csv = work / "canonical.csv"
+    t0 = time.perf_counter()
+    build_csv(csv, args.rows)
+    build_s = time.perf_counter() - t0
+
+    imports, raws = [], []
+    for i in range(args.runs):
+        raws.append(_run(_RAW, work / f"raw{i}.duckdb", csv))
+        (work / f"raw{i}.duckdb").unlink()
+        imports.append(_run(_IMPORT, work / f"imp{i}.duckdb", csv))
+        if i < args.runs - 1:
+            (work / f"imp{i}.duckdb").unlink()
+    imp_s = median([r["seconds"] for r in imports])
+    raw_s = median([r["seconds"] for r in raws])
+
+    from data import queries
+    from data.db import open_store
+
+    store = open_store(work / f"imp{args.runs - 1}.duckdb")
+    rng = random.Random(0)
+    n_pat = args.rows // 500
+    lat = []
+    with store.read():  # keep the database open, as the dashboard does while serving
+        for _ in range(args.queries):
+            pid = f"P{rng.randrange(n_pat):06d}"
+            t = time.perf_counter()
+            df = queries.timeline(store, pid)
+            lat.append((time.perf_counter() - t) * 1000)
+            assert len(df) > 0
+
+    save("ingest", {
+        "rows": args.rows,
+        "csv_mb": round(csv.stat().st_size / 2**20, 1),
+        "build_csv_s": round(build_s, 2),
+        "runs": args.runs,
+        "import": {"median_s": round(imp_s, 3), "rows_per_s": round(args.rows / imp_s),
+                   "peak_rss_mb": round(max(r["peak_rss_mb"] for r in imports)), "each": imports},
+        "raw_read_csv": {"median_s": round(raw_s, 3), "rows_per_s": round(args.rows / raw_s),
+                         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in raws)), "each": raws},
+        "import_vs_raw_ratio": round(raw_s / imp_s, 3),
+        "timeline_ms": {"p50": round(percentile(lat, 50), 2), "p95": round(percentile(lat, 95), 2),
+                        "queries": args.queries},
+        "targets": {"import_vs_raw_ratio": ">= 0.5", "timeline_p95_ms": "<= 5", "peak_rss_mb": "<= 4096"},
+    })
+
+
+if __name__ == "__main__":
+    main()
