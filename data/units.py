@@ -56,10 +56,12 @@ def normalise_unit(unit: str | None) -> str | None:
 @functools.lru_cache(maxsize=4096)
 def parse_ucum(ucum: str):
     """A pint quantity of 1 ``ucum``. Raises :class:`UnitError` when it does not parse."""
-    if ucum in {"1", "{ratio}", "{INR}", "[pH]"}:
+    # UCUM annotations ({score}, {cells}, {1.73_m2}) are dimensionless: 1 in the arithmetic
+    stripped = re.sub(r"\{[^{}]*\}", "1", ucum)
+    if stripped in {"1", "[pH]"}:
         return _registry().Quantity(1, "dimensionless")
     try:
-        q = _registry().from_ucum(ucum)
+        q = _registry().from_ucum(stripped)
         _ = q.dimensionality  # annotations such as {cells} can parse into tokens
     except Exception as exc:  # ucumvert raises lark / pint errors of several types
         raise UnitError(f"unit '{ucum}' is not a known UCUM unit") from exc

@@ -136,7 +136,7 @@ def run_import(store, path, fmt: str | None = None, options: ImportOptions | Non
              summary.rows_conflicting, summary.rows_censored, summary.rows_text, summary.rows_implausible,
              summary.rows_unit_missing, summary.patients, json.dumps(summary.skipped_reasons), started, _now()],
         )
-        for t in ("stg", "stg_patients", "csv_rejects", "mimic_map", "reject_errors", "reject_scans"):
+        for t in ("stg", "stg_patients", "csv_rejects", "fhir_rejects", "mimic_map", "reject_errors", "reject_scans"):
             cur.execute(f"DROP TABLE IF EXISTS {t}")
     return summary
 

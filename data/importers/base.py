@@ -60,9 +60,12 @@ class Staged:
     # how the file was read (encoding, delimiter, decimal mark, date order), stored with the batch
     options: dict = field(default_factory=dict)
     has_patients: bool = False
-    # 'date_order' of collected_at strings in stg when they are not ISO ('dayfirst'/'monthfirst'/None)
+    # order of non-ISO dates in stg: 'dayfirst' / 'monthfirst'; None = decide from the data;
+    # 'iso' = the format guarantees ISO 8601 (FHIR), so anything else is an unreadable time
     date_order: str | None = None
     decimal: str = "."
     files: list[Path] = field(default_factory=list)
-    # temp table of lines that could not be split into fields: (source_row, reason, line)
+    # temp table of lines/records that could not be read: (source_row, reason, line)
     rejects_table: str | None = None
+    # how those rows are summarised in the import summary
+    rejects_label: str = "line cannot be read (wrong number of fields or quoting)"

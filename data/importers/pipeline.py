@@ -297,6 +297,8 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     date_order = staged.date_order
     if date_order is None:
         date_order = detect_date_order(cur, "stg", "collected_at", file_label)
+    elif date_order == "iso":
+        date_order = None
     staged.options["date_order"] = date_order
     staged.options["decimal"] = staged.decimal
 
@@ -427,8 +429,9 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     n_rejected = 0
     if staged.rejects_table:
         cur.execute(
-            f"INSERT INTO quarantine SELECT {batch_id}, source_row, NULL, 'line cannot be read: ' || reason, "
-            f"to_json({{'line': line}}) FROM {staged.rejects_table} ORDER BY source_row"
+            f"INSERT INTO quarantine SELECT {batch_id}, source_row, NULL, ? || ' cannot be read: ' || reason, "
+            f"to_json({{'line': line}}) FROM {staged.rejects_table} ORDER BY source_row",
+            [staged.rejects_label.split(" cannot")[0]],
         )
         n_rejected = cur.execute(f"SELECT count(*) FROM {staged.rejects_table}").fetchone()[0]
     _upsert_patients(cur, staged, batch_id)
@@ -454,7 +457,7 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
         ).fetchall()
     )
     if n_rejected:
-        q_reasons["line cannot be read (wrong number of fields or quoting)"] = int(n_rejected)
+        q_reasons[staged.rejects_label] = int(n_rejected)
     skipped = Counter(staged.skipped)
     if n_dup:
         skipped["exact duplicate of a row already kept"] += n_dup
