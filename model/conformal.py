@@ -1,0 +1,193 @@
+"""Split-conformal calibration of forecast intervals, per analyte (numpy/pandas only).
+
+For each nominal central interval (50 % = q25..q75, 80 % = q10..q90, 90 % = q05..q95) and
+each analyte, the conformity score of a calibration point is the conformalized quantile
+regression score ``s = max(lo - y, y - hi)`` (negative inside the interval). The
+adjustment is the ``k``-th smallest score with ``k = ceil((n + 1) * level)``, i.e. the
+empirical quantile at ``ceil((n + 1)(1 - alpha)) / n``; widening the interval by it on both
+sides (``lo - a``, ``hi + a``) gives coverage of at least ``level`` on exchangeable new
+points. A negative adjustment narrows an interval that was too wide.
+
+Everything is in the model's normalised space (``model.features.AnalyteScaler``), where one
+unit is comparable across analytes: an additive adjustment there is additive in canonical
+units for raw-scale analytes and multiplicative for log-scale (skewed) ones. Analytes with
+fewer than ``min_points`` calibration points use the adjustment pooled over all analytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model import QUANTILES
+
+__all__ = ["DEFAULT_LEVELS", "conformal_adjustment", "interval_coverage", "fit_conformal", "ConformalCalibration"]
+
+DEFAULT_LEVELS = (0.5, 0.8, 0.9)
+
+
+def _interval_columns(quantile_levels: Sequence[float], level: float) -> tuple[int, int]:
+    """Indices of the quantiles bounding the central ``level`` interval, e.g. 0.8 -> (q10, q90)."""
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    levels = np.asarray(quantile_levels, dtype=np.float64)
+    i, j = np.flatnonzero(np.isclose(levels, lo)), np.flatnonzero(np.isclose(levels, hi))
+    if not len(i) or not len(j):
+        raise ValueError(f"interval {level:.0%} needs quantiles {lo:g} and {hi:g}; model has {list(quantile_levels)}")
+    return int(i[0]), int(j[0])
+
+
+def conformal_adjustment(scores: np.ndarray, level: float) -> float:
+    """The ``ceil((n + 1) * level)``-th smallest of ``scores`` (finite-sample split conformal).
+
+    Raises ``ValueError`` when ``n`` is too small for that rank to exist (``n < level / (1 - level)``).
+    """
+    scores = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(scores)
+    k = math.ceil((n + 1) * level - 1e-9)  # tolerance: 10 * 0.7 is 7.000000000000001 in floating point
+    if k > n:
+        needed = math.ceil(level / (1 - level) - 1e-9)
+        raise ValueError(f"{n} calibration points cannot certify a {level:.0%} interval; need at least {needed}")
+    return float(scores[k - 1])
+
+
+def interval_coverage(
+    quantiles: np.ndarray,
+    y: np.ndarray,
+    quantile_levels: Sequence[float] = QUANTILES,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+) -> dict[float, float]:
+    """Fraction of ``y`` (shape ``(n,)``) inside each central interval of ``quantiles`` (``(n, n_quantiles)``)."""
+    out = {}
+    for level in levels:
+        i, j = _interval_columns(quantile_levels, level)
+        out[level] = float(np.mean((quantiles[:, i] <= y) & (y <= quantiles[:, j])))
+    return out
+
+
+@dataclass
+class ConformalCalibration:
+    """Per-analyte interval adjustments in normalised units, with a pooled fallback.
+
+    ``per_analyte[code][str(level)]`` and ``pooled[str(level)]`` are additive adjustments;
+    ``n_per_analyte[code]`` the calibration points behind each analyte's values.
+    """
+
+    quantile_levels: tuple[float, ...]
+    levels: tuple[float, ...]
+    per_analyte: dict[str, dict[str, float]]
+    n_per_analyte: dict[str, int]
+    pooled: dict[str, float]
+    n_pooled: int
+    min_points: int
+    meta: dict = field(default_factory=dict)
+
+    def adjustments(self, codes: Sequence[str]) -> np.ndarray:
+        """Adjustments of shape ``(n, n_levels)`` for analytes ``codes``; unknown or small ones get the pooled value."""
+        pooled = [self.pooled[str(lv)] for lv in self.levels]
+        table = {c: [a[str(lv)] for lv in self.levels] for c, a in self.per_analyte.items()}
+        rows = [table.get(str(c), pooled) for c in codes]
+        return np.array(rows, dtype=np.float64).reshape(len(codes), len(self.levels))
+
+    def apply(self, codes: Sequence[str], quantiles: np.ndarray) -> np.ndarray:
+        """Widen (or narrow) each interval of ``quantiles`` (``(n, n_quantiles)``, normalised), keeping them monotone.
+
+        The median is unchanged. After the adjustment, quantiles below the median are made
+        non-increasing outward from it and those above non-decreasing, so nested intervals
+        stay nested.
+        """
+        q = np.array(quantiles, dtype=np.float64, copy=True)
+        adj = self.adjustments(codes)
+        for k, level in enumerate(self.levels):
+            i, j = _interval_columns(self.quantile_levels, level)
+            q[:, i] -= adj[:, k]
+            q[:, j] += adj[:, k]
+        mid = int(np.argmin(np.abs(np.asarray(self.quantile_levels) - 0.5)))
+        for i in range(mid - 1, -1, -1):
+            q[:, i] = np.minimum(q[:, i], q[:, i + 1])
+        for j in range(mid + 1, q.shape[1]):
+            q[:, j] = np.maximum(q[:, j], q[:, j - 1])
+        return q
+
+    def to_dict(self) -> dict:
+        return {
+            "method": "split-conformal CQR, additive in normalised units",
+            "quantile_levels": list(self.quantile_levels),
+            "levels": list(self.levels),
+            "per_analyte": self.per_analyte,
+            "n_per_analyte": self.n_per_analyte,
+            "pooled": self.pooled,
+            "n_pooled": self.n_pooled,
+            "min_points": self.min_points,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ConformalCalibration:
+        return cls(
+            quantile_levels=tuple(d["quantile_levels"]),
+            levels=tuple(d["levels"]),
+            per_analyte={c: {k: float(v) for k, v in a.items()} for c, a in d["per_analyte"].items()},
+            n_per_analyte={c: int(n) for c, n in d["n_per_analyte"].items()},
+            pooled={k: float(v) for k, v in d["pooled"].items()},
+            n_pooled=int(d["n_pooled"]),
+            min_points=int(d["min_points"]),
+            meta=d.get("meta", {}),
+        )
+
+
+def fit_conformal(
+    codes: Sequence[str],
+    quantiles: np.ndarray,
+    y: np.ndarray,
+    *,
+    quantile_levels: Sequence[float] = QUANTILES,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    min_points: int = 50,
+) -> ConformalCalibration:
+    """Fit adjustments from calibration forecasts.
+
+    Args:
+        codes: analyte code of each point, ``(n,)``.
+        quantiles: forecast quantiles, ``(n, n_quantiles)``, normalised units, monotone.
+        y: true values, ``(n,)``, normalised units (leave censored results out).
+        quantile_levels: the levels of ``quantiles``' columns.
+        levels: nominal central intervals to calibrate.
+        min_points: analytes with fewer points use the pooled adjustment.
+    """
+    codes = np.asarray([str(c) for c in codes], dtype=object)
+    quantiles = np.asarray(quantiles, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if quantiles.shape != (len(y), len(quantile_levels)) or len(codes) != len(y):
+        raise ValueError(
+            f"shapes disagree: codes {len(codes)}, quantiles {quantiles.shape}, y {y.shape}; "
+            f"expected (n,), (n, {len(quantile_levels)}), (n,)"
+        )
+    if not (np.isfinite(quantiles).all() and np.isfinite(y).all()):
+        raise ValueError("calibration quantiles and true values must be finite")
+    levels = tuple(float(lv) for lv in levels)
+    needed = max(math.ceil(lv / (1 - lv) - 1e-9) for lv in levels)
+    if min_points < needed:
+        raise ValueError(f"min_points ({min_points}) must be at least {needed} to certify a {max(levels):.0%} interval")
+    scores = {}
+    for level in levels:
+        i, j = _interval_columns(quantile_levels, level)
+        scores[level] = np.maximum(quantiles[:, i] - y, y - quantiles[:, j])  # [n]
+    pooled = {str(lv): conformal_adjustment(scores[lv], lv) for lv in levels}
+    per_analyte, n_per = {}, {}
+    for code in sorted(set(codes.tolist())):
+        sel = codes == code
+        n_per[code] = int(sel.sum())
+        if n_per[code] >= min_points:
+            per_analyte[code] = {str(lv): conformal_adjustment(scores[lv][sel], lv) for lv in levels}
+    return ConformalCalibration(
+        quantile_levels=tuple(float(q) for q in quantile_levels),
+        levels=levels,
+        per_analyte=per_analyte,
+        n_per_analyte=n_per,
+        pooled=pooled,
+        n_pooled=len(y),
+        min_points=min_points,
+    )

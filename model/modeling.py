@@ -1,0 +1,609 @@
+"""The LabTrend network: a transformer over irregular lab histories that forecasts quantiles.
+
+Read top to bottom: loss, blocks, output dataclasses, then the models.
+
+* :class:`LabTrendModel` (the backbone) embeds every prior result as an event token
+  (analyte + value/censor/observed + continuous time before the forecast time), prepends
+  one patient token (age, sex), runs a pre-norm transformer encoder over them, and lets
+  each query (analyte, horizon, anchor value) read the encoded events through a small
+  cross-attention decoder. There is no position index: time enters only as days.
+* :class:`LabTrendForPretraining` adds a masked value head (predict hidden event values
+  from the rest of the history) and the forecasting head (next-value queries on held-out
+  last results).
+* :class:`LabTrendForForecasting` is the backbone plus the forecasting head; it loads the
+  backbone (and the forecasting head) from a pretraining checkpoint with
+  ``LabTrendForForecasting.from_pretrained(pretraining_dir)``.
+
+Units: values are in normalised units per analyte (``model.features.AnalyteScaler``),
+times in days. Masks: 1 / True = real, 0 / False = padding (``event_mask``,
+``query_mask``); padded positions are never attention keys, so they cannot change a real
+position's output. The modules take their device from the inputs and never read files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from model.configuration import LabTrendConfig
+from model.features import PAD_ID
+
+__all__ = [
+    "pinball_loss",
+    "LabTrendModelOutput",
+    "LabTrendForPretrainingOutput",
+    "LabTrendForForecastingOutput",
+    "LabTrendPreTrainedModel",
+    "LabTrendModel",
+    "LabTrendForPretraining",
+    "LabTrendForForecasting",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+
+def pinball_loss(
+    quantiles: torch.Tensor,
+    target: torch.Tensor,
+    levels: torch.Tensor,
+    mask: torch.Tensor,
+    censor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean pinball (quantile) loss over the real entries and all quantile levels.
+
+    Args:
+        quantiles: predictions of shape ``(..., n_quantiles)``, normalised units.
+        target: true values of shape ``(...)``, normalised units.
+        levels: quantile levels of shape ``(n_quantiles,)``.
+        mask: ``(...)``, 1 / True where the target exists; other entries are ignored.
+        censor: ``(...)`` in {-1, 0, +1} or None. For ``-1`` (the true value is at most
+            the target) a quantile at or below the target costs nothing; for ``+1`` a
+            quantile at or above it costs nothing (censored quantile regression).
+    """
+    diff = target.unsqueeze(-1) - quantiles  # [... x n_quantiles]
+    loss = torch.maximum(levels * diff, (levels - 1) * diff)
+    if censor is not None:
+        c = censor.unsqueeze(-1)
+        loss = torch.where(((c < 0) & (diff > 0)) | ((c > 0) & (diff < 0)), torch.zeros_like(loss), loss)
+    keep = mask.bool().unsqueeze(-1).expand_as(loss)
+    loss = torch.where(keep, loss, torch.zeros_like(loss))
+    return loss.sum() / keep.sum().clamp_min(1)
+
+
+def _forecast_loss(config, quantiles, target_value, target_censor, query_mask, levels) -> torch.Tensor:
+    """Pinball loss of query quantiles; padded queries (``query_mask`` 0) are ignored."""
+    mask = torch.ones_like(target_value, dtype=torch.bool) if query_mask is None else query_mask.bool()
+    censor = target_censor if config.censored_loss else None
+    return pinball_loss(quantiles, target_value.float(), levels, mask, censor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class LabTrendTimeEncoding(nn.Module):
+    """Days (continuous, >= 0) -> ``d_model``: ``[log1p(t), sin(2 pi f t + p), cos(2 pi f t + p)]`` -> linear.
+
+    Frequencies ``f`` (stored as log) and phases ``p`` are learned; initial periods are
+    log-spaced between ``time_min_period_days`` and ``time_max_period_days``.
+    """
+
+    def __init__(self, config: LabTrendConfig):
+        super().__init__()
+        k = config.time_fourier_features
+        self.log_frequency = nn.Parameter(torch.empty(k))
+        self.phase = nn.Parameter(torch.empty(k))
+        self.proj = nn.Linear(1 + 2 * k, config.d_model)
+
+    @staticmethod
+    def initial_log_frequency(config: LabTrendConfig) -> torch.Tensor:
+        periods = torch.logspace(
+            math.log10(config.time_min_period_days), math.log10(config.time_max_period_days),
+            config.time_fourier_features, dtype=torch.float32,
+        )
+        return -torch.log(periods)
+
+    def forward(self, days: torch.Tensor) -> torch.Tensor:
+        days = days.float().clamp_min(0.0)
+        angle = 2 * math.pi * days.unsqueeze(-1) * self.log_frequency.exp() + self.phase  # [... x k]
+        features = torch.cat([torch.log1p(days).unsqueeze(-1), angle.sin(), angle.cos()], dim=-1)  # [... x 1+2k]
+        return self.proj(features)  # [... x d_model]
+
+
+def _censor_one_hot(censor: torch.Tensor) -> torch.Tensor:
+    """{-1, 0, +1} -> one-hot of shape ``(..., 3)`` as float."""
+    return F.one_hot((censor.long() + 1).clamp(0, 2), num_classes=3).float()
+
+
+class LabTrendEmbeddings(nn.Module):
+    """Input tokens: events, the patient token and queries. The analyte table is shared."""
+
+    def __init__(self, config: LabTrendConfig):
+        super().__init__()
+        d = config.d_model
+        self.analyte = nn.Embedding(config.n_analytes, d, padding_idx=PAD_ID)
+        self.event_value = nn.Linear(5, d)  # [value, censor one-hot (3), observed]
+        self.event_time = LabTrendTimeEncoding(config)
+        self.patient_sex = nn.Embedding(3, d)  # 0 unknown, 1 F, 2 M
+        self.patient_age = nn.Linear(2, d)  # [age / 100, age known]
+        self.query_anchor = nn.Linear(4, d)  # [anchor value, anchor censor one-hot (3)]
+        self.query_horizon = LabTrendTimeEncoding(config)
+        self.event_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.patient_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.query_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def events(self, analyte, value, censor, time, observed) -> torch.Tensor:
+        """All ``(batch, events)`` -> ``(batch, events, d_model)``. Unobserved values enter as 0 with observed = 0."""
+        obs = observed.float().unsqueeze(-1)  # [batch x events x 1]
+        features = torch.cat([value.float().unsqueeze(-1) * obs, _censor_one_hot(censor) * obs, obs], dim=-1)
+        x = self.analyte(analyte) + self.event_value(features) + self.event_time(time)
+        return self.dropout(self.event_norm(x))  # [batch x events x d_model]
+
+    def patient(self, age: torch.Tensor, sex: torch.Tensor) -> torch.Tensor:
+        """``age`` (years, NaN unknown) and ``sex`` of shape ``(batch,)`` -> ``(batch, 1, d_model)``."""
+        known = torch.isfinite(age)
+        age = torch.where(known, age, torch.zeros_like(age)).float() / 100.0
+        x = self.patient_sex(sex.long().clamp(0, 2)) + self.patient_age(torch.stack([age, known.float()], dim=-1))
+        return self.dropout(self.patient_norm(x)).unsqueeze(1)  # [batch x 1 x d_model]
+
+    def queries(self, analyte, horizon, anchor_value, anchor_censor) -> torch.Tensor:
+        """All ``(batch, queries)`` -> ``(batch, queries, d_model)``."""
+        anchor = torch.cat([anchor_value.float().unsqueeze(-1), _censor_one_hot(anchor_censor)], dim=-1)
+        x = self.analyte(analyte) + self.query_anchor(anchor) + self.query_horizon(horizon)
+        return self.dropout(self.query_norm(x))  # [batch x queries x d_model]
+
+
+class LabTrendAttention(nn.Module):
+    """Multi-head attention of ``x`` over ``memory`` (self-attention when they are the same)."""
+
+    def __init__(self, config: LabTrendConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.d_model, config.d_model)
+        self.k_proj = nn.Linear(config.d_model, config.d_model)
+        self.v_proj = nn.Linear(config.d_model, config.d_model)
+        self.o_proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """``x`` (batch, L, d), ``memory`` (batch, S, d), ``key_mask`` (batch, S) bool, True = real key."""
+        b, L, d = x.shape
+        s = memory.shape[1]
+        h = self.n_heads
+        q = self.q_proj(x).view(b, L, h, d // h).transpose(1, 2)  # [batch x heads x L x d_head]
+        k = self.k_proj(memory).view(b, s, h, d // h).transpose(1, 2)  # [batch x heads x S x d_head]
+        v = self.v_proj(memory).view(b, s, h, d // h).transpose(1, 2)
+        attn_mask = key_mask[:, None, None, :]  # [batch x 1 x 1 x S], True = may attend
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )  # [batch x heads x L x d_head]
+        return self.o_proj(out.transpose(1, 2).reshape(b, L, d))  # [batch x L x d]
+
+
+class LabTrendMLP(nn.Module):
+    def __init__(self, config: LabTrendConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.d_model, config.d_ff)
+        self.fc_out = nn.Linear(config.d_ff, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+class LabTrendEncoderLayer(nn.Module):
+    """Pre-norm self-attention over [patient, events] + feed-forward."""
+
+    def __init__(self, config: LabTrendConfig):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = LabTrendAttention(config)
+        self.norm_mlp = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = LabTrendMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        x = self.norm_attn(hidden)
+        hidden = hidden + self.dropout(self.attn(x, x, key_mask))
+        return hidden + self.dropout(self.mlp(self.norm_mlp(hidden)))  # [batch x 1+events x d_model]
+
+
+class LabTrendDecoderLayer(nn.Module):
+    """Pre-norm cross-attention of queries over the encoded events + feed-forward (no query self-attention)."""
+
+    def __init__(self, config: LabTrendConfig):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.cross_attn = LabTrendAttention(config)
+        self.norm_mlp = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = LabTrendMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        queries = queries + self.dropout(self.cross_attn(self.norm_attn(queries), memory, key_mask))
+        return queries + self.dropout(self.mlp(self.norm_mlp(queries)))  # [batch x queries x d_model]
+
+
+class LabTrendQuantileHead(nn.Module):
+    """Hidden state -> monotone quantiles: ``q_0 = a_0``, ``q_k = q_{k-1} + softplus(a_k)``.
+
+    At initialisation the weights are zero and the biases put the quantiles of
+    ``N(0, head_init_spread)`` at the configured levels, so the untrained forecasting
+    head predicts "the last value +- a spread" rather than noise.
+    """
+
+    def __init__(self, config: LabTrendConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.head_dropout)
+        # Own parameters rather than an nn.Linear, so this module's _init_weights branch runs.
+        self.weight = nn.Parameter(torch.empty(len(config.quantiles), config.d_model))
+        self.bias = nn.Parameter(torch.empty(len(config.quantiles)))
+
+    @staticmethod
+    def initial_bias(config: LabTrendConfig) -> torch.Tensor:
+        z = torch.special.ndtri(torch.tensor(config.quantiles, dtype=torch.float64)) * config.head_init_spread
+        steps = (z[1:] - z[:-1]).clamp_min(1e-4)
+        return torch.cat([z[:1], torch.log(torch.expm1(steps))]).float()  # softplus^-1 of the steps
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        raw = F.linear(self.dropout(self.norm(hidden)), self.weight, self.bias).float()  # [... x n_quantiles]
+        return torch.cat([raw[..., :1], F.softplus(raw[..., 1:])], dim=-1).cumsum(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabTrendModelOutput(ModelOutput):
+    """Backbone output.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, events, d_model)`):
+            Encoded events (padded positions hold unused values).
+        patient_hidden_state (`torch.FloatTensor` of shape `(batch, d_model)`):
+            Encoded patient token.
+        query_hidden_state (`torch.FloatTensor` of shape `(batch, queries, d_model)`, *optional*):
+            Decoded queries; None when no queries were given.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Encoder input and every encoder layer's output, each `(batch, 1 + events, d_model)`
+            with the patient token first; only with ``output_hidden_states=True``.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    patient_hidden_state: torch.FloatTensor | None = None
+    query_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class LabTrendForPretrainingOutput(ModelOutput):
+    """Pretraining output.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            ``masked_loss + pretrain_forecast_weight * forecast_loss`` (the latter when targets were given).
+        masked_loss (`torch.FloatTensor` of shape `()`):
+            Mean pinball loss of the hidden event values (0 when nothing was hidden).
+        forecast_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean pinball loss of the queries' quantiles.
+        masked_quantiles (`torch.FloatTensor` of shape `(batch, events, n_quantiles)`):
+            Predicted quantiles of every event's value, normalised units (meaningful where hidden).
+        value_mask (`torch.BoolTensor` of shape `(batch, events)`):
+            True where the event value was hidden from the network.
+        quantiles (`torch.FloatTensor` of shape `(batch, queries, n_quantiles)`, *optional*):
+            Forecast quantiles of the queries, normalised units.
+    """
+
+    loss: torch.FloatTensor | None = None
+    masked_loss: torch.FloatTensor | None = None
+    forecast_loss: torch.FloatTensor | None = None
+    masked_quantiles: torch.FloatTensor | None = None
+    value_mask: torch.BoolTensor | None = None
+    quantiles: torch.FloatTensor | None = None
+
+
+@dataclass
+class LabTrendForForecastingOutput(ModelOutput):
+    """Forecasting output.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean pinball loss over real queries and quantile levels; only with ``target_value``.
+        quantiles (`torch.FloatTensor` of shape `(batch, queries, n_quantiles)`):
+            Monotone forecast quantiles, normalised units of each query's analyte.
+        query_hidden_state (`torch.FloatTensor` of shape `(batch, queries, d_model)`):
+            Decoded queries.
+    """
+
+    loss: torch.FloatTensor | None = None
+    quantiles: torch.FloatTensor | None = None
+    query_hidden_state: torch.FloatTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+_INPUTS_DOC = r"""
+    Args:
+        event_analyte (`torch.LongTensor` of shape `(batch, events)`): analyte ids (0 = padding).
+        event_value (`torch.FloatTensor` of shape `(batch, events)`): normalised values; a censored
+            result carries its limit.
+        event_censor (`torch.LongTensor` of shape `(batch, events)`): -1 '<', 0 exact, +1 '>'.
+        event_time (`torch.FloatTensor` of shape `(batch, events)`): days from collection to the
+            forecast time (> 0).
+        event_mask (`torch.LongTensor` of shape `(batch, events)`): 1 for a real event, 0 for padding.
+        patient_age (`torch.FloatTensor` of shape `(batch,)`): years at the forecast time, NaN unknown.
+        patient_sex (`torch.LongTensor` of shape `(batch,)`): 0 unknown, 1 F, 2 M.
+        query_analyte (`torch.LongTensor` of shape `(batch, queries)`): analyte ids to forecast.
+        query_horizon (`torch.FloatTensor` of shape `(batch, queries)`): days from the analyte's last
+            result to the forecast time.
+        query_anchor_value (`torch.FloatTensor` of shape `(batch, queries)`): that last result, normalised.
+        query_anchor_censor (`torch.LongTensor` of shape `(batch, queries)`): its censor flag.
+        query_mask (`torch.LongTensor` of shape `(batch, queries)`): 1 for a real query, 0 for padding.
+"""
+
+
+class LabTrendPreTrainedModel(PreTrainedModel):
+    config_class = LabTrendConfig
+    config: LabTrendConfig
+    base_model_prefix = "model"
+    main_input_name = "event_value"
+    supports_gradient_checkpointing = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # normal(0, initializer_range) linears/embeddings, unit LayerNorms
+        if isinstance(module, LabTrendTimeEncoding):
+            init.copy_(module.log_frequency, LabTrendTimeEncoding.initial_log_frequency(self.config))
+            init.zeros_(module.phase)
+        elif isinstance(module, LabTrendQuantileHead):
+            init.zeros_(module.weight)
+            init.copy_(module.bias, LabTrendQuantileHead.initial_bias(self.config))
+
+    def _quantile_levels(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.config.quantiles, dtype=torch.float32, device=like.device)
+
+
+def _check_lengths(config: LabTrendConfig, event_analyte: torch.Tensor, query_analyte: torch.Tensor | None) -> None:
+    if event_analyte.dim() != 2:
+        raise ValueError(f"event_analyte must have shape (batch, events), got {tuple(event_analyte.shape)}")
+    if event_analyte.shape[1] > config.max_events:
+        raise ValueError(f"events per row ({event_analyte.shape[1]}) exceed config.max_events ({config.max_events})")
+    if query_analyte is not None:
+        if query_analyte.dim() != 2 or query_analyte.shape[0] != event_analyte.shape[0]:
+            raise ValueError(
+                f"query_analyte shape {tuple(query_analyte.shape)} does not match batch {event_analyte.shape[0]}"
+            )
+        if query_analyte.shape[1] > config.max_queries:
+            raise ValueError(
+                f"queries per row ({query_analyte.shape[1]}) exceed config.max_queries ({config.max_queries})"
+            )
+
+
+class LabTrendModel(LabTrendPreTrainedModel):
+    __doc__ = "The LabTrend backbone: event encoder + query cross-attention decoder." + _INPUTS_DOC + r"""
+        value_mask (`torch.BoolTensor` of shape `(batch, events)`, *optional*): True where an event's
+            value and censor flag are hidden (its analyte and time stay visible).
+        output_hidden_states (`bool`, *optional*): also return every encoder layer's output.
+    """
+
+    def __init__(self, config: LabTrendConfig):
+        super().__init__(config)
+        self.embeddings = LabTrendEmbeddings(config)
+        self.encoder_layers = nn.ModuleList(LabTrendEncoderLayer(config) for _ in range(config.n_layers))
+        self.encoder_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.decoder_layers = nn.ModuleList(LabTrendDecoderLayer(config) for _ in range(config.n_decoder_layers))
+        self.decoder_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _run(self, layer: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(layer.__call__, *args)
+        return layer(*args)
+
+    def forward(
+        self,
+        event_analyte: torch.Tensor,
+        event_value: torch.Tensor,
+        event_censor: torch.Tensor,
+        event_time: torch.Tensor,
+        event_mask: torch.Tensor,
+        patient_age: torch.Tensor,
+        patient_sex: torch.Tensor,
+        query_analyte: torch.Tensor | None = None,
+        query_horizon: torch.Tensor | None = None,
+        query_anchor_value: torch.Tensor | None = None,
+        query_anchor_censor: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+        value_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> LabTrendModelOutput:
+        _check_lengths(self.config, event_analyte, query_analyte)
+        real = event_mask.bool()  # [batch x events]
+        observed = real if value_mask is None else real & ~value_mask.bool()
+        events = self.embeddings.events(event_analyte, event_value, event_censor, event_time, observed)
+        patient = self.embeddings.patient(patient_age, patient_sex)  # [batch x 1 x d_model]
+        hidden = torch.cat([patient, events], dim=1)  # [batch x 1+events x d_model]
+        # The patient token is always a real key, so no row is ever all padding.
+        key_mask = torch.cat([torch.ones_like(real[:, :1]), real], dim=1)  # [batch x 1+events]
+
+        all_hidden = (hidden,) if output_hidden_states else None
+        for layer in self.encoder_layers:
+            hidden = self._run(layer, hidden, key_mask)
+            if output_hidden_states:
+                all_hidden = all_hidden + (hidden,)
+        hidden = self.encoder_norm(hidden)
+
+        query_hidden = None
+        if query_analyte is not None:
+            query_hidden = self.embeddings.queries(
+                query_analyte, query_horizon, query_anchor_value, query_anchor_censor
+            )  # [batch x queries x d_model]
+            for layer in self.decoder_layers:
+                query_hidden = self._run(layer, query_hidden, hidden, key_mask)
+            query_hidden = self.decoder_norm(query_hidden)  # [batch x queries x d_model]
+
+        return LabTrendModelOutput(
+            last_hidden_state=hidden[:, 1:],
+            patient_hidden_state=hidden[:, 0],
+            query_hidden_state=query_hidden,
+            hidden_states=all_hidden,
+        )
+
+
+class LabTrendForPretraining(LabTrendPreTrainedModel):
+    __doc__ = r"""Backbone + masked value head + forecasting head.
+
+    Objectives (both pinball losses over the configured quantiles, normalised units):
+
+    * masked value prediction: a random ``mask_prob`` fraction of real events (or the given
+      ``value_mask``) has its value and censor flag hidden; the masked value head predicts
+      their quantiles from the rest of the history, including other analytes at the same time;
+    * next-value forecasting (when queries and ``target_value`` are given): the forecasting
+      head predicts held-out results exactly as :class:`LabTrendForForecasting` does.
+
+    ``loss = masked_loss + pretrain_forecast_weight * forecast_loss``.
+    """ + _INPUTS_DOC + r"""
+        value_mask (`torch.BoolTensor` of shape `(batch, events)`, *optional*): events to hide; when
+            None, each real event is hidden with probability ``mask_prob`` (the global torch RNG,
+            on the inputs' device).
+        target_value (`torch.FloatTensor` of shape `(batch, queries)`, *optional*): true values of the
+            queries, normalised units.
+        target_censor (`torch.LongTensor` of shape `(batch, queries)`, *optional*): their censor flags.
+    """
+
+    def __init__(self, config: LabTrendConfig):
+        super().__init__(config)
+        self.model = LabTrendModel(config)
+        self.masked_value_head = LabTrendQuantileHead(config)
+        self.quantile_head = LabTrendQuantileHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        event_analyte: torch.Tensor,
+        event_value: torch.Tensor,
+        event_censor: torch.Tensor,
+        event_time: torch.Tensor,
+        event_mask: torch.Tensor,
+        patient_age: torch.Tensor,
+        patient_sex: torch.Tensor,
+        query_analyte: torch.Tensor | None = None,
+        query_horizon: torch.Tensor | None = None,
+        query_anchor_value: torch.Tensor | None = None,
+        query_anchor_censor: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+        value_mask: torch.Tensor | None = None,
+        target_value: torch.Tensor | None = None,
+        target_censor: torch.Tensor | None = None,
+    ) -> LabTrendForPretrainingOutput:
+        real = event_mask.bool()
+        if value_mask is None:
+            value_mask = torch.rand(real.shape, device=real.device) < self.config.mask_prob
+        value_mask = value_mask.bool() & real  # [batch x events]
+        out = self.model(
+            event_analyte, event_value, event_censor, event_time, event_mask, patient_age, patient_sex,
+            query_analyte, query_horizon, query_anchor_value, query_anchor_censor, query_mask, value_mask=value_mask,
+        )
+        levels = self._quantile_levels(event_value)
+        masked_quantiles = self.masked_value_head(out.last_hidden_state)  # [batch x events x n_quantiles]
+        censor = event_censor if self.config.censored_loss else None
+        masked_loss = pinball_loss(masked_quantiles, event_value.float(), levels, value_mask, censor)
+
+        quantiles = forecast_loss = None
+        if out.query_hidden_state is not None:
+            quantiles = query_anchor_value.float().unsqueeze(-1) + self.quantile_head(out.query_hidden_state)
+            if target_value is not None:
+                forecast_loss = _forecast_loss(self.config, quantiles, target_value, target_censor, query_mask, levels)
+        loss = masked_loss
+        if forecast_loss is not None:
+            loss = loss + self.config.pretrain_forecast_weight * forecast_loss
+        return LabTrendForPretrainingOutput(
+            loss=loss,
+            masked_loss=masked_loss,
+            forecast_loss=forecast_loss,
+            masked_quantiles=masked_quantiles,
+            value_mask=value_mask,
+            quantiles=quantiles,
+        )
+
+    @torch.no_grad()
+    def predict_masked(self, batch: dict[str, torch.Tensor], value_mask: torch.Tensor) -> torch.Tensor:
+        """Quantiles of each hidden event's value, predicted from the rest of its history.
+
+        ``batch`` holds the event and patient inputs (extra keys are ignored); ``value_mask``
+        (bool, ``(batch, events)``) marks the events to hide. To score each result of one
+        specimen against the others (multivariate inconsistency), hide one event per row and
+        repeat the row. Returns ``(batch, events, n_quantiles)`` in normalised units; only
+        positions where ``value_mask & event_mask`` are meaningful.
+        """
+        names = (
+            "event_analyte", "event_value", "event_censor", "event_time", "event_mask", "patient_age", "patient_sex",
+        )
+        return self.forward(**{k: batch[k] for k in names}, value_mask=value_mask).masked_quantiles
+
+
+class LabTrendForForecasting(LabTrendPreTrainedModel):
+    __doc__ = r"""Backbone + forecasting head, for fine-tuning and inference.
+
+    Each query's quantiles are ``anchor + head(query)``: the monotone head predicts the
+    change from the analyte's last result (all normalised units), so an untrained head is a
+    persistence forecast. The loss is the mean pinball loss over real queries
+    (``query_mask``) and quantile levels; padded queries are ignored.
+    """ + _INPUTS_DOC + r"""
+        target_value (`torch.FloatTensor` of shape `(batch, queries)`, *optional*): true values,
+            normalised units; gives ``loss``.
+        target_censor (`torch.LongTensor` of shape `(batch, queries)`, *optional*): their censor flags.
+    """
+
+    # A pretraining checkpoint also holds the masked value head, which forecasting does not use.
+    _keys_to_ignore_on_load_unexpected = [r"^masked_value_head\."]
+
+    def __init__(self, config: LabTrendConfig):
+        super().__init__(config)
+        self.model = LabTrendModel(config)
+        self.quantile_head = LabTrendQuantileHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        event_analyte: torch.Tensor,
+        event_value: torch.Tensor,
+        event_censor: torch.Tensor,
+        event_time: torch.Tensor,
+        event_mask: torch.Tensor,
+        patient_age: torch.Tensor,
+        patient_sex: torch.Tensor,
+        query_analyte: torch.Tensor,
+        query_horizon: torch.Tensor,
+        query_anchor_value: torch.Tensor,
+        query_anchor_censor: torch.Tensor,
+        query_mask: torch.Tensor | None = None,
+        target_value: torch.Tensor | None = None,
+        target_censor: torch.Tensor | None = None,
+    ) -> LabTrendForForecastingOutput:
+        out = self.model(
+            event_analyte, event_value, event_censor, event_time, event_mask, patient_age, patient_sex,
+            query_analyte, query_horizon, query_anchor_value, query_anchor_censor, query_mask,
+        )
+        quantiles = query_anchor_value.float().unsqueeze(-1) + self.quantile_head(out.query_hidden_state)
+        loss = None
+        if target_value is not None:
+            levels = self._quantile_levels(quantiles)
+            loss = _forecast_loss(self.config, quantiles, target_value, target_censor, query_mask, levels)
+        return LabTrendForForecastingOutput(loss=loss, quantiles=quantiles, query_hidden_state=out.query_hidden_state)
