@@ -63,7 +63,8 @@ class Staged:
     # order of non-ISO dates in stg: 'dayfirst' / 'monthfirst'; None = decide from the data;
     # 'iso' = the format guarantees ISO 8601 (FHIR), so anything else is an unreadable time
     date_order: str | None = None
-    decimal: str = "."
+    # decimal mark of the value column: '.' or ','; None = decide from the data
+    decimal: str | None = "."
     files: list[Path] = field(default_factory=list)
     # temp table of lines/records that could not be read: (source_row, reason, line)
     rejects_table: str | None = None

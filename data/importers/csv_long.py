@@ -57,28 +57,6 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _detect_decimal(cur, col: str | None, delimiter: str, label: str) -> str:
-    if col is None:
-        return "."
-    n_comma, n_dot = cur.execute(
-        f"""
-        SELECT count(*) FILTER (WHERE regexp_full_match(trim({col}), '[<>≤≥]?=?\\s*[+-]?[0-9]*,[0-9]+')),
-               count(*) FILTER (WHERE regexp_full_match(trim({col}), '[<>≤≥]?=?\\s*[+-]?[0-9]*\\.[0-9]+'))
-        FROM stg
-        """
-    ).fetchone()
-    if n_comma and n_dot:
-        raise ImportFileError(
-            f"{label}: column 'value' has both ',' and '.' decimals ({n_comma} and {n_dot} rows); "
-            "choose the decimal mark with --decimal"
-        )
-    if n_comma and delimiter == ",":
-        raise ImportFileError(
-            f"{label}: column 'value' has ',' decimals in a comma-separated file; choose the decimal mark with --decimal"
-        )
-    return "," if n_comma else "."
-
-
 def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
     dialect = sniff(path)
     cols = map_header(dialect.header)
@@ -104,10 +82,7 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
     n_rej = cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
     if n_rej:
         staged.rejects_table = "csv_rejects"
-    if options.decimal:
-        staged.decimal = options.decimal
-    else:
-        staged.decimal = _detect_decimal(cur, "value", dialect.delimiter, label)
+    staged.decimal = options.decimal  # None: the pipeline decides from the value column
     staged.date_order = options.date_order
     staged.options = {"encoding": encoding, "delimiter": dialect.delimiter, "columns": cols}
     if "sex" in cols or "birth_date" in cols:

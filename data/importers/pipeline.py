@@ -29,7 +29,7 @@ from data.importers.base import ImportFileError, Staged
 from data.units import UnitError, conversion_factor, normalise_unit, parse_ucum
 from data.values import plain_number_sql, value_select_sql
 
-__all__ = ["ImportSummary", "load_staged", "loinc_check_digit_ok", "timestamp_sql", "detect_date_order"]
+__all__ = ["ImportSummary", "load_staged", "loinc_check_digit_ok", "timestamp_sql"]
 
 
 @dataclass
@@ -78,11 +78,8 @@ def loinc_check_digit_ok(code: str) -> bool:
     return (10 - total % 10) % 10 == int(check)
 
 
-_WS = "chr(32) || chr(9) || chr(13) || chr(10)"
-
-
 def _blank_to_null(col: str) -> str:
-    return f"NULLIF(trim({col}, {_WS}), '')"
+    return f"NULLIF(trim({col}), '')"
 
 
 def timestamp_sql(col: str, date_order: str | None) -> str:
@@ -92,78 +89,112 @@ def timestamp_sql(col: str, date_order: str | None) -> str:
     a UTC offset or ``Z`` converts the time to UTC. With ``date_order`` 'dayfirst' or
     'monthfirst', ``dd.mm.yyyy`` / ``mm/dd/yyyy`` (separators . / -) are read too.
     """
-    c = f"trim({col}, {_WS})"
+    c = col
+    # DuckDB's cast reads ISO (and other year-first) forms and ignores surrounding spaces;
+    # only strings long enough to carry a UTC offset are tested for one.
     tz = (
-        f"CASE WHEN regexp_matches({c}, '(Z|[+-][0-9]{{2}}:?[0-9]{{2}})$') "
-        f"THEN (TRY_CAST({c} AS TIMESTAMPTZ) AT TIME ZONE 'UTC') END"
+        f"CASE WHEN length({c}) > 19 AND regexp_matches({c}, '(Z|[+-][0-9]{{2}}:?[0-9]{{2}})[ ]*$') "
+        f"THEN (TRY_CAST(trim({c}) AS TIMESTAMPTZ) AT TIME ZONE 'UTC') ELSE TRY_CAST({c} AS TIMESTAMP) END"
     )
-    iso = f"CASE WHEN regexp_matches({c}, '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}') THEN TRY_CAST({c} AS TIMESTAMP) END"
-    parts = [tz, iso]
-    if date_order in ("dayfirst", "monthfirst"):
-        a, b = ("%d", "%m") if date_order == "dayfirst" else ("%m", "%d")
-        fmts = []
-        for sep in (".", "/", "-"):
-            d = f"{a}{sep}{b}{sep}%Y"
-            fmts += [f"{d} %H:%M:%S", f"{d} %H:%M", f"{d}"]
-        fmt_list = ", ".join(f"'{f}'" for f in fmts)
-        parts.append(f"try_strptime({c}, [{fmt_list}])")
-    return "COALESCE(" + ", ".join(f"({p})" for p in parts) + ")"
+    if date_order not in ("dayfirst", "monthfirst"):
+        return f"({tz})"
+    a, b = ("%d", "%m") if date_order == "dayfirst" else ("%m", "%d")
+    fmts = []
+    for sep in (".", "/", "-"):
+        d = f"{a}{sep}{b}{sep}%Y"
+        fmts += [f"{d} %H:%M:%S", f"{d} %H:%M", f"{d}"]
+    fmt_list = ", ".join(f"'{f}'" for f in fmts)
+    return f"COALESCE(({tz}), try_strptime(trim({c}), [{fmt_list}]))"
 
 
-def detect_date_order(cur, table: str, col: str, file_label: str) -> str | None:
-    """Decide day-first vs month-first for non-ISO dates in ``table.col``.
+def _file_profile(
+    cur, file_label: str, decimal: str | None, date_order: str | None, detect_dates: bool = True,
+    delimiter: str | None = None,
+) -> tuple[str, str | None]:
+    """One pass over ``stg`` deciding the decimal mark of ``value`` and the order of non-ISO dates.
 
-    Returns None when every date is ISO, 'dayfirst' / 'monthfirst' when some date has a
-    day above 12 in one position. Raises :class:`ImportFileError` when no row decides it
-    (every day <= 12) or when both orders occur.
+    Returns (decimal, date_order). Raises :class:`ImportFileError` when the file mixes
+    both decimal marks, or when day and month cannot be told apart (every day <= 12).
     """
-    row = cur.execute(
-        f"""
-        WITH d AS (
-            SELECT regexp_extract(trim({col}), '^([0-9]{{1,2}})[./-]([0-9]{{1,2}})[./-][0-9]{{4}}', ['a', 'b']) AS g
-            FROM {table} WHERE {col} IS NOT NULL AND NOT regexp_matches(trim({col}), '^[0-9]{{4}}-')
-        )
-        SELECT count(*) FILTER (WHERE g.a <> ''),
+    has_comma = cur.execute("SELECT EXISTS (SELECT 1 FROM stg WHERE contains(value, ','))").fetchone()[0]
+    n_comma, n_dot, n_dmy, max_a, max_b = cur.execute(
+        r"""
+        SELECT count(*) FILTER (WHERE contains(value, ',') AND regexp_full_match(trim(value), '[<>≤≥]?=?\s*[+-]?[0-9]*,[0-9]+')),
+               count(*) FILTER (WHERE contains(value, '.') AND regexp_full_match(trim(value), '[<>≤≥]?=?\s*[+-]?[0-9]*\.[0-9]+')
+                                AND {check_dots}),
+               count(*) FILTER (WHERE g.a <> ''),
                max(TRY_CAST(NULLIF(g.a, '') AS INTEGER)),
                max(TRY_CAST(NULLIF(g.b, '') AS INTEGER))
-        FROM d
-        """
-    ).fetchone()
-    n, max_a, max_b = row
-    if not n:
-        return None
-    if max_a > 12 and max_b > 12:
-        raise ImportFileError(
-            f"{file_label}: column '{col}' mixes day-first and month-first dates; fix the file"
+        FROM (
+            SELECT value,
+                   CASE WHEN TRY_CAST(collected_at AS TIMESTAMP) IS NULL
+                        THEN regexp_extract(trim(collected_at), '^([0-9]{1,2})[./-]([0-9]{1,2})[./-][0-9]{4}', ['a', 'b'])
+                   END AS g
+            FROM stg
         )
-    if max_a > 12:
-        return "dayfirst"
-    if max_b > 12:
-        return "monthfirst"
-    raise ImportFileError(
-        f"{file_label}: column '{col}' has dates like '01.02.2024' where every day is <= 12, "
-        "so day and month cannot be told apart; re-run with --dayfirst or --monthfirst"
-    )
+        """.replace("{check_dots}", "true" if has_comma else "false")
+    ).fetchone()
+    if decimal is None:
+        if n_comma and n_dot:
+            raise ImportFileError(
+                f"{file_label}: column 'value' has both ',' and '.' decimals ({n_comma} and {n_dot} rows); "
+                "choose the decimal mark with --decimal"
+            )
+        if n_comma and delimiter == ",":
+            raise ImportFileError(
+                f"{file_label}: column 'value' has ',' decimals in a comma-separated file; "
+                "choose the decimal mark with --decimal"
+            )
+        decimal = "," if n_comma else "."
+    if detect_dates and date_order is None and n_dmy:
+        if max_a > 12 and max_b > 12:
+            raise ImportFileError(f"{file_label}: column 'collected_at' mixes day-first and month-first dates; fix the file")
+        if max_a > 12:
+            date_order = "dayfirst"
+        elif max_b > 12:
+            date_order = "monthfirst"
+        else:
+            raise ImportFileError(
+                f"{file_label}: column 'collected_at' has dates like '01.02.2024' where every day is <= 12, "
+                "so day and month cannot be told apart; re-run with --dayfirst or --monthfirst"
+            )
+    return decimal, date_order
 
 
-def _analyte_code_sql() -> str:
-    return (
-        f"COALESCE({_blank_to_null('loinc')}, {_blank_to_null('local_code')}, "
-        f"'local:' || lower({_blank_to_null('test_name')}))"
-    )
+def _analyte_code(loinc, local_code, test_name) -> str | None:
+    """LOINC when given, else the local code, else ``local:<test name lower-cased>``."""
+    for v in (loinc, local_code):
+        if isinstance(v, str) and v.strip():
+            return v.strip()
+    if isinstance(test_name, str) and test_name.strip():
+        return "local:" + test_name.strip().lower()
+    return None
 
 
-def _unit_map(cur) -> pd.DataFrame:
-    """One row per distinct (analyte_code, unit) of ``stg``: factor to canonical, or why not,
-    and whether a LOINC code fails its check digit (``bad_loinc``)."""
-    pairs = pd.DataFrame(
-        cur.execute(
-            f"SELECT {_analyte_code_sql()} AS analyte_code, unit, count(*) AS n FROM stg GROUP BY ALL "
-            "HAVING analyte_code IS NOT NULL"
-        ).fetchall(),
-        columns=["analyte_code", "unit", "n"],
+def _key_map(cur) -> pd.DataFrame:
+    """One row per distinct (loinc, local_code, test_name, unit) of ``stg``: the analyte code,
+    the factor to its canonical unit or why there is none, and whether a LOINC code fails
+    its check digit. Decided in Python once per distinct key, joined back in SQL."""
+    keys = pd.DataFrame(
+        cur.execute("SELECT loinc, local_code, test_name, unit, count(*) AS n FROM stg GROUP BY ALL").fetchall(),
+        columns=["loinc", "local_code", "test_name", "unit", "n"],
         dtype=object,
     )
+    keys["analyte_code"] = [_analyte_code(*t) for t in zip(keys["loinc"], keys["local_code"], keys["test_name"])]
+    pairs = keys[keys["analyte_code"].notna()].groupby(["analyte_code", "unit"], dropna=False, sort=False)["n"].sum()
+    pairs = pairs.reset_index()
+    umap = _unit_map(cur, pairs)
+    out = keys.merge(umap, on=["analyte_code", "unit"], how="left")
+    out["bad_loinc"] = [
+        isinstance(lo, str) and bool(lo.strip()) and not loinc_check_digit_ok(lo.strip()) for lo in out["loinc"]
+    ]
+    out["unit_missing"] = out["unit_missing"].fillna(False).astype(bool)
+    out["factor"] = out["factor"].astype("float64")
+    return out.drop(columns=["n"])
+
+
+def _unit_map(cur, pairs: pd.DataFrame) -> pd.DataFrame:
+    """For each (analyte_code, unit, n): factor to canonical, canonical unit, error, missing."""
     cat = load_catalogue()
     local_codes = sorted({c for c in pairs["analyte_code"] if c not in cat})
     existing = dict(
@@ -224,14 +255,9 @@ def _unit_map(cur) -> pd.DataFrame:
                     factor = float(q.to(target.units).magnitude / target.magnitude)
                 except Exception:
                     error = f"unit '{unit}' cannot be converted to {canonical} for test {code}"
-        bad_loinc = ":" not in code and not loinc_check_digit_ok(code)
-        rows.append((code, unit, factor, canonical, error, missing, bad_loinc))
-    out = pd.DataFrame(rows, columns=["analyte_code", "unit", "factor", "unit_canonical", "unit_error", "unit_missing",
-                                      "bad_loinc"], dtype=object)
-    out["factor"] = out["factor"].astype("float64")
-    out["unit_missing"] = out["unit_missing"].astype(bool)
-    out["bad_loinc"] = out["bad_loinc"].astype(bool)
-    return out
+        rows.append((code, unit, factor, canonical, error, missing))
+    return pd.DataFrame(rows, columns=["analyte_code", "unit", "factor", "unit_canonical", "unit_error", "unit_missing"],
+                        dtype=object)
 
 
 def _register_table(cur, name: str, frame: pd.DataFrame, sql_select: str = "*") -> None:
@@ -240,51 +266,50 @@ def _register_table(cur, name: str, frame: pd.DataFrame, sql_select: str = "*") 
     cur.unregister(f"{name}_df")
 
 
+# Every row parsed once and its quarantine decided; stored sorted by patient so that the
+# insert into lab_results keeps each patient's results together (DuckDB zone maps then
+# answer one patient's timeline without scanning the table).
 _P_SQL = """
 CREATE OR REPLACE TEMP TABLE p AS
-SELECT b.* EXCLUDE (collected_raw), u.factor, u.unit_canonical, COALESCE(u.unit_missing, false) AS unit_missing,
-       a.plausible_low, a.plausible_high,
-       hash(b.patient_id, b.analyte_code, b.collected_at) AS key_hash,
-       CASE
-         WHEN b.patient_id IS NULL THEN 'patient_id'
-         WHEN b.collected_at IS NULL THEN 'collected_at'
-         WHEN b.analyte_code IS NULL THEN 'loinc'
-         WHEN u.bad_loinc THEN 'loinc'
-         WHEN b.result_kind IN ('numeric', 'censored') AND u.unit_error IS NOT NULL THEN 'unit'
-       END AS q_column,
-       CASE
-         WHEN b.patient_id IS NULL THEN 'patient id is missing'
-         WHEN NULLIF(trim(b.collected_raw), '') IS NULL THEN 'collection time is missing'
-         WHEN b.collected_at IS NULL THEN 'cannot read collection time ''' || b.collected_raw || ''''
-         WHEN b.analyte_code IS NULL THEN 'neither a LOINC code nor a test name'
-         WHEN u.bad_loinc THEN 'LOINC code ''' || b.loinc || ''' fails its check digit'
-         WHEN b.result_kind IN ('numeric', 'censored') AND u.unit_error IS NOT NULL THEN u.unit_error
-       END AS q_reason
-FROM ({parsed}) b
-LEFT JOIN unit_map u ON u.analyte_code IS NOT DISTINCT FROM b.analyte_code AND u.unit IS NOT DISTINCT FROM b.unit
-LEFT JOIN analytes a ON a.code = b.analyte_code
-"""
-
-_PARSED_SQL = """
-SELECT source_row,
+SELECT s.source_row,
        {patient_id} AS patient_id,
-       collected_at AS collected_raw,
        {ts} AS collected_at,
        {rts} AS reported_at,
        {specimen_id} AS specimen_id,
-       {analyte_code} AS analyte_code,
-       {loinc} AS loinc,
-       NULLIF(trim(test_name), '') AS analyte_name,
-       value AS value_text,
-       value_kind AS result_kind,
-       value_comparator AS comparator,
-       value_number AS value_num,
-       unit,
+       k.analyte_code,
+       NULLIF(trim(s.loinc), '') AS loinc,
+       NULLIF(trim(s.test_name), '') AS analyte_name,
+       s.value AS value_text,
+       s.value_kind AS result_kind,
+       s.value_comparator AS comparator,
+       s.value_number AS value_num,
+       s.unit,
        {ref_low} AS ref_low,
        {ref_high} AS ref_high,
-       NULLIF(trim(flag), '') AS flag,
-       comment
-FROM ({values})
+       NULLIF(trim(s.flag), '') AS flag,
+       s.comment,
+       k.factor, k.unit_canonical, k.unit_missing,
+       a.plausible_low, a.plausible_high,
+       CASE
+         WHEN {patient_id} IS NULL THEN 'patient_id'
+         WHEN {ts} IS NULL THEN 'collected_at'
+         WHEN k.analyte_code IS NULL THEN 'loinc'
+         WHEN k.bad_loinc THEN 'loinc'
+         WHEN s.value_kind IN ('numeric', 'censored') AND k.unit_error IS NOT NULL THEN 'unit'
+       END AS q_column,
+       CASE
+         WHEN {patient_id} IS NULL THEN 'patient id is missing'
+         WHEN NULLIF(trim(s.collected_at), '') IS NULL THEN 'collection time is missing'
+         WHEN {ts} IS NULL THEN 'cannot read collection time ''' || s.collected_at || ''''
+         WHEN k.analyte_code IS NULL THEN 'neither a LOINC code nor a test name'
+         WHEN k.bad_loinc THEN 'LOINC code ''' || trim(s.loinc) || ''' fails its check digit'
+         WHEN s.value_kind IN ('numeric', 'censored') AND k.unit_error IS NOT NULL THEN k.unit_error
+       END AS q_reason
+FROM ({values}) s
+LEFT JOIN key_map k ON k.loinc IS NOT DISTINCT FROM s.loinc AND k.local_code IS NOT DISTINCT FROM s.local_code
+     AND k.test_name IS NOT DISTINCT FROM s.test_name AND k.unit IS NOT DISTINCT FROM s.unit
+LEFT JOIN analytes a ON a.code = k.analyte_code
+{order_by}
 """
 
 
@@ -292,39 +317,43 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     """Move ``stg`` into ``lab_results`` / ``quarantine`` / ``patients``; return the counts.
 
     Must run inside the caller's transaction; raises :class:`ImportFileError` for a file
-    whose dates cannot be read without a choice from the user.
+    whose dates or decimal mark cannot be read without a choice from the user.
     """
-    date_order = staged.date_order
-    if date_order is None:
-        date_order = detect_date_order(cur, "stg", "collected_at", file_label)
-    elif date_order == "iso":
-        date_order = None
+    iso_only = staged.date_order == "iso"
+    decimal, date_order = staged.decimal, (None if iso_only else staged.date_order)
+    if decimal is None or (date_order is None and not iso_only):
+        decimal, date_order = _file_profile(
+            cur, file_label, decimal, date_order, detect_dates=not iso_only, delimiter=staged.options.get("delimiter")
+        )
+    staged.decimal = decimal
     staged.options["date_order"] = date_order
-    staged.options["decimal"] = staged.decimal
+    staged.options["decimal"] = decimal
 
-    # 1. units and LOINC check digits: decided once per distinct (code, unit), in Python
-    _register_table(cur, "unit_map", _unit_map(cur))
-
-    # 2. one pass: parse every row and decide its quarantine
-    parsed = _PARSED_SQL.format(
-        patient_id=_blank_to_null("patient_id"),
-        ts=timestamp_sql("collected_at", date_order),
-        rts=timestamp_sql("reported_at", date_order),
-        specimen_id=_blank_to_null("specimen_id"),
-        analyte_code=_analyte_code_sql(),
-        loinc=_blank_to_null("loinc"),
-        ref_low=plain_number_sql("ref_low", staged.decimal),
-        ref_high=plain_number_sql("ref_high", staged.decimal),
-        values=value_select_sql("stg", "value", staged.decimal),
-    )
-    cur.execute(_P_SQL.format(parsed=parsed))
+    # 1. analyte codes, units and LOINC check digits: decided once per distinct key
+    _register_table(cur, "key_map", _key_map(cur))
+    # 2. one pass: parse every row and decide its quarantine; sort by patient unless the
+    #    file already keeps each patient's rows together (checked cheaply by aggregation)
+    grouped = cur.execute(
+        "SELECT COALESCE(bool_and(mx - mn + 1 = n), true) FROM "
+        "(SELECT min(source_row) AS mn, max(source_row) AS mx, count(*) AS n FROM stg GROUP BY patient_id)"
+    ).fetchone()[0]
+    cur.execute(_P_SQL.format(
+        order_by="" if grouped else "ORDER BY patient_id",
+        patient_id=_blank_to_null("s.patient_id"),
+        ts=timestamp_sql("s.collected_at", date_order),
+        rts=timestamp_sql("s.reported_at", date_order),
+        specimen_id=_blank_to_null("s.specimen_id"),
+        ref_low=plain_number_sql("s.ref_low", decimal),
+        ref_high=plain_number_sql("s.ref_high", decimal),
+        values=value_select_sql("stg", "value", decimal),
+    ))
     has_existing = cur.execute("SELECT EXISTS (SELECT 1 FROM lab_results)").fetchone()[0]
 
     # 3. exact duplicates and conflicts: only keys that occur more than once can hold one
     #    (found by a hash of the key; the full key is compared afterwards)
     cur.execute(
-        "CREATE OR REPLACE TEMP TABLE multi_hash AS "
-        "SELECT key_hash FROM p WHERE q_reason IS NULL GROUP BY key_hash HAVING count(*) > 1"
+        "CREATE OR REPLACE TEMP TABLE multi_hash AS SELECT hash(patient_id, analyte_code, collected_at) AS key_hash "
+        "FROM p WHERE q_reason IS NULL GROUP BY key_hash HAVING count(*) > 1"
     )
     existing_keys = (
         """UNION
@@ -339,7 +368,7 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
         f"""
         CREATE OR REPLACE TEMP TABLE multi AS
         SELECT DISTINCT p.patient_id, p.analyte_code, p.collected_at FROM p
-        SEMI JOIN multi_hash h ON h.key_hash = p.key_hash
+        SEMI JOIN multi_hash h ON h.key_hash = hash(p.patient_id, p.analyte_code, p.collected_at)
         WHERE p.q_reason IS NULL
         {existing_keys}
         """
@@ -414,7 +443,6 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
              AND k.collected_at = p.collected_at
         ANTI JOIN dup d ON d.source_row = p.source_row
         WHERE p.q_reason IS NULL
-        ORDER BY p.patient_id
         """
     )
     cur.execute(
@@ -481,7 +509,7 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     )
     if s.rows_loaded + s.rows_quarantined + s.rows_skipped != s.rows_read:
         raise RuntimeError(f"internal accounting error for {file_label}: {s.to_dict()}")
-    for t in ("p", "multi_hash", "multi", "dup", "conflict_keys", "unit_map"):
+    for t in ("p", "multi_hash", "multi", "dup", "conflict_keys", "key_map"):
         cur.execute(f"DROP TABLE IF EXISTS {t}")
     return s
 
