@@ -72,16 +72,23 @@ def timeline(
     ``analytes`` filters by analyte code (LOINC or local code); ``start``/``end`` bound
     ``collected_at`` (inclusive).
     """
-    sql = f"""
-        SELECT {', '.join(TIMELINE_COLUMNS)} FROM lab_results
-        WHERE patient_id = ?
-          AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], analyte_code))
-          AND (?::TIMESTAMP IS NULL OR collected_at >= ?::TIMESTAMP)
-          AND (?::TIMESTAMP IS NULL OR collected_at <= ?::TIMESTAMP)
-        ORDER BY collected_at, analyte_code, result_id
-    """
+    where, params = ["patient_id = ?"], [patient_id]
+    if analytes is not None:
+        where.append("list_contains(?::VARCHAR[], analyte_code)")
+        params.append(list(analytes))
+    if start is not None:
+        where.append("collected_at >= ?::TIMESTAMP")
+        params.append(start)
+    if end is not None:
+        where.append("collected_at <= ?::TIMESTAMP")
+        params.append(end)
+    sql = (
+        f"SELECT {', '.join(TIMELINE_COLUMNS)} FROM lab_results WHERE {' AND '.join(where)} "
+        "ORDER BY collected_at, analyte_code, result_id"
+    )
     with store.read() as cur:
-        return cur.execute(sql, [patient_id, analytes, analytes, start, start, end, end]).df()
+        # numpy arrays -> DataFrame is the cheapest conversion for a few hundred rows
+        return pd.DataFrame(cur.execute(sql, params).fetchnumpy(), columns=TIMELINE_COLUMNS)
 
 
 def top_analytes(store: Store, n: int = 20, numeric_only: bool = True) -> pd.DataFrame:
