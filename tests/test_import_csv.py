@@ -169,3 +169,28 @@ def test_killed_import_leaves_no_partial_batch(tmp_path):
         assert (n_batches, n_rows) == (1, 1_500_000)
     else:
         assert (n_batches, n_rows) == (0, 0)
+
+
+def test_decimal_comma_in_comma_separated_file_asks(store, tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text(HEADER + 'A,2024-01-01,2823-3,K,"4,1",mmol/L\n', encoding="utf-8")
+    with pytest.raises(ImportFileError, match="choose the decimal mark"):
+        run_import(store, p)
+    from data.importers import ImportOptions
+
+    s = run_import(store, p, options=ImportOptions(decimal=","))
+    assert queries.timeline(store, "A")["value_num"].tolist() == [4.1]
+    assert s.rows_loaded == 1
+
+
+def test_utc_offsets_converted_and_unsorted_file_grouped(store, tmp_path):
+    p = tmp_path / "tz.csv"
+    p.write_text(HEADER + "B,2024-01-01T10:00:00+02:00,2823-3,K,4.1,mmol/L\n"
+                 "A,2024-01-01T08:00:00Z,2823-3,K,4.2,mmol/L\n"
+                 "B,2024-01-02 09:30,2823-3,K,4.3,mmol/L\n", encoding="utf-8")
+    run_import(store, p)
+    b = queries.timeline(store, "B")
+    assert b["collected_at"].dt.strftime("%Y-%m-%d %H:%M").tolist() == ["2024-01-01 08:00", "2024-01-02 09:30"]
+    with store.read() as cur:
+        order = [r[0] for r in cur.execute("SELECT patient_id FROM lab_results").fetchall()]
+    assert order == sorted(order)  # stored grouped by patient
