@@ -1,0 +1,400 @@
+"""Training: sample construction, curriculum, modes, forgetting, early stopping, train.py and DDP (tiny, CPU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import train
+from model.features import N_SPECIAL, AnalyteScaler, AnalyteVocab, encode_queries
+from model.inference import ForecastPipeline
+from model.modeling import LabTrendForForecasting
+from model.synthetic import DEFAULT_ANALYTES, generate_cohort, to_canonical_csv
+from model.training import (
+    CurriculumSampler,
+    ExampleBuilder,
+    TrainSettings,
+    extend_vocabulary,
+    finetune,
+    load_pretraining_checkpoint,
+    pretrain,
+    resize_analyte_embeddings,
+    save_pretraining_checkpoint,
+    split_patients,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS_ANALYTES = DEFAULT_ANALYTES[:12]  # the site has 7 more: the vocabulary must grow
+MONITORED = ("pinball", "mae", "coverage80", "nmae")
+
+
+def fast(**overrides) -> TrainSettings:
+    """Settings for a few-second run: small batches, few eval rows, replay and L2-SP on."""
+    base = dict(steps=5, eval_every=5, batch_size=8, eval_rows=24, final_eval_rows=300, forgetting_rows=24,
+                conformal_min_points=10, replay=0.25, l2sp=1e-3, warmup_steps=2)
+    return TrainSettings(**{**base, **overrides})
+
+
+def quiet():
+    from model.training import Runtime
+
+    return Runtime(progress_bar=False)
+
+
+def hash_dir(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def initial_state(init_dir: Path, site: pd.DataFrame) -> dict[str, torch.Tensor]:
+    """The weights fine-tuning starts from: the checkpoint with the analyte table grown for the site."""
+    model, vocab, _, _ = load_pretraining_checkpoint(init_dir)
+    extended, _ = extend_vocabulary(vocab, site["analyte_code"].unique())
+    resize_analyte_embeddings(model, len(extended))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus() -> pd.DataFrame:
+    return generate_cohort(20, seed=1, analytes=CORPUS_ANALYTES)[0]
+
+
+@pytest.fixture(scope="module")
+def site() -> pd.DataFrame:
+    h = generate_cohort(14, seed=2)[0]
+    return h.assign(patient_id=h["patient_id"].str.replace("synthetic:", "site-", regex=False))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, corpus) -> Path:
+    model, vocab, scaler = pretrain(corpus, "tiny", settings=fast(steps=6, eval_every=3), runtime=quiet())
+    path = tmp_path_factory.mktemp("pretrained")
+    save_pretraining_checkpoint(path, model, vocab, scaler, model.training_report)
+    return path
+
+
+# --- examples, split, curriculum --------------------------------------------------------------
+
+
+def test_builder_rows_equal_the_inference_encoding(site):
+    """Training and validation rows are cut exactly as ForecastPipeline encodes a query (FC-12)."""
+    h = site[site["patient_id"].isin(sorted(site["patient_id"].unique())[:4])]
+    vocab, scaler = AnalyteVocab.fit(h), AnalyteScaler.fit(h)
+    b = ExampleBuilder(h, vocab, scaler, max_events=64, max_queries=8)
+    rows = b.eval_rows(np.arange(len(b.g_start)), min_prior=2)
+    idx = np.concatenate([r.query_index for r in rows])
+    queries = pd.DataFrame({"patient_id": b.patient_ids[b.pid[idx]], "analyte_code": b.codes[idx],
+                            "at": b.t[idx].astype("datetime64[us]"), "value": b.value[idx]})
+    enc = encode_queries(h, queries, vocab, scaler, max_events=64, max_queries=8, min_history=2)
+    assert (enc.status == "ok").all()
+    where = {qi: (r, j) for r in enc.rows for j, qi in enumerate(r.query_index)}
+    pos = 0
+    for r in rows:
+        for j in range(len(r.query_index)):
+            e, k = where[pos]
+            pos += 1
+            np.testing.assert_array_equal(e.event_analyte, r.event_analyte)
+            np.testing.assert_allclose(e.event_value, r.event_value)
+            np.testing.assert_allclose(e.event_time, r.event_time, rtol=1e-6)
+            assert e.query_analyte[k] == r.query_analyte[j]
+            assert e.query_horizon[k] == pytest.approx(r.query_horizon[j])
+            assert e.query_anchor_value[k] == pytest.approx(r.query_anchor_value[j])
+            assert e.target_value[k] == pytest.approx(r.target_value[j])
+            assert e.patient_age == pytest.approx(r.patient_age)
+    assert pos > 100
+    # history strictly before the target, anchor = previous result of the same analyte
+    r = rows[-1]
+    assert (r.event_time > 0).all() and (r.query_horizon > 0).all()
+
+
+def test_split_is_patient_grouped_sized_by_patients_and_stratified(site):
+    train_ids, val_ids = split_patients(site, 0.25, seed=3, min_val_patients=2)
+    assert not set(train_ids) & set(val_ids)
+    assert set(train_ids) | set(val_ids) == set(site["patient_id"])
+    assert len(val_ids) == round(0.25 * site["patient_id"].nunique())
+    counts = site.groupby("patient_id").size().sort_values()
+    ranks = counts.rank(method="first").loc[val_ids]  # one patient per block of similar counts
+    assert ranks.min() <= len(counts) / 3 and ranks.max() > 2 * len(counts) / 3
+    assert split_patients(site, 0.25, seed=3, min_val_patients=2) == (train_ids, val_ids)
+
+
+def test_curriculum_draws_short_horizons_and_dense_histories_first(site):
+    vocab, scaler = AnalyteVocab.fit(site), AnalyteScaler.fit(site)
+    b = ExampleBuilder(site, vocab, scaler, max_events=64, max_queries=8)
+    groups = np.flatnonzero(b.target_counts(1) > 0)
+    horizon, events = b.group_stats(groups)
+    sampler = CurriculumSampler(groups, horizon, events, fraction=0.3, strength=3.0)
+    rng = np.random.default_rng(0)
+    early = b.group_stats(sampler.sample(rng, 4000, progress=0.0))
+    late = b.group_stats(sampler.sample(rng, 4000, progress=0.5))  # past the curriculum: uniform
+    assert sampler.beta(0.0) == 3.0 and sampler.beta(0.15) == pytest.approx(1.5) and sampler.beta(0.5) == 0.0
+    assert np.log1p(early[0]).mean() < np.log1p(late[0]).mean() - 0.1
+    assert early[1].mean() > late[1].mean()
+    assert np.log1p(late[0]).mean() == pytest.approx(np.log1p(horizon).mean(), abs=0.1)
+
+
+def test_vocabulary_grows_without_moving_pretrained_ids(pretrained, site):
+    model, vocab, _, _ = load_pretraining_checkpoint(pretrained)
+    before = model.model.embeddings.analyte.weight.detach().clone()
+    extended, added = extend_vocabulary(vocab, site["analyte_code"].unique())
+    assert added and set(added).isdisjoint(vocab.codes)
+    assert extended.codes[: len(vocab.codes)] == vocab.codes
+    resize_analyte_embeddings(model, len(extended))
+    after = model.model.embeddings.analyte.weight.detach()
+    assert model.config.n_analytes == len(extended) == after.shape[0]
+    torch.testing.assert_close(after[: len(vocab)], before)
+    torch.testing.assert_close(after[len(vocab) :], before[N_SPECIAL:].mean(0).expand(len(added), -1))
+
+
+# --- fine-tuning modes ------------------------------------------------------------------------
+
+
+def test_full_finetune_changes_every_weight_and_leaves_the_checkpoint_untouched(pretrained, site, corpus):
+    files = hash_dir(pretrained)
+    start = initial_state(pretrained, site)
+    pipe = finetune(pretrained, site, "full", settings=fast(), runtime=quiet(), corpus_history=corpus)
+    report = pipe.training_report
+    assert report["frozen_parameters"] == [] and report["n_trainable"] == report["n_parameters"]
+    final = pipe.model.state_dict()
+    assert set(final) == set(start)
+    unchanged = [n for n in start if torch.equal(start[n], final[n])]
+    assert unchanged == [], f"parameters a full fine-tune did not move: {unchanged}"
+    assert hash_dir(pretrained) == files  # the pretrained checkpoint is byte-identical on disk
+    assert report["vocabulary"]["added"] and pipe.conformal is not None
+    some = site[site["patient_id"] == report["patients"]["validation"][0]]
+    queries = some.groupby("analyte_code").tail(1)[["patient_id", "analyte_code", "collected_at"]]
+    out = pipe.forecast(some, queries.rename(columns={"collected_at": "at"}))
+    ok = out["status"] == "ok"
+    assert ok.any() and np.isfinite(out.loc[ok, ["q05", "q50", "q95"]].to_numpy()).all()
+
+
+def test_embeddings_mode_trains_only_embeddings_and_head(pretrained, site, corpus):
+    start = initial_state(pretrained, site)
+    pipe = finetune(pretrained, site, "embeddings", settings=fast(), runtime=quiet(), corpus_history=corpus)
+    report = pipe.training_report
+    trained = set(report["trainable_parameters"])
+    assert trained == {n for n in start if n.startswith(("model.embeddings.", "quantile_head."))}
+    assert "model.embeddings.analyte.weight" in trained and "quantile_head.weight" in trained
+    final = pipe.model.state_dict()
+    for name in report["frozen_parameters"]:
+        assert torch.equal(start[name], final[name]), f"frozen {name} moved"
+    assert any(n.startswith("model.encoder_layers.") for n in report["frozen_parameters"])
+    assert not torch.equal(start["quantile_head.weight"], final["quantile_head.weight"])
+
+
+@pytest.mark.parametrize("mode", ["lora", "scratch"])
+def test_lora_and_scratch_train_save_and_load(pretrained, site, corpus, mode, tmp_path):
+    pipe = finetune(None if mode == "scratch" else pretrained, site, mode, settings=fast(steps=3),
+                    runtime=quiet(), config="tiny", corpus_history=corpus)
+    report = pipe.training_report
+    if mode == "lora":
+        assert any(".lora_A." in n for n in report["trainable_parameters"])
+        assert "quantile_head.weight" in report["trainable_parameters"]
+        assert not any("lora" in k for k in pipe.model.state_dict())  # adapters merged
+        assert "before" in report["forgetting"]
+    else:
+        assert report["frozen_parameters"] == [] and "skipped" in report["forgetting"]
+        assert set(report["vocabulary"]["added"]) == set(site["analyte_code"])
+    pipe.save_pretrained(tmp_path)
+    loaded = ForecastPipeline.from_pretrained(tmp_path)
+    assert loaded.model_version == pipe.model_version
+    some = site[site["patient_id"] == report["patients"]["validation"][0]]
+    queries = some.groupby("analyte_code").tail(1)[["patient_id", "analyte_code", "collected_at"]]
+    queries = queries.rename(columns={"collected_at": "at"})
+    pd.testing.assert_frame_equal(pipe.forecast(some, queries), loaded.forecast(some, queries))
+
+
+def test_gradient_checkpointing_gives_the_same_training_step(pretrained, site):
+    """Activation checkpointing (default on CUDA) recomputes activations; the weights it produces are the same."""
+    from model.training import Runtime
+
+    states = []
+    for checkpointing in (False, True):
+        pipe = finetune(pretrained, site, "full", settings=fast(steps=2, eval_every=2, replay=0.0),
+                        runtime=Runtime(progress_bar=False, gradient_checkpointing=checkpointing))
+        assert pipe.model.model.gradient_checkpointing is checkpointing
+        states.append(pipe.model.state_dict())
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_early_stopping_triggers_on_a_plateau(pretrained, site):
+    """With lr = 0 the validation pinball never improves after the first eval: stop after `patience` more."""
+    pipe = finetune(pretrained, site, "full", settings=fast(steps=50, eval_every=1, patience=2, lr=0.0, replay=0.0),
+                    runtime=quiet())
+    report = pipe.training_report
+    assert report["stop_reason"] == "early_stopping"
+    assert report["steps"] == 3 and report["best_step"] == 1
+
+
+def test_time_budget_is_respected_and_the_best_checkpoint_kept(pretrained, site):
+    """A 6-second budget with 100 000 steps: the schedule shrinks to fit, the run ends in time, the best eval wins."""
+    from model.training import Runtime
+
+    lines: list[dict] = []
+    start = time.monotonic()
+    pipe = finetune(pretrained, site, "full", runtime=Runtime(progress_bar=False, log=lines.append),
+                    settings=fast(steps=100_000, eval_every=5, timing_steps=2, max_minutes=0.1, patience=1000,
+                                  replay=0.0))
+    elapsed = time.monotonic() - start
+    report = pipe.training_report
+    assert report["steps"] < 100_000
+    # the schedule shrank to what fits (or, on a starved machine, the deadline came first)
+    assert report["planned_steps"] < 100_000 or report["stop_reason"] == "time"
+    assert elapsed < 0.1 * 60 + 6  # slack for shared CI machines
+    val = {x["step"]: x["metrics"]["pinball"] for x in lines if x["split"] == "val" and x["step"] > 0}
+    assert report["best_step"] in val
+    assert report["val_best_eval"]["pinball"] <= min(val.values()) + TrainSettings().min_delta
+
+
+# --- train.py -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site_store(tmp_path_factory, site) -> Path:
+    from data.db import open_store
+    from data.importers import run_import
+
+    folder = tmp_path_factory.mktemp("store")
+    csv = to_canonical_csv(generate_cohort(14, seed=2)[0], folder / "site.csv")
+    db = folder / "site.duckdb"
+    summary = run_import(open_store(db), csv)
+    assert summary.rows_loaded > 1000
+    return db
+
+
+CORPUS_FLAGS = ["--corpus-sources", "none", "--synthetic-patients", "16", "--config", "tiny", "--no-progress",
+                "--device", "cpu", "--batch-size", "8", "--eval-rows", "24", "--final-eval-rows", "300",
+                "--forgetting-rows", "24", "--conformal-min-points", "10", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def cli_pretrained(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "pretrained"
+    assert train.main(["--stage", "pretrain", "--init", str(path), "--steps", "4", "--eval-every", "2", *CORPUS_FLAGS]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, site_store, cli_pretrained):
+    """``train.py --config tiny --steps 5`` with three patients excluded; every ExampleBuilder is recorded."""
+    from data.db import open_store
+    from data.queries import patients
+
+    folder = tmp_path_factory.mktemp("run")
+    excluded = patients(open_store(site_store))["patient_id"].tolist()[:3]
+    (folder / "exclude.txt").write_text("# held-out test patients\n" + "\n".join(excluded) + "\n\n")
+    seen: list[set] = []
+    original = ExampleBuilder.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(set(self.patient_ids.tolist()))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ExampleBuilder, "__init__", recording)
+        rc = train.main(["--db", str(site_store), "--init", str(cli_pretrained), "--out", str(folder / "model"),
+                         "--exclude-patients", str(folder / "exclude.txt"), "--steps", "5", "--eval-every", "2",
+                         *CORPUS_FLAGS])
+    return rc, folder / "model", excluded, seen
+
+
+def test_cli_end_to_end_writes_a_loadable_pipeline_and_logs(cli_run, site_store):
+    rc, out, _, _ = cli_run
+    assert rc == 0
+    for name in ("config.json", "model.safetensors", "vocab.json", "scaler.json", "calibration.json",
+                 "model_version", "metrics.jsonl", "run.json", "patients.json"):
+        assert (out / name).is_file(), name
+    assert not out.with_name(out.name + ".partial").exists()
+    run = json.loads((out / "run.json").read_text())
+    pipe = ForecastPipeline.from_pretrained(out)
+    assert run["model_version"] == pipe.model_version == (out / "model_version").read_text().strip()
+    assert run["report"]["steps"] == 5 and run["wall_seconds"] > 0 and run["world_size"] == 1
+
+
+def test_excluded_patients_never_reach_training_or_validation(cli_run):
+    rc, out, excluded, seen = cli_run
+    assert rc == 0 and len(excluded) == 3
+    recorded = json.loads((out / "patients.json").read_text())
+    assert recorded["excluded_count"] == 3
+    assert not set(excluded) & (set(recorded["train"]) | set(recorded["validation"]))
+    assert seen and all(not set(excluded) & ids for ids in seen)  # no sample builder ever held them
+    assert any(set(recorded["validation"]) <= ids for ids in seen)
+
+
+def test_metrics_log_has_monitored_metrics_and_forgetting(cli_run):
+    _, out, _, _ = cli_run
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(set(x) == {"step", "split", "metrics", "lr", "elapsed"} for x in lines)
+    val = [x for x in lines if x["split"] == "val"]
+    assert [x["step"] for x in val] == [0, 2, 4, 5]
+    assert all(set(MONITORED) <= set(x["metrics"]) for x in val)
+    train_lines = [x for x in lines if x["split"] == "train"]
+    assert {"loss", "l2sp", "mean_horizon_days", "curriculum_beta", "replay_rows"} <= set(train_lines[0]["metrics"])
+    assert train_lines[0]["metrics"]["curriculum_beta"] > train_lines[-1]["metrics"]["curriculum_beta"]
+    forgetting = [x for x in lines if x["split"] == "pretrain_val"]
+    assert [x["step"] for x in forgetting] == [0, 5]
+    report = json.loads((out / "run.json").read_text())["report"]
+    assert set(MONITORED) <= set(report["forgetting"]["before"]) and "pinball_increase" in report["forgetting"]
+    assert set(MONITORED) <= set(report["val"]) and "crossfit_coverage" in report["calibration"]
+
+
+def test_cli_rejects_unusable_inputs(tmp_path, site_store, cli_pretrained, capsys):
+    assert train.main(["--db", str(tmp_path / "none.duckdb"), "--init", str(cli_pretrained), *CORPUS_FLAGS]) == 2
+    assert "no lab store" in capsys.readouterr().err
+    assert train.main(["--db", str(site_store), "--init", str(cli_pretrained), "--exclude-patients",
+                       str(tmp_path / "missing.txt"), *CORPUS_FLAGS]) == 2
+    assert train.main(["--db", str(site_store), "--init", str(tmp_path / "empty"), *CORPUS_FLAGS]) == 2
+    assert "not a pretraining checkpoint" in capsys.readouterr().err
+    assert train.main(["--db", str(site_store), "--init", str(cli_pretrained), "--out", str(cli_pretrained),
+                       *CORPUS_FLAGS]) == 2
+
+
+def test_parser_defaults_are_the_training_defaults():
+    """train.py shows every TrainSettings field as a flag, with the same default."""
+    args = train.build_parser().parse_args([])
+    defaults = TrainSettings()
+    settings = train.train_settings(args, max_minutes=None)
+    for field in defaults.__dataclass_fields__:
+        assert getattr(settings, field) == getattr(defaults, field), field
+    help_text = train.build_parser().format_help()
+    assert "(default: 0.001)" in help_text and "--exclude-patients" in help_text
+
+
+def test_labtrend_cli_registers_train():
+    from labtrend import cli
+
+    add, cmd, _ = cli.COMMANDS["train"]
+    args = cli.build_parser().parse_args(["train", "--mode", "embeddings", "--steps", "7"])
+    assert args.mode == "embeddings" and args.steps == 7 and args.l2sp == TrainSettings().l2sp
+
+
+def test_two_process_ddp_on_cpu_with_gloo(tmp_path, site_store, cli_pretrained):
+    """``torchrun --nproc_per_node=2 train.py`` runs unchanged: two gloo ranks, rank 0 writes once."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--db", str(site_store), "--init", str(cli_pretrained), "--out", str(out), "--steps", "4",
+           "--eval-every", "2", *CORPUS_FLAGS]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - start < 60
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["report"]["steps"] == 4
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "val"] == [0, 2, 4]  # one writer
+    assert proc.stdout.count('"stage": "finetune"') == 1
+    ForecastPipeline.from_pretrained(out)

@@ -1,0 +1,496 @@
+"""Train LabTrend's forecaster: pretrain on the open lab corpus, then fully fine-tune on the site.
+
+    python train.py                                   # fine-tune var/model (pretrains var/pretrained once if missing)
+    python train.py --stage pretrain --config small   # (re)build the cached pretrained checkpoint
+    python train.py --mode embeddings --out var/model-emb --exclude-patients test_ids.txt
+    torchrun --standalone --nproc_per_node=2 train.py --config tiny --steps 50
+    accelerate launch --multi_gpu --num_processes 2 train.py ...   # same env as torchrun
+    labtrend train ...                                # the same flags
+
+DDP is detected from ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK``, as set by torchrun and by
+``accelerate launch`` (``--cpu`` gives one process: accelerate runs several CPU processes only
+through MPI, whose variables this script does not read).
+
+This script owns what touches the outside world (nanoGPT's split): device, dtype and seeds,
+DDP, reading the store and the corpus, checkpoints and logs. The training logic is in
+``model/training.py``. It sees frames, plus the one checkpoint directory it fine-tunes from.
+
+Outputs (written by rank 0 into ``<dir>.partial``, then swapped in whole, so a reader never
+loads half a model; a failed run leaves its ``.partial`` folder with the logs):
+
+* pretrain -> ``--init`` (default ``$LABTREND_PRETRAINED`` or ``var/pretrained``):
+  ``config.json``, ``model.safetensors``, ``vocab.json``, ``scaler.json``,
+  ``pretraining.json`` (held-out corpus patients, metrics) and ``metrics.jsonl``.
+* finetune -> ``--out`` (default ``$LABTREND_MODEL`` or ``var/model``): the ForecastPipeline
+  (``config.json``, ``model.safetensors``, ``vocab.json``, ``scaler.json``,
+  ``calibration.json``, ``model_version``), plus ``metrics.jsonl`` (one JSON line per eval:
+  step, split, metrics, lr, elapsed), ``run.json`` (settings, device, wall time, final
+  metrics, forgetting, trained parameters) and ``patients.json`` (training and validation
+  ids, and the count and hash of the excluded ones).
+
+Exit status: 0 success, 2 an input that cannot be used (the message names it), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from labtrend import settings as paths
+
+EXIT_BAD_INPUT = 2
+# Wall-clock budget per stage on CPU when --max-minutes is not given. Together they keep the
+# first run of a fresh CPU machine (pretraining included) at about 10 minutes.
+CPU_MINUTES = {"pretrain": 5.5, "finetune": 4.5}
+SAVE_MARGIN_S = 5.0  # kept out of the training budget for writing the checkpoint
+CORPUS_SOURCES = "physionet2012,eicu,nhanes"
+
+
+class UsageError(Exception):
+    """An input that cannot be used; reported with exit status 2."""
+
+
+# =============================================================================================
+# Settings: every flag with its default and why
+# =============================================================================================
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)'; a None default is explained in the flag's own help instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """All settings of a training run. ``labtrend train`` uses this same list."""
+    p.formatter_class = HelpFormatter  # every default shows in --help
+    g = p.add_argument_group("what to train")
+    g.add_argument("--stage", choices=["pretrain", "finetune", "all"], default="finetune",
+                   help="finetune: the site model (pretrains once if the cache is missing); all: pretrain again first")
+    g.add_argument("--mode", choices=["full", "embeddings", "lora", "scratch"], default="full",
+                   help="full fine-tuning is the product's design; the others are for comparison")
+    g.add_argument("--config", choices=["tiny", "small", "base"], default=None,
+                   help="network size for pretrain/scratch (default small: trains in minutes on 2 CPU cores); "
+                        "fine-tuning takes the checkpoint's size")
+    g.add_argument("--db", help="the site's lab store (default: $LABTREND_DB, else var/labtrend.duckdb)")
+    g.add_argument("--out", help="output directory (finetune default: $LABTREND_MODEL or var/model; "
+                                 "pretrain default: the --init location)")
+    g.add_argument("--init", help="pretrained checkpoint (default: $LABTREND_PRETRAINED or var/pretrained, "
+                                  "built once by --stage pretrain when missing)")
+    g.add_argument("--exclude-patients", metavar="FILE",
+                   help="patient ids (one per line) never used in training or validation, e.g. a test set")
+
+    g = p.add_argument_group("hardware and budget")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when available (under DDP: cuda:LOCAL_RANK)")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help=f"wall-clock budget per stage, data loading included (default on CPU: {CPU_MINUTES}; "
+                        "on CUDA none); the best checkpoint is kept")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward to save memory (default: on for CUDA, off on CPU)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=2000, help="most optimizer steps; on CPU the budget ends runs first")
+    g.add_argument("--batch-size", type=int, default=32, help="rows per step per process (a row: one patient-time)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 3e-4 full, 1e-3 embeddings/lora/scratch/pretrain)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay on weight matrices")
+    g.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up (at most 10%% of the run), then cosine")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at this fraction of the peak lr")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm")
+    g.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch (sampler of rank r: seed + r)")
+
+    g = p.add_argument_group("validation and stopping")
+    g.add_argument("--val-fraction", type=float, default=0.2,
+                   help="patients held out (stratified by result count) for validation and conformal calibration")
+    g.add_argument("--min-val-patients", type=int, default=2, help="at least this many validation patients")
+    g.add_argument("--eval-every", type=int, default=25, help="steps between validation evals")
+    g.add_argument("--eval-rows", type=int, default=256, help="validation rows per eval (fixed subset)")
+    g.add_argument("--final-eval-rows", type=int, default=20000, help="cap on rows of the final scoring/calibration")
+    g.add_argument("--patience", type=int, default=6, help="evals without val pinball improvement before stopping")
+    g.add_argument("--min-delta", type=float, default=1e-4, help="smallest val pinball decrease that counts")
+    g.add_argument("--timing-steps", type=int, default=10, help="steps timed before fitting the schedule to the budget")
+    g.add_argument("--conformal-min-points", type=int, default=50,
+                   help="analytes with fewer calibration points use the pooled conformal adjustment")
+
+    g = p.add_argument_group("curriculum")
+    g.add_argument("--curriculum-fraction", type=float, default=0.3,
+                   help="fraction of the run over which short-horizon/dense-history-first sampling anneals to uniform")
+    g.add_argument("--curriculum-strength", type=float, default=3.0,
+                   help="initial beta: the hardest rows are drawn exp(-beta) times as often as the easiest")
+
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--l2sp", type=float, default=1e-3,
+                   help="L2-SP alpha: pull the backbone toward the pretrained weights (0 disables)")
+    g.add_argument("--replay", type=float, default=0.125,
+                   help="fraction of each batch replayed from the pretraining corpus (0 disables)")
+    g.add_argument("--scaler-policy", choices=["site", "pretrained"], default="site",
+                   help="site: refit site analytes' normalisation on site training patients")
+    g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (mode lora)")
+    g.add_argument("--forgetting-rows", type=int, default=256,
+                   help="held-out corpus rows scored before and after fine-tuning (forgetting)")
+
+    g = p.add_argument_group("pretraining corpus")
+    g.add_argument("--corpus-sources", default=CORPUS_SOURCES,
+                   help="open datasets to read ('none' for synthetic only); missing ones are skipped")
+    g.add_argument("--synthetic-patients", type=int, default=1000, help="synthetic patients added to the corpus")
+    g.add_argument("--corpus-max-rows", type=int, default=None,
+                   help="keep whole patients up to this many rows (default: all)")
+    g.add_argument("--masked-row-fraction", type=float, default=0.25,
+                   help="fraction of a pretraining batch that is masked-value-only rows (single-visit data)")
+    g.add_argument("--pretrain-val-fraction", type=float, default=0.05, help="corpus patients held out")
+    g.add_argument("--pretrain-max-val-patients", type=int, default=1000, help="cap on held-out corpus patients")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return p
+
+
+def train_settings(args: argparse.Namespace, max_minutes: float | None):
+    """The :class:`model.training.TrainSettings` of ``args``."""
+    from model.training import TrainSettings
+
+    return TrainSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip,
+        eval_every=args.eval_every, eval_rows=args.eval_rows, final_eval_rows=args.final_eval_rows,
+        patience=args.patience, min_delta=args.min_delta, max_minutes=max_minutes, timing_steps=args.timing_steps,
+        val_fraction=args.val_fraction, min_val_patients=args.min_val_patients,
+        curriculum_fraction=args.curriculum_fraction, curriculum_strength=args.curriculum_strength,
+        scaler_policy=args.scaler_policy, l2sp=args.l2sp, replay=args.replay, lora_rank=args.lora_rank,
+        conformal_min_points=args.conformal_min_points, forgetting_rows=args.forgetting_rows,
+        masked_row_fraction=args.masked_row_fraction, pretrain_val_fraction=args.pretrain_val_fraction,
+        pretrain_max_val_patients=args.pretrain_max_val_patients, seed=args.seed,
+    )
+
+
+# =============================================================================================
+# Device, seeds, DDP
+# =============================================================================================
+
+
+def setup_runtime(args: argparse.Namespace):
+    """Device, precision and (under torchrun / accelerate launch) the process group and DDP hooks."""
+    import torch
+    import torch.distributed as dist
+
+    from model.inference import resolve_device
+    from model.training import Runtime
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if world > 1 else (device.index or 0))
+        torch.cuda.set_device(device)
+    checkpointing = device.type == "cuda" if args.gradient_checkpointing is None else args.gradient_checkpointing
+    runtime = Runtime(
+        device=device, bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=checkpointing, rank=rank, world_size=world, progress_bar=args.progress,
+    )
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":  # share the cores instead of oversubscribing them
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        from torch.nn.parallel import DistributedDataParallel
+
+        def wrap_model(model):
+            return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        def broadcast(obj):
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+
+        def any_rank(flag: bool) -> bool:
+            t = torch.tensor([1.0 if flag else 0.0], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return bool(t.item() > 0)
+
+        runtime.wrap_model, runtime.broadcast, runtime.any_rank = wrap_model, broadcast, any_rank
+    return runtime
+
+
+def _barrier(runtime) -> None:
+    if runtime.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# =============================================================================================
+# Inputs
+# =============================================================================================
+
+
+def read_patient_ids(path: str | None) -> list[str]:
+    """Ids in ``path``, one per line; blank lines and '#' comments are skipped."""
+    if not path:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--exclude-patients {p}: file not found")
+    ids = [line.split("#", 1)[0].strip() for line in p.read_text(encoding="utf-8-sig").splitlines()]
+    return sorted({i for i in ids if i})
+
+
+def load_site(args: argparse.Namespace, exclude: list[str], runtime):
+    """The site's cohort without the excluded patients; ranks read in turn (DuckDB has one writer)."""
+    from data.db import open_store
+    from data.queries import cohort
+
+    db = paths.db_path(args.db)
+    if not db.is_file():
+        raise UsageError(f"no lab store at {db}; import data first (labtrend import PATH --db {db})")
+    frame = None
+    for r in range(runtime.world_size):
+        if r == runtime.rank:
+            frame = cohort(open_store(db), exclude_patients=exclude or None)
+        _barrier(runtime)
+    if frame.empty:
+        raise UsageError(f"the store {db} has no numeric results to train on (after excluding {len(exclude)} patients)")
+    return frame
+
+
+def load_corpus(args: argparse.Namespace):
+    from model.corpus import load_pretraining_corpus
+
+    sources = tuple(s.strip() for s in args.corpus_sources.split(",") if s.strip() and s.strip() != "none")
+    corpus = load_pretraining_corpus(max_rows=args.corpus_max_rows, include_synthetic_patients=args.synthetic_patients,
+                                     seed=args.seed, sources=sources)
+    if corpus.empty:
+        raise UsageError("the pretraining corpus is empty: no dataset found and --synthetic-patients 0")
+    return corpus
+
+
+def is_checkpoint(path: Path) -> bool:
+    return all((path / f).is_file() for f in ("config.json", "model.safetensors", "vocab.json", "scaler.json"))
+
+
+def checkpoint_size(path: Path) -> dict:
+    """The architecture fields of a checkpoint's config.json (to compare with a preset)."""
+    config = json.loads((path / "config.json").read_text())
+    return {k: config.get(k) for k in _architecture_keys()}
+
+
+# =============================================================================================
+# Outputs (rank 0 only)
+# =============================================================================================
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple, Path)):
+        return list(o) if not isinstance(o, Path) else str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def dump_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+
+
+def staging_dir(final: Path) -> Path:
+    """``<final>.partial``, empty."""
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def publish(partial: Path, final: Path) -> None:
+    """Replace ``final`` by the finished ``partial`` directory."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        partial.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        partial.rename(final)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, flushed as written."""
+
+    def __init__(self, path: Path):
+        self.file = path.open("w", encoding="utf-8")
+
+    def __call__(self, record: dict) -> None:
+        self.file.write(json.dumps(record, default=_json_default) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _args_record(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+# =============================================================================================
+# Stages
+# =============================================================================================
+
+
+def budget_minutes(args: argparse.Namespace, stage: str, runtime) -> float | None:
+    if args.max_minutes is not None:
+        return args.max_minutes
+    return CPU_MINUTES[stage] if runtime.device.type == "cpu" else None
+
+
+def _remaining(budget: float | None, started: float) -> float | None:
+    if budget is None:
+        return None
+    return max(budget - (time.monotonic() - started + SAVE_MARGIN_S) / 60.0, 0.05)
+
+
+def run_pretrain(args: argparse.Namespace, out: Path, runtime) -> dict:
+    from model.training import pretrain, save_pretraining_checkpoint
+
+    started = time.monotonic()
+    budget = budget_minutes(args, "pretrain", runtime)
+    corpus = load_corpus(args)
+    corpus_report = corpus.attrs.get("report", {})
+    partial = staging_dir(out) if runtime.is_main else None
+    metrics = MetricsLog(partial / "metrics.jsonl") if runtime.is_main else None
+    runtime.log = metrics
+    try:
+        model, vocab, scaler = pretrain(corpus, args.config or "small",
+                                        settings=train_settings(args, _remaining(budget, started)), runtime=runtime)
+    finally:
+        runtime.log = None
+        if metrics is not None:
+            metrics.close()
+    report = dict(model.training_report, corpus=corpus_report, wall_seconds=round(time.monotonic() - started, 1),
+                  device=str(runtime.device), args=_args_record(args))
+    if runtime.is_main:
+        save_pretraining_checkpoint(partial, model, vocab, scaler, report)
+        publish(partial, out)
+    _barrier(runtime)
+    return {"stage": "pretrain", "out": str(out), "wall_seconds": report["wall_seconds"], "steps": report["steps"],
+            "stop_reason": report["stop_reason"], "val": report["val"], "rows": report["rows"]}
+
+
+def run_finetune(args: argparse.Namespace, init: Path, out: Path, runtime) -> dict:
+    from model.training import finetune
+
+    started = time.monotonic()
+    budget = budget_minutes(args, "finetune", runtime)
+    exclude = read_patient_ids(args.exclude_patients)
+    site = load_site(args, exclude, runtime)
+    corpus = load_corpus(args) if args.mode != "scratch" else None
+    partial = staging_dir(out) if runtime.is_main else None
+    metrics = MetricsLog(partial / "metrics.jsonl") if runtime.is_main else None
+    runtime.log = metrics
+    try:
+        pipeline = finetune(
+            None if args.mode == "scratch" else init, site, args.mode,
+            settings=train_settings(args, _remaining(budget, started)), runtime=runtime,
+            config=args.config or "small", corpus_history=corpus, exclude_patients=exclude,
+        )
+    finally:
+        runtime.log = None
+        if metrics is not None:
+            metrics.close()
+    report = dict(pipeline.training_report)
+    patients = report.pop("patients")
+    wall = round(time.monotonic() - started, 1)
+    if runtime.is_main:
+        pipeline.save_pretrained(partial)
+        dump_json(partial / "patients.json", {
+            "train": patients["train"], "validation": patients["validation"], "excluded_count": len(exclude),
+            "excluded_sha256": hashlib.sha256("\n".join(exclude).encode()).hexdigest() if exclude else None,
+        })
+        dump_json(partial / "run.json", {
+            "stage": "finetune", "mode": args.mode, "init": None if args.mode == "scratch" else str(init),
+            "model_version": pipeline.model_version, "device": str(runtime.device),
+            "world_size": runtime.world_size, "wall_seconds": wall, "args": _args_record(args), "report": report,
+        })
+        publish(partial, out)
+    _barrier(runtime)
+    cal = report.get("calibration", {})
+    return {"stage": "finetune", "mode": args.mode, "out": str(out), "model_version": pipeline.model_version,
+            "wall_seconds": wall, "steps": report["steps"], "best_step": report["best_step"],
+            "stop_reason": report["stop_reason"], "val": report.get("val"),
+            "coverage80_conformal_crossfit": cal.get("crossfit_coverage", {}).get("0.8"),
+            "forgetting": {k: v for k, v in report.get("forgetting", {}).items() if k not in ("before", "after")}}
+
+
+def run(args: argparse.Namespace) -> int:
+    from model.training import seed_everything
+
+    runtime = setup_runtime(args)
+    seed_everything(args.seed)
+    init = Path(args.init) if args.init else paths.pretrained_dir()
+    out_default = init if args.stage == "pretrain" else paths.model_dir()
+    out = Path(args.out) if args.out else out_default
+    summaries = []
+    try:
+        if args.stage != "pretrain" and args.mode != "scratch" and out.resolve() == init.resolve():
+            raise UsageError(f"--out {out} is the pretrained checkpoint; fine-tuning never writes into --init")
+        if args.stage == "pretrain":
+            summaries.append(run_pretrain(args, out, runtime))
+        else:
+            needs_init = args.mode != "scratch"
+            if needs_init and (args.stage == "all" or not is_checkpoint(init)):
+                if args.stage == "finetune" and args.init:
+                    raise UsageError(f"--init {init}: not a pretraining checkpoint (run --stage pretrain --init {init})")
+                if runtime.is_main and args.stage == "finetune":
+                    print(f"train.py: no pretrained checkpoint at {init}; building it once", file=sys.stderr)
+                summaries.append(run_pretrain(args, init, runtime))
+            if needs_init and args.config and checkpoint_size(init) != _preset_size(args.config):
+                raise UsageError(f"--config {args.config} differs from the checkpoint at {init}; pretrain that size "
+                                 f"first (--stage pretrain --config {args.config} --init DIR) and pass --init DIR")
+            summaries.append(run_finetune(args, init, out, runtime))
+    finally:
+        if runtime.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if runtime.is_main:
+        for s in summaries:
+            print(json.dumps(s, default=_json_default), flush=True)
+    return 0
+
+
+def _architecture_keys() -> list[str]:
+    from model.configuration import PRESETS, LabTrendConfig
+
+    return [k for k in PRESETS["small"] if k not in LabTrendConfig.editable_fields() and k != "dropout"]
+
+
+def _preset_size(name: str) -> dict:
+    from model.configuration import PRESETS
+
+    return {k: PRESETS[name][k] for k in _architecture_keys()}
+
+
+def main(argv: Sequence[str] | None = None, *, namespace: argparse.Namespace | None = None) -> int:
+    """Run ``train.py`` with ``argv`` (or an already parsed ``namespace``, as ``labtrend train`` does)."""
+    args = namespace if namespace is not None else build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
