@@ -1,0 +1,1131 @@
+"""Per-result anomalies: which rule fired, on what evidence, from which source.
+
+Input is the timeline frame (:data:`data.queries.TIMELINE_COLUMNS`, one or many patients)
+plus patient demographics (:func:`data.queries.patient_info` dicts or a frame of them).
+Output is one row per anomaly (:data:`ANOMALY_COLUMNS`)::
+
+    result_id, patient_id, analyte_code, analyte_name, collected_at, rule, flag, score,
+    value, unit, evidence (dict), source (citation), text (decision-support wording),
+    model_version (None for rule-based anomalies)
+
+Rules (clinical numbers come from ``data/reference/*.csv``, settings and patterns from
+``clinical/rules/anomaly_rules.yaml``; none is written here):
+
+1. ``reference_interval`` (flag ``L``/``H``): outside the row's own reference interval as
+   reported by the laboratory, else the catalogue's by sex and age. Unknown sex with only
+   sex-specific intervals: the union of both (flag only outside both). Unknown age: the adult
+   interval, said in the evidence. Score: distance outside, in interval widths.
+2. ``critical_value`` (``LL``/``HH``): the critical limits list (site file, default
+   ``critical_values.csv``, Kost 1990). Score as rule 1, in critical-range widths.
+3. ``delta_check`` (``UP``/``DOWN``): change from the previous valid result of the same
+   analyte beyond the reference change value ``RCV = 2^0.5 Z (CVA^2 + CVI^2)^0.5``; for
+   analytes flagged ``skewed`` the log-normal RCV ``exp(+-2^0.5 Z sigma) - 1`` with
+   ``sigma^2 = ln(1 + CVA^2) + ln(1 + CVI^2)`` (asymmetric limits, Fraser, CCLM 2011).
+   Analytes without a CVI/CVA in ``biological_variation.csv`` get no delta check. Score:
+   the change divided by the RCV limit it crossed (signed).
+4. ``model_surprise`` (``ABOVE``/``BELOW``): outside the central interval the forecaster
+   predicted from the history strictly before the result. Score: the result's predictive
+   quantile (linear between the forecast quantiles, clipped to the outermost levels).
+5. ``multivariate_inconsistency`` (``ABOVE``/``BELOW``): outside the interval the
+   pretraining masked-value head predicts for the result from the rest of its specimen and
+   history. Score: predictive quantile, as rule 4.
+6. ``preanalytical:<pattern>`` (``SUSPECT``): named patterns (EDTA contamination, haemolysis,
+   drip arm, haemolysis reported by the laboratory), one row on the pattern's index result
+   with every involved result in ``evidence["result_ids"]``.
+
+What is never scored as a number: text and empty results, implausible values (possible entry
+errors, LAB-10), unit-missing rows (LAB-04), and censored results (LAB-01) - except that a
+censored limit that itself lies beyond a limit is flagged (``'>100'`` above the high limit),
+with the text saying the value is censored. Conflicting results at the same collection time
+(LAB-05) are never compared with each other: a delta check compares with the previous
+*time*, whose value is the one reported last (the cohort rule of ``data.queries.cohort``).
+Values are canonical (``value_canonical``), so mixed source units never fire (LAB-04).
+
+Rules 4 and 5 need a forecaster / masked-value predictor passed in; nothing here reads or
+writes files except the cached reference tables (:func:`load_reference`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from data.catalogue import CATALOGUE_VERSION, load_catalogue, reference_file
+from data.units import UnitError, conversion_factor
+from model import HISTORY_COLUMNS, QUANTILE_COLUMNS, QUANTILES
+
+__all__ = [
+    "ANOMALY_COLUMNS",
+    "RULES",
+    "PATTERN_PREFIX",
+    "ClinicalReference",
+    "MaskedValuePredictor",
+    "load_reference",
+    "default_reference",
+    "rcv_limits",
+    "short_citation",
+    "detect_anomalies",
+    "history_from_timeline",
+    "timeline_from_history",
+    "specimen_keys",
+    "pattern_detections",
+    "evaluate_patterns",
+]
+
+log = logging.getLogger(__name__)
+
+ANOMALY_COLUMNS = [
+    "result_id", "patient_id", "analyte_code", "analyte_name", "collected_at", "rule", "flag", "score",
+    "value", "unit", "evidence", "source", "text", "model_version",
+]
+RULES = ("reference_interval", "critical_value", "delta_check", "model_surprise", "multivariate_inconsistency")
+PATTERN_PREFIX = "preanalytical:"
+_LOWER_COMPARATORS = ("<", "<=")
+_UPPER_COMPARATORS = (">", ">=")
+_DASH = "\u2013"  # en dash in ranges
+_SEP = " \u2014 "  # em dash before the suggestion
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference data (cited files) and rule settings
+# ---------------------------------------------------------------------------------------------
+
+
+def short_citation(source: str) -> str:
+    """A short label for a citation: 'Kost GJ. ... JAMA 1990 ...' -> 'Kost 1990', else its first clause."""
+    s = " ".join(str(source).split())
+    m = re.match(r"([A-Z][A-Za-z'\-]+) [A-Z]{1,3}[.,]", s)
+    year = re.search(r"\b(19|20)\d{2}\b", s)
+    if m and year:
+        return f"{m.group(1)} {year.group(0)}"
+    head = re.split(r"[,;(]", s, maxsplit=1)[0].strip()
+    return head[:60] or s[:60]
+
+
+def _rules_file() -> dict:
+    text = resources.files("clinical.rules").joinpath("anomaly_rules.yaml").read_text(encoding="utf-8")
+    rules = yaml.safe_load(text)
+    for key in ("version", "delta_check", "model_surprise", "multivariate", "patterns"):
+        if key not in rules:
+            raise ValueError(f"anomaly_rules.yaml: missing section {key!r}")
+    for p in rules["patterns"]:
+        if not str(p.get("source", "")).strip():
+            raise ValueError(f"anomaly_rules.yaml: pattern {p.get('id')!r} has no source")
+    return rules
+
+
+@dataclass(frozen=True)
+class ClinicalReference:
+    """The reference tables the rules read, in canonical units.
+
+    ``intervals``: ``code, sex ('F', 'M', 'any', 'unknown'), age_low, age_high, low, high,
+    source``; the 'unknown' rows are the 'any' interval, or the union of the sex-specific
+    ones. ``critical``: code -> (low, high, source). ``variation``: code -> (cvi %, cva %,
+    source). ``rules``: the parsed ``anomaly_rules.yaml``. ``critical_list``: how the
+    critical list is named in texts ('critical value list' or 'site critical value list').
+    """
+
+    intervals: pd.DataFrame
+    critical: dict
+    variation: dict
+    rules: dict
+    critical_list: str
+    version: str
+
+
+def _canonical_factor(code: str, unit: str, what: str) -> float | None:
+    analyte = load_catalogue().get(code)
+    if analyte is None:
+        raise ValueError(f"{what}: code {code!r} is not in the analyte catalogue")
+    try:
+        return conversion_factor(unit, analyte)
+    except UnitError as exc:
+        log.info("%s: %s %s skipped (%s)", what, code, unit, exc)
+        return None
+
+
+def _num(x) -> float:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def load_reference(critical_values: str | Path | None = None) -> ClinicalReference:
+    """Read the reference intervals, critical limits, biological variation and rule settings.
+
+    ``critical_values`` is a site file with the columns of ``data/reference/critical_values.csv``
+    (``code, low, high, unit, source``); by default that cited file (Kost 1990 and others).
+    Limits are converted to the catalogue's canonical unit; a row whose unit cannot be
+    converted is skipped with a warning; a row without a source is a ``ValueError``.
+    """
+    ri = pd.read_csv(reference_file("reference_intervals.csv"), dtype={"code": str, "sex": str})
+    rows = []
+    for r in ri.itertuples(index=False):
+        f = _canonical_factor(r.code, r.unit, "reference_intervals.csv")
+        if f is None:
+            continue
+        rows.append(dict(code=r.code, sex=r.sex, age_low=_num(r.age_low_years), age_high=_num(r.age_high_years),
+                         low=_num(r.low) * f, high=_num(r.high) * f, source=str(r.source)))
+    intervals = pd.DataFrame(rows)
+    unknown = []
+    for code, g in intervals.groupby("code", sort=False):
+        anyrow = g[g["sex"] == "any"]
+        if len(anyrow):
+            unknown.append(anyrow.iloc[0].to_dict() | {"sex": "unknown"})
+        else:
+            first = g.iloc[0].to_dict()
+            unknown.append(first | {"sex": "unknown", "low": g["low"].min(), "high": g["high"].max(),
+                                    "source": "union of the sex-specific intervals (sex unknown): " + first["source"]})
+    intervals = pd.concat([intervals, pd.DataFrame(unknown)], ignore_index=True)
+
+    path = Path(critical_values) if critical_values else reference_file("critical_values.csv")
+    cv = pd.read_csv(path, dtype={"code": str})
+    expected = ["code", "low", "high", "unit", "source"]
+    if list(cv.columns) != expected:
+        raise ValueError(f"{path.name}: columns {list(cv.columns)} != {expected}")
+    critical = {}
+    for r in cv.itertuples(index=False):
+        if not str(r.source).strip() or pd.isna(r.source):
+            raise ValueError(f"{path.name}: critical limits for {r.code} have no source")
+        f = _canonical_factor(r.code, r.unit, path.name)
+        if f is None:
+            continue
+        critical[r.code] = (_num(r.low) * f, _num(r.high) * f, str(r.source))
+
+    bv = pd.read_csv(reference_file("biological_variation.csv"), dtype={"code": str})
+    variation = {
+        r.code: (float(r.cvi_pct), float(r.cva_pct), str(r.source))
+        for r in bv.itertuples(index=False)
+        if np.isfinite(_num(r.cvi_pct)) and np.isfinite(_num(r.cva_pct))
+    }
+    rules = _rules_file()
+    return ClinicalReference(
+        intervals=intervals,
+        critical=critical,
+        variation=variation,
+        rules=rules,
+        critical_list="site critical value list" if critical_values else "critical value list",
+        version=f"rules-{rules['version']}+catalogue-{CATALOGUE_VERSION}" + (
+            f"+critical-{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}" if critical_values else ""),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def default_reference() -> ClinicalReference:
+    """:func:`load_reference` with the shipped critical list (cached)."""
+    return load_reference()
+
+
+def rcv_limits(code: str, z: float, reference: ClinicalReference | None = None) -> tuple[float, float] | None:
+    """(down, up) reference change limits as fractions (e.g. (-0.14, +0.16)), or None without CVI/CVA.
+
+    Normal: ``+-2^0.5 Z (CVA^2 + CVI^2)^0.5``. Skewed analytes (catalogue ``skewed``):
+    ``exp(+-2^0.5 Z sigma) - 1`` with ``sigma^2 = ln(1 + CVA^2) + ln(1 + CVI^2)`` (Fraser 2011).
+    """
+    ref = reference or default_reference()
+    bv = ref.variation.get(code)
+    if bv is None:
+        return None
+    cvi, cva = bv[0] / 100.0, bv[1] / 100.0
+    analyte = load_catalogue().get(code)
+    if analyte is not None and analyte.skewed:
+        sigma = math.sqrt(math.log1p(cva**2) + math.log1p(cvi**2))
+        return math.expm1(-math.sqrt(2) * z * sigma), math.expm1(math.sqrt(2) * z * sigma)
+    r = math.sqrt(2) * z * math.sqrt(cva**2 + cvi**2)
+    return -r, r
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames: timeline -> prepared rows, history contract, synthetic history -> timeline
+# ---------------------------------------------------------------------------------------------
+
+_REQUIRED = ("result_id", "patient_id", "collected_at", "analyte_code", "value_canonical", "result_kind")
+_KEEP = (
+    "result_id", "patient_id", "specimen_id", "collected_at", "reported_at", "analyte_code", "analyte_name",
+    "value_text", "comparator", "value_canonical", "unit_canonical", "ref_low_canonical", "ref_high_canonical",
+    "comment", "result_kind", "implausible", "unit_missing", "conflicting",
+)
+
+
+def _patients_frame(patients, patient_ids) -> pd.DataFrame:
+    cols = ["patient_id", "sex", "birth_date", "age_at_ref", "ref_date"]
+    if patients is None:
+        return pd.DataFrame({"patient_id": pd.Series(sorted(set(patient_ids)), dtype=object)}).reindex(columns=cols)
+    if isinstance(patients, dict):
+        patients = pd.DataFrame([patients])
+    p = patients.reindex(columns=cols).copy()
+    p["patient_id"] = p["patient_id"].astype(str)
+    return p.drop_duplicates("patient_id")
+
+
+def specimen_keys(frame: pd.DataFrame) -> pd.Series:
+    """One key per specimen: the specimen id when given, else patient + collection time."""
+    t = pd.to_datetime(frame["collected_at"]).astype("datetime64[us]").astype("int64").astype(str)
+    by_time = frame["patient_id"].astype(str) + "|t" + t
+    if "specimen_id" not in frame:
+        return by_time
+    sid = frame["specimen_id"]
+    has = sid.notna() & (sid.astype(str).str.strip() != "")
+    return by_time.where(~has, frame["patient_id"].astype(str) + "|s" + sid.astype(str))
+
+
+def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.DataFrame:
+    missing = [c for c in _REQUIRED if c not in timeline.columns]
+    if missing:
+        raise ValueError(f"timeline is missing column(s) {missing}; expected data.queries.TIMELINE_COLUMNS")
+    keep = [c for c in _KEEP if c in timeline.columns]
+    t = timeline[keep].reset_index(drop=True).copy()
+    # object (numpy) strings: takes, sorts and merges on pyarrow strings are several times slower here
+    for col in ("patient_id", "analyte_code"):
+        t[col] = t[col].astype(str).to_numpy(dtype=object)
+    for col in ("specimen_id", "comparator", "value_text", "comment", "unit_canonical", "analyte_name"):
+        if col in t:
+            t[col] = t[col].astype(object).where(t[col].notna(), None).to_numpy(dtype=object)
+    t["collected_at"] = pd.to_datetime(t["collected_at"]).astype("datetime64[us]")
+    for col in ("reported_at",):
+        t[col] = pd.to_datetime(t[col]).astype("datetime64[us]") if col in t else t["collected_at"]
+    for col in ("specimen_id", "comparator", "value_text", "comment", "unit_canonical", "analyte_name"):
+        if col not in t:
+            t[col] = None
+    for col in ("implausible", "unit_missing", "conflicting"):
+        t[col] = t[col].fillna(False).astype(bool) if col in t else False
+    for col in ("ref_low_canonical", "ref_high_canonical"):
+        t[col] = pd.to_numeric(t[col], errors="coerce") if col in t else np.nan
+    v = pd.to_numeric(t["value_canonical"], errors="coerce").astype(float)
+    t["value_canonical"] = v
+    usable = np.isfinite(v.to_numpy()) & ~t["implausible"].to_numpy() & ~t["unit_missing"].to_numpy()
+    kind = t["result_kind"].astype(str).to_numpy()
+    comp = t["comparator"].astype(object).where(t["comparator"].notna(), None)
+    t["x_num"] = usable & (kind == "numeric")
+    t["x_cens"] = usable & (kind == "censored") & comp.isin(_LOWER_COMPARATORS + _UPPER_COMPARATORS).to_numpy()
+    keys = specimen_keys(t)
+    codes, _ = pd.factorize(keys.to_numpy(dtype=object))
+    t["x_spec"] = codes.astype(np.int64)  # integer specimen ids: joins on them are fast
+
+    # demographics at collection
+    p = _patients_frame(patients, t["patient_id"])
+    t = t.merge(p, on="patient_id", how="left")
+    t["sex"] = t["sex"].where(t["sex"].isin(["F", "M"]), None)
+    days = lambda a, b: (pd.to_datetime(a) - pd.to_datetime(b)).dt.total_seconds() / 86400.0  # noqa: E731
+    age = pd.Series(np.nan, index=t.index)
+    if t["birth_date"].notna().any():
+        age = days(t["collected_at"], t["birth_date"]) / 365.25
+    has_ref = t["age_at_ref"].notna()
+    if has_ref.any():
+        shift = days(t["collected_at"], t["ref_date"]).fillna(0.0) / 365.25
+        age = age.where(age.notna(), pd.to_numeric(t["age_at_ref"], errors="coerce") + shift)
+    t["x_age"] = age.astype(float)
+
+    # names from the catalogue, else as given
+    cat = load_catalogue()
+    names = {a.code: a.name for a in cat}
+    t["x_name"] = [names.get(c) or n or c for c, n in zip(t["analyte_code"], t["analyte_name"])]
+    t["x_unit"] = t["unit_canonical"].astype(object).where(t["unit_canonical"].notna(), None)
+
+    # effective reference interval: the laboratory's own, else the catalogue's
+    lo, hi = t["ref_low_canonical"].to_numpy(float), t["ref_high_canonical"].to_numpy(float)
+    own = (np.isfinite(lo) | np.isfinite(hi)) & ~(np.isfinite(lo) & np.isfinite(hi) & (hi <= lo))
+    t["x_lo"] = np.where(own, lo, np.nan)
+    t["x_hi"] = np.where(own, hi, np.nan)
+    t["x_src"] = np.where(own, "row", None).astype(object)
+    t["x_cite"] = np.where(own, "laboratory reference interval reported with the result", None).astype(object)
+    t["x_agenote"] = None
+    need = ~own
+    if need.any():
+        iv = ref.intervals
+        sexkey = t["sex"].fillna("unknown")
+        base = pd.DataFrame({"_i": np.flatnonzero(need), "code": t.loc[need, "analyte_code"].to_numpy(),
+                             "sexkey": sexkey[need].to_numpy(), "age": t.loc[need, "x_age"].to_numpy()})
+        exact = base.merge(iv, left_on=["code", "sexkey"], right_on=["code", "sex"]).assign(prio=0)
+        anyv = base[base["sexkey"] != "unknown"].merge(iv[iv["sex"] == "any"], on="code").assign(prio=1)
+        cand = pd.concat([exact, anyv], ignore_index=True)
+        a = cand["age"]
+        in_age = a.isna() | (((a >= cand["age_low"]) | cand["age_low"].isna()) & ((a < cand["age_high"]) | cand["age_high"].isna()))
+        cand = cand[in_age].sort_values(["_i", "prio"]).drop_duplicates("_i")
+        idx = cand["_i"].to_numpy()
+        t.loc[idx, "x_lo"] = cand["low"].to_numpy()
+        t.loc[idx, "x_hi"] = cand["high"].to_numpy()
+        t.loc[idx, "x_src"] = "catalogue"
+        t.loc[idx, "x_cite"] = cand["source"].to_numpy()
+        t.loc[idx[cand["age"].isna().to_numpy()], "x_agenote"] = "age unknown: adult interval used"
+    return t
+
+
+def history_from_timeline(timeline: pd.DataFrame, patients=None) -> pd.DataFrame:
+    """The model's history contract (``model.HISTORY_COLUMNS``) from timeline rows.
+
+    Same rules as :func:`data.queries.cohort`: numeric and censored results in canonical
+    units (censored at their limit with ``censor`` -1/+1); text, empty, implausible and
+    unit-missing rows left out; conflicting results at one time keep the one reported last.
+    """
+    t = _prepare(timeline, patients, default_reference()) if "x_num" not in timeline else timeline
+    return _history(t)
+
+
+def _history(t: pd.DataFrame) -> pd.DataFrame:
+    h = t[t["x_num"] | t["x_cens"]].sort_values(["patient_id", "analyte_code", "collected_at", "reported_at", "result_id"])
+    h = h.drop_duplicates(["patient_id", "analyte_code", "collected_at"], keep="last")
+    comp = h["comparator"].astype(object)
+    censor = np.where(comp.isin(_LOWER_COMPARATORS), -1, np.where(comp.isin(_UPPER_COMPARATORS), 1, 0))
+    out = pd.DataFrame({
+        "patient_id": h["patient_id"].to_numpy(dtype=object),
+        "collected_at": h["collected_at"].to_numpy(),
+        "analyte_code": h["analyte_code"].to_numpy(dtype=object),
+        "value": h["value_canonical"].to_numpy(float),
+        "censor": np.where(h["x_cens"].to_numpy(), censor, 0).astype(np.int8),
+        "unit_canonical": h["x_unit"].to_numpy(dtype=object),
+        "sex": h["sex"].to_numpy(dtype=object),
+        "age_years": h["x_age"].to_numpy(float),
+    })
+    return out.sort_values(["patient_id", "collected_at", "analyte_code"], kind="stable").reset_index(drop=True)[
+        list(HISTORY_COLUMNS)
+    ]
+
+
+def timeline_from_history(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A history-contract frame (e.g. :func:`model.synthetic.generate_cohort`) as timeline rows + patients.
+
+    Result ids are 1..n in the history's order; every row is numeric (or censored when
+    ``censor`` is not 0), plausible and in its canonical unit; there is no specimen id, so
+    results collected at the same time form one specimen. Patients carry the first row's
+    sex and age (``age_at_ref`` at ``ref_date``).
+    """
+    h = history.reset_index(drop=True)
+    n = len(h)
+    censor = h["censor"].to_numpy() if "censor" in h else np.zeros(n, np.int8)
+    comp = np.where(censor < 0, "<", np.where(censor > 0, ">", "="))
+    value = h["value"].to_numpy(float)
+    tl = pd.DataFrame({
+        "result_id": np.arange(1, n + 1, dtype=np.int64),
+        "patient_id": h["patient_id"].astype(str).to_numpy(dtype=object),
+        "specimen_id": None,
+        "collected_at": pd.to_datetime(h["collected_at"]).to_numpy(),
+        "reported_at": pd.to_datetime(h["collected_at"]).to_numpy(),
+        "analyte_code": h["analyte_code"].astype(str).to_numpy(dtype=object),
+        "loinc": h["analyte_code"].astype(str).to_numpy(dtype=object),
+        "analyte_name": None,
+        "value_text": None,
+        "comparator": comp.astype(object),
+        "value_num": value,
+        "unit": h["unit_canonical"].to_numpy(dtype=object) if "unit_canonical" in h else None,
+        "value_canonical": value,
+        "unit_canonical": h["unit_canonical"].to_numpy(dtype=object) if "unit_canonical" in h else None,
+        "ref_low": np.nan, "ref_high": np.nan, "ref_low_canonical": np.nan, "ref_high_canonical": np.nan,
+        "flag": None, "comment": None,
+        "result_kind": np.where(censor != 0, "censored", "numeric").astype(object),
+        "implausible": False, "unit_missing": False, "conflicting": False,
+        "batch_id": 0, "source_row": np.arange(1, n + 1, dtype=np.int64),
+    })
+    first = h.groupby("patient_id", sort=False).head(1)
+    patients = pd.DataFrame({
+        "patient_id": first["patient_id"].astype(str).to_numpy(dtype=object),
+        "sex": first["sex"].to_numpy(dtype=object) if "sex" in first else None,
+        "birth_date": pd.NaT,
+        "age_at_ref": first["age_years"].to_numpy(float) if "age_years" in first else np.nan,
+        "ref_date": pd.to_datetime(first["collected_at"]).to_numpy(),
+    })
+    return tl, patients
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "?"
+    x = float(x)
+    if abs(x) >= 1e4:
+        return f"{x:.0f}"
+    s = f"{x:.4g}"
+    return s if "e" not in s else f"{x:.6f}".rstrip("0").rstrip(".")
+
+
+def _shown(value: float, comparator, censored: bool) -> str:
+    return f"{comparator}{_fmt(value)}" if censored else _fmt(value)
+
+
+def _u(unit) -> str:
+    return f" {unit}" if unit and unit != "1" else ""
+
+
+def _clean(v):
+    """A JSON-safe scalar (numpy -> Python, NaN -> None, timestamps -> ISO)."""
+    if v is None:
+        return None
+    if isinstance(v, (np.bool_, bool)):
+        return bool(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(float(v)) else None
+    if isinstance(v, (pd.Timestamp, np.datetime64)):
+        ts = pd.Timestamp(v)
+        return None if pd.isna(ts) else ts.isoformat()
+    if v is pd.NaT:
+        return None
+    return v
+
+
+def _evidence(**kw) -> dict:
+    return {k: (_clean(v) if not isinstance(v, (list, dict)) else v) for k, v in kw.items()}
+
+
+def _rows(sel: pd.DataFrame, rule: str, flags, scores, evidences, sources, texts, model_version=None,
+          values=None) -> pd.DataFrame:
+    n = len(sel)
+    return pd.DataFrame({
+        "result_id": sel["result_id"].to_numpy(),
+        "patient_id": sel["patient_id"].to_numpy(dtype=object),
+        "analyte_code": sel["analyte_code"].to_numpy(dtype=object),
+        "analyte_name": sel["x_name"].to_numpy(dtype=object),
+        "collected_at": sel["collected_at"].to_numpy(),
+        "rule": [rule] * n if isinstance(rule, str) else list(rule),
+        "flag": list(flags),
+        "score": np.asarray(scores, dtype=float) if n else np.array([], float),
+        "value": sel["value_canonical"].to_numpy(float) if values is None else np.asarray(values, dtype=float),
+        "unit": sel["x_unit"].to_numpy(dtype=object),
+        "evidence": list(evidences),
+        "source": list(sources),
+        "text": list(texts),
+        "model_version": [model_version] * n,
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules 1 and 2: outside limits (reference interval, critical values)
+# ---------------------------------------------------------------------------------------------
+
+
+def _beyond(t: pd.DataFrame, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(below, above) masks; censored limits count only when the limit itself is beyond."""
+    v = t["value_canonical"].to_numpy(float)
+    comp = t["comparator"].astype(object).to_numpy()
+    num, cens = t["x_num"].to_numpy(), t["x_cens"].to_numpy()
+    with np.errstate(invalid="ignore"):
+        below = num & (v < low)
+        above = num & (v > high)
+        below |= cens & (((comp == "<") & (v <= low)) | ((comp == "<=") & (v < low)))
+        above |= cens & (((comp == ">") & (v >= high)) | ((comp == ">=") & (v > high)))
+    return below & np.isfinite(low), above & np.isfinite(high)
+
+
+def _width_score(v, limit, low, high, sign):
+    width = high - low
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = sign * (v - limit) / np.where(np.isfinite(width) & (width > 0), width, np.nan)
+    return s
+
+
+def _reference_interval(t: pd.DataFrame) -> pd.DataFrame:
+    low, high = t["x_lo"].to_numpy(float), t["x_hi"].to_numpy(float)
+    below, above = _beyond(t, low, high)
+    out = []
+    for mask, flag, word, limit_col in ((below, "L", "below", "x_lo"), (above, "H", "above", "x_hi")):
+        sel = t[mask]
+        if sel.empty:
+            continue
+        v = sel["value_canonical"].to_numpy(float)
+        lo, hi = sel["x_lo"].to_numpy(float), sel["x_hi"].to_numpy(float)
+        score = _width_score(v, sel[limit_col].to_numpy(float), lo, hi, 1 if flag == "H" else -1)
+        ev, src, txt = [], [], []
+        for r, l_, h_ in zip(sel.itertuples(index=False), lo, hi):
+            cens = bool(r.x_cens)
+            interval = f"{_fmt(l_) if math.isfinite(l_) else ''}{_DASH}{_fmt(h_) if math.isfinite(h_) else ''}"
+            ev.append(_evidence(low=l_, high=h_, interval_source=r.x_src, censored=cens,
+                                comparator=r.comparator if cens else "=", age_note=r.x_agenote, sex=r.sex))
+            src.append(r.x_cite)
+            label = "laboratory interval" if r.x_src == "row" else short_citation(r.x_cite)
+            cens_note = (f" (censored: the true value is {'above' if flag == 'H' else 'below'} {_fmt(r.value_canonical)})"
+                         if cens else "")
+            txt.append(f"{r.x_name} {_shown(r.value_canonical, r.comparator, cens)}{_u(r.x_unit)}{cens_note} is {word} "
+                       f"the reference interval {interval}{_u(r.x_unit)}{_SEP}consider it in the clinical context "
+                       f"(reference interval: {label})")
+        out.append(_rows(sel, "reference_interval", [flag] * len(sel), score, ev, src, txt))
+    return pd.concat(out, ignore_index=True) if out else _empty()
+
+
+def _critical_value(t: pd.DataFrame, ref: ClinicalReference) -> pd.DataFrame:
+    codes = t["analyte_code"].to_numpy(dtype=object)
+    low = np.array([ref.critical.get(c, (np.nan, np.nan, ""))[0] for c in codes], dtype=float)
+    high = np.array([ref.critical.get(c, (np.nan, np.nan, ""))[1] for c in codes], dtype=float)
+    below, above = _beyond(t, low, high)
+    out = []
+    for mask, flag, word in ((below, "LL", "below"), (above, "HH", "above")):
+        sel = t[mask]
+        if sel.empty:
+            continue
+        lims = (low if flag == "LL" else high)[mask]
+        v = sel["value_canonical"].to_numpy(float)
+        score = _width_score(v, lims, low[mask], high[mask], 1 if flag == "HH" else -1)
+        ev, src, txt = [], [], []
+        for r, lim in zip(sel.itertuples(index=False), lims):
+            cens = bool(r.x_cens)
+            source = ref.critical[r.analyte_code][2]
+            ev.append(_evidence(limit=lim, list=ref.critical_list, censored=cens, comparator=r.comparator if cens else "="))
+            src.append(source)
+            cens_note = (f" (censored: the true value is {'above' if flag == 'HH' else 'below'} {_fmt(r.value_canonical)})"
+                         if cens else "")
+            txt.append(f"{r.x_name} {_shown(r.value_canonical, r.comparator, cens)}{_u(r.x_unit)}{cens_note} is {word} the "
+                       f"critical limit {_fmt(lim)}{_u(r.x_unit)}{_SEP}consider urgent clinical review "
+                       f"({ref.critical_list}: {short_citation(source)})")
+        out.append(_rows(sel, "critical_value", [flag] * len(sel), score, ev, src, txt))
+    return pd.concat(out, ignore_index=True) if out else _empty()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule 3: delta check against the previous valid result (RCV)
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_previous(t: pd.DataFrame) -> pd.DataFrame:
+    """Valid numeric rows with ``_prev``, ``_prev_at``, ``_prev_id``: the previous *time*'s value.
+
+    At each (patient, analyte, time) the representative is the result reported last; every
+    row at a time is compared with the representative of the previous distinct time, so
+    conflicting results at one time are never compared with each other (LAB-05).
+    """
+    num = t[t["x_num"]]
+    rep = num.sort_values(["patient_id", "analyte_code", "collected_at", "reported_at", "result_id"])
+    rep = rep.drop_duplicates(["patient_id", "analyte_code", "collected_at"], keep="last")
+    g = rep.groupby(["patient_id", "analyte_code"], sort=False)
+    prev = pd.DataFrame({
+        "patient_id": rep["patient_id"], "analyte_code": rep["analyte_code"], "collected_at": rep["collected_at"],
+        "x_prev": g["value_canonical"].shift(1), "x_prev_at": g["collected_at"].shift(1), "x_prev_id": g["result_id"].shift(1),
+    })
+    return num.merge(prev, on=["patient_id", "analyte_code", "collected_at"], how="left")
+
+
+def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame) -> pd.DataFrame:
+    z = float(ref.rules["delta_check"]["z"])
+    settings_source = " ".join(str(ref.rules["delta_check"]["source"]).split())
+    limits = {c: rcv_limits(c, z, ref) for c in withprev["analyte_code"].unique()}
+    has = withprev["analyte_code"].isin([c for c, lim in limits.items() if lim is not None]).to_numpy()
+    w = withprev[has & (withprev["x_prev"].to_numpy(float) > 0)]
+    if w.empty:
+        return _empty()
+    down = np.array([limits[c][0] for c in w["analyte_code"]], dtype=float)
+    up = np.array([limits[c][1] for c in w["analyte_code"]], dtype=float)
+    change = w["value_canonical"].to_numpy(float) / w["x_prev"].to_numpy(float) - 1.0
+    fire_up, fire_down = change > up, change < down
+    sel_mask = fire_up | fire_down
+    sel = w[sel_mask]
+    if sel.empty:
+        return _empty()
+    ch, lim = change[sel_mask], np.where(fire_up, up, down)[sel_mask]
+    flags = np.where(fire_up[sel_mask], "UP", "DOWN")
+    score = ch / np.abs(lim)
+    ev, src, txt = [], [], []
+    for r, c, l_, f in zip(sel.itertuples(index=False), ch, lim, flags):
+        days = (pd.Timestamp(r.collected_at) - pd.Timestamp(r.x_prev_at)).total_seconds() / 86400.0
+        cvi, cva, bv_source = ref.variation[r.analyte_code]
+        skewed = bool(getattr(load_catalogue().get(r.analyte_code), "skewed", False))
+        ev.append(_evidence(previous_value=r.x_prev, previous_at=r.x_prev_at, previous_result_id=r.x_prev_id,
+                            days_since_previous=days, change_pct=100 * c, rcv_pct=100 * l_, z=z, cvi_pct=cvi,
+                            cva_pct=cva, log_normal=skewed))
+        src.append(f"{settings_source}; CVI/CVA: {bv_source}")
+        word = "rose" if f == "UP" else "fell"
+        when = f"{days:.1f} days earlier" if days >= 1 else f"{days * 24:.1f} h earlier"
+        txt.append(f"{r.x_name} {_fmt(r.value_canonical)}{_u(r.x_unit)} {word} {100 * c:+.0f} % from "
+                   f"{_fmt(r.x_prev)}{_u(r.x_unit)} ({when}), beyond its reference change value ({100 * l_:+.0f} %)"
+                   f"{_SEP}consider whether this is a true clinical change or a specimen problem "
+                   f"(RCV{', log-normal' if skewed else ''}: Fraser 2011)")
+    return _rows(sel, "delta_check", flags, score, ev, src, txt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Named pre-analytical patterns
+# ---------------------------------------------------------------------------------------------
+
+
+def _pattern_wide(withprev: pd.DataFrame, codes: list[str]) -> dict[str, pd.DataFrame]:
+    """Per analyte: a frame indexed by specimen key with value, previous value, limits, result id."""
+    w = withprev[withprev["analyte_code"].isin(codes)]
+    w = w.sort_values(["x_spec", "analyte_code", "reported_at", "result_id"]).drop_duplicates(
+        ["x_spec", "analyte_code"], keep="last")
+    return {c: g.set_index("x_spec") for c, g in w.groupby("analyte_code", sort=False)}
+
+
+def _clause(wide: dict, clause: dict, index: pd.Index, ref: ClinicalReference) -> tuple[pd.Series, pd.Series]:
+    """(holds, assessable) for one clause over the specimens ``index``; ``{any: [...]}`` holds when one does."""
+    if "any" in clause:
+        parts = [_clause(wide, c, index, ref) for c in clause["any"]]
+        holds = functools.reduce(lambda a, b: a | b, (h for h, _ in parts))
+        ok = functools.reduce(lambda a, b: a | b, (o for _, o in parts))
+        return holds, ok
+    code, test = str(clause["analyte"]), clause["test"]
+    g = wide.get(code)
+    if g is None:
+        present = pd.Series(False, index=index)
+        g = pd.DataFrame(columns=["value_canonical", "x_prev", "x_lo", "x_hi"])
+    else:
+        present = pd.Series(np.isin(index.to_numpy(), g.index.to_numpy()), index=index)
+    col = lambda c: g[c].reindex(index).astype(float)  # noqa: E731
+    v = col("value_canonical")
+    if test == "above_reference_high":
+        holds, ok = v > col("x_hi"), present & col("x_hi").notna()
+    elif test == "below_reference_low":
+        holds, ok = v < col("x_lo"), present & col("x_lo").notna()
+    elif test == "not_above_reference_high":
+        holds, ok = v <= col("x_hi"), present & col("x_hi").notna()
+    elif test in ("rise_beyond_rcv", "fall_beyond_rcv"):
+        lim = rcv_limits(code, float(clause.get("z", ref.rules["delta_check"]["z"])), ref)
+        if lim is None:
+            raise ValueError(f"anomaly_rules.yaml: {test} on {code} needs a CVI/CVA in biological_variation.csv")
+        prev = col("x_prev")
+        change = v / prev - 1.0
+        holds = change > lim[1] if test == "rise_beyond_rcv" else change < lim[0]
+        ok = present & prev.notna() & (prev > 0)
+    elif test == "not_below_previous":
+        prev = col("x_prev")
+        holds, ok = v >= prev, present & prev.notna()
+    elif test == "no_previous":
+        holds, ok = col("x_prev").isna(), present
+    else:
+        raise ValueError(f"anomaly_rules.yaml: unknown clause test {test!r}")
+    holds = holds.fillna(False).astype(bool) & ok
+    if clause.get("absent_ok"):
+        holds = holds | ~present
+        ok = ok | ~present
+    return holds, ok
+
+
+def _clause_text(wide: dict, clause: dict, spec) -> str | None:
+    if "any" in clause:
+        texts = [_clause_text(wide, c, spec) for c in clause["any"]]
+        return next((t for t in texts if t), None)
+    g = wide.get(str(clause["analyte"]))
+    if g is None or spec not in g.index:
+        return None
+    r = g.loc[spec]
+    name, unit = r["x_name"], r["x_unit"]
+    val = f"{name} {_fmt(r['value_canonical'])}{_u(unit)}"
+    test = clause["test"]
+    if test == "above_reference_high":
+        return f"{val} > {_fmt(r['x_hi'])}"
+    if test == "below_reference_low":
+        return f"{val} < {_fmt(r['x_lo'])}"
+    if test in ("rise_beyond_rcv", "fall_beyond_rcv", "not_below_previous"):
+        return f"{val} (previously {_fmt(r['x_prev'])})"
+    if test == "not_above_reference_high":
+        return f"{val} <= {_fmt(r['x_hi'])}"
+    return val
+
+
+def _numeric_pattern(t: pd.DataFrame, withprev: pd.DataFrame, pat: dict, ref: ClinicalReference,
+                     with_assessable: bool = False):
+    clauses = list(pat["all"])
+    support = list(pat.get("supporting", []))
+    flat = lambda cs: [x for c in cs for x in (flat(c["any"]) if "any" in c else [c])]  # noqa: E731
+    codes = sorted({str(c["analyte"]) for c in flat(clauses + support)})
+    wide = _pattern_wide(withprev, codes)
+    index = pd.Index(np.unique(np.concatenate([g.index.to_numpy() for g in wide.values()]))) if wide else pd.Index([])
+    holds = pd.Series(True, index=index)
+    assessable = pd.Series(True, index=index)
+    for c in clauses:
+        h, ok = _clause(wide, c, index, ref)
+        holds &= h
+        assessable &= ok
+    fired = index[holds.to_numpy()]
+    support_holds = [_clause(wide, c, fired, ref)[0] for c in support]
+    rows = []
+    idx_code = str(pat.get("index_analyte", clauses[0]["analyte"]))
+    source = " ".join(str(pat["source"]).split())
+    for spec in fired:
+        g = wide.get(idx_code)
+        if g is None or spec not in g.index:
+            g = next(w for w in wide.values() if spec in w.index)
+        r = g.loc[spec]
+        involved = [wide[c].loc[spec] for c in codes if c in wide and spec in wide[c].index]
+        ids = sorted({int(x["result_id"]) for x in involved})
+        met = [s for s in (_clause_text(wide, c, spec) for c in clauses) if s]
+        sup = [s for c, h in zip(support, support_holds) if bool(h.loc[spec]) and (s := _clause_text(wide, c, spec))]
+        rows.append(dict(r.to_dict(), x_ids=ids, x_met=met, x_sup=sup))
+    if not rows:
+        out = _empty()
+    else:
+        sel = pd.DataFrame(rows)
+        ev = [_evidence(pattern=pat["id"], result_ids=x["x_ids"], criteria=x["x_met"], supporting=x["x_sup"])
+              for x in rows]
+        txt = [f"{x['x_name']} {_fmt(x['value_canonical'])}{_u(x['x_unit'])}: {pat['finding']} "
+               f"({'; '.join(x['x_met'] + x['x_sup'])}), suggesting {pat['name']}{_SEP}consider recollecting the "
+               f"specimen before acting on these results ({short_citation(source)})" for x in rows]
+        out = _rows(sel, PATTERN_PREFIX + pat["id"], ["SUSPECT"] * len(sel), [np.nan] * len(sel), ev,
+                    [source] * len(sel), txt)
+    if with_assessable:
+        return out, pd.Series(assessable.to_numpy(), index=index)
+    return out
+
+
+def _text_pattern(t: pd.DataFrame, pat: dict) -> pd.DataFrame:
+    words = [str(w).lower() for w in pat["text_match"]]
+    text = (t["value_text"].astype(object).fillna("").astype(str) + " | " +
+            t["comment"].astype(object).fillna("").astype(str)).str.lower()
+    hit = np.zeros(len(t), bool)
+    for w in words:
+        hit |= text.str.contains(w, regex=False).to_numpy()
+    sel = t[hit]
+    if sel.empty:
+        return _empty()
+    source = " ".join(str(pat["source"]).split())
+    ev, txt, vals = [], [], []
+    for r in sel.itertuples(index=False):
+        numeric = bool(r.x_num)
+        vals.append(r.value_canonical if numeric else np.nan)
+        shown = f"{_fmt(r.value_canonical)}{_u(r.x_unit)}" if numeric else f"'{r.value_text or ''}'".strip()
+        ev.append(_evidence(pattern=pat["id"], result_ids=[int(r.result_id)], value_text=r.value_text,
+                            comment=r.comment, scored_as_number=False))
+        txt.append(f"{r.x_name} {shown}: {pat['finding']}{_SEP}consider recollecting the specimen before acting on "
+                   f"this result (laboratory comment: {(r.comment or r.value_text or '').strip()})")
+    return _rows(sel, PATTERN_PREFIX + pat["id"], ["SUSPECT"] * len(sel), [np.nan] * len(sel), ev,
+                 [source] * len(sel), txt, values=vals)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules 4 and 5: model-based
+# ---------------------------------------------------------------------------------------------
+
+
+def _pit(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Predictive quantile level of each value, linear between the forecast quantiles, clipped."""
+    out = np.full(len(values), np.nan)
+    levels = np.asarray(QUANTILES, dtype=float)
+    for i, (x, q) in enumerate(zip(values, quantiles)):
+        if np.all(np.isfinite(q)):
+            out[i] = float(np.interp(x, q, levels))
+    return out
+
+
+def _interval_rule(sel: pd.DataFrame, q: np.ndarray, cfg: dict, rule: str, model_version: str | None,
+                   what: str, note: str) -> pd.DataFrame:
+    lo_i, hi_i = QUANTILE_COLUMNS.index(cfg["lower"]), QUANTILE_COLUMNS.index(cfg["upper"])
+    v = sel["value_canonical"].to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        above, below = v > q[:, hi_i], v < q[:, lo_i]
+    mask = above | below
+    if not mask.any():
+        return _empty()
+    s, qs, ab = sel[mask], q[mask], above[mask]
+    pit = _pit(s["value_canonical"].to_numpy(float), qs)
+    level = QUANTILES[hi_i] - QUANTILES[lo_i]
+    source = " ".join(str(cfg["source"]).split())
+    ev, txt = [], []
+    for r, qq, a, p in zip(s.itertuples(index=False), qs, ab, pit):
+        width = qq[hi_i] - qq[lo_i]
+        excess = (r.value_canonical - (qq[hi_i] if a else qq[lo_i])) / width if width > 0 else np.nan
+        ev.append(_evidence(quantiles={c: _clean(x) for c, x in zip(QUANTILE_COLUMNS, qq)}, interval_level=level,
+                            predictive_quantile=p, excess_in_interval_widths=excess, model_version=model_version))
+        txt.append(f"{r.x_name} {_fmt(r.value_canonical)}{_u(r.x_unit)} is {'above' if a else 'below'} the "
+                   f"{100 * level:.0f} % interval {_fmt(qq[lo_i])}{_DASH}{_fmt(qq[hi_i])}{_u(r.x_unit)} {what} "
+                   f"(predictive quantile {'>' if a else '<'} {QUANTILES[hi_i] if a else QUANTILES[lo_i]:g})"
+                   f"{_SEP}consider reviewing this result{note} (model {model_version})")
+    return _rows(s, rule, np.where(ab, "ABOVE", "BELOW"), pit, ev, [source] * len(s), txt, model_version=model_version)
+
+
+def _model_surprise(t: pd.DataFrame, history: pd.DataFrame, forecaster, ref: ClinicalReference, since,
+                    notes: list) -> pd.DataFrame:
+    cand = t[t["x_num"]]
+    if since is not None:
+        cand = cand[cand["collected_at"] >= pd.Timestamp(since)]
+    if cand.empty:
+        return _empty()
+    queries = cand[["patient_id", "analyte_code", "collected_at"]].drop_duplicates().rename(columns={"collected_at": "at"})
+    try:
+        fc = forecaster.forecast(history, queries.reset_index(drop=True))
+    except ValueError as exc:
+        notes.append(f"model_surprise not evaluated: {exc}")
+        log.warning("model_surprise not evaluated: %s", exc)
+        return _empty()
+    fc = fc.rename(columns={"at": "collected_at"})
+    fc["collected_at"] = pd.to_datetime(fc["collected_at"]).astype("datetime64[us]")
+    m = cand.merge(fc[["patient_id", "analyte_code", "collected_at", "status", "model_version", *QUANTILE_COLUMNS]],
+                   on=["patient_id", "analyte_code", "collected_at"], how="inner")
+    m = m[m["status"] == "ok"]
+    if m.empty:
+        return _empty()
+    version = str(m["model_version"].iloc[0])
+    cal = getattr(forecaster, "conformal", None) is not None
+    return _interval_rule(m, m[list(QUANTILE_COLUMNS)].to_numpy(float), ref.rules["model_surprise"], "model_surprise",
+                          version, "forecast from the history before it",
+                          "" if cal else " (interval not calibrated)")
+
+
+class MaskedValuePredictor:
+    """Rule 5's model: each result predicted from the rest of its specimen and history.
+
+    Wraps a :class:`model.modeling.LabTrendForPretraining` with the vocabulary and scaler it
+    was trained with. For a target result collected at ``t`` the row holds the patient's
+    results collected at or before ``t`` (the most recent ``max_events``), with ``event_time``
+    = days before ``t`` (0 for the same specimen); only the target's value and censor flag
+    are hidden (``value_mask``), so its analyte and time stay visible.
+    """
+
+    def __init__(self, model, vocab, scaler, model_version: str | None = None, batch_size: int = 128):
+        self.model = model.eval()
+        self.vocab = vocab
+        self.scaler = scaler
+        self.batch_size = batch_size
+        self.model_version = model_version or getattr(model.config, "_name_or_path", None) or "pretraining"
+
+    @classmethod
+    def from_pretrained(cls, path, device: str = "cpu") -> MaskedValuePredictor:
+        """A pretraining checkpoint directory holding ``vocab.json`` and ``scaler.json`` too."""
+        import json
+
+        from model.features import AnalyteScaler, AnalyteVocab
+        from model.inference import resolve_device
+        from model.modeling import LabTrendForPretraining
+
+        path = Path(path)
+        for name in ("vocab.json", "scaler.json", "config.json"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found: not a pretraining directory with vocabulary and scaler")
+        model = LabTrendForPretraining.from_pretrained(path).to(resolve_device(device))
+        vocab = AnalyteVocab.from_dict(json.loads((path / "vocab.json").read_text()))
+        scaler = AnalyteScaler.from_dict(json.loads((path / "scaler.json").read_text()))
+        version_file = path / "model_version"
+        version = version_file.read_text().strip() if version_file.is_file() else f"pretraining:{path.name}"
+        return cls(model, vocab, scaler, model_version=version)
+
+    def predict(self, history: pd.DataFrame, targets: pd.DataFrame) -> pd.DataFrame:
+        """Quantiles (canonical unit) of each target ``(patient_id, analyte_code, collected_at)``.
+
+        Returns the targets' columns plus ``q05 .. q95`` and ``status`` ('ok', or why not).
+        """
+        import torch
+
+        from model.features import N_SPECIAL, SEX_IDS, validate_history
+
+        h = validate_history(history)
+        h = h.assign(aid=self.vocab.encode(h["analyte_code"]))
+        h = h[h["aid"] >= N_SPECIAL].sort_values(["patient_id", "collected_at", "aid"], kind="stable")
+        z = np.zeros(len(h), np.float32)
+        if len(h):
+            z = self.scaler.normalise(h["analyte_code"].to_numpy(), h["value"].to_numpy())
+        h = h.assign(z=z, t_us=h["collected_at"].to_numpy().astype("datetime64[us]").astype(np.int64))
+        per = {pid: g for pid, g in h.groupby("patient_id", sort=False)}
+        max_events = int(self.model.config.max_events)
+        out = targets.reset_index(drop=True).copy()
+        q = np.full((len(out), len(QUANTILES)), np.nan)
+        status = np.full(len(out), "ok", dtype=object)
+        rows = []
+        for i, r in enumerate(out.itertuples(index=False)):
+            g = per.get(str(r.patient_id))
+            t_us = np.datetime64(pd.Timestamp(r.collected_at), "us").astype(np.int64)
+            if g is None:
+                status[i] = "no history"
+                continue
+            end = int(np.searchsorted(g["t_us"].to_numpy(), t_us, side="right"))
+            start = max(0, end - max_events)
+            ev = g.iloc[start:end]
+            hit = np.flatnonzero((ev["analyte_code"].to_numpy() == str(r.analyte_code)) & (ev["t_us"].to_numpy() == t_us))
+            if not len(hit):
+                status[i] = "analyte not in model vocabulary or result not in history"
+                continue
+            age = ev["age_years"].iloc[-1] if "age_years" in ev else np.nan
+            sex = ev["sex"].dropna().iloc[0] if "sex" in ev and ev["sex"].notna().any() else None
+            rows.append((i, ev, int(hit[-1]), t_us, age, SEX_IDS.get(sex, 0)))
+        for s in range(0, len(rows), self.batch_size):
+            chunk = rows[s : s + self.batch_size]
+            b, e = len(chunk), max(len(c[1]) for c in chunk)
+            arr = {k: np.zeros((b, e), dt) for k, dt in (("event_analyte", np.int64), ("event_value", np.float32),
+                                                         ("event_censor", np.int64), ("event_time", np.float32),
+                                                         ("event_mask", np.int64))}
+            vmask = np.zeros((b, e), bool)
+            age = np.array([c[4] for c in chunk], np.float32)
+            sex = np.array([c[5] for c in chunk], np.int64)
+            for j, (_, ev, k, t_us, _, _) in enumerate(chunk):
+                n = len(ev)
+                arr["event_analyte"][j, :n] = ev["aid"].to_numpy()
+                arr["event_value"][j, :n] = ev["z"].to_numpy()
+                arr["event_censor"][j, :n] = ev["censor"].to_numpy()
+                arr["event_time"][j, :n] = (t_us - ev["t_us"].to_numpy()) / 86_400e6
+                arr["event_mask"][j, :n] = 1
+                vmask[j, k] = True
+            device = next(self.model.parameters()).device
+            batch = {k: torch.from_numpy(v).to(device) for k, v in arr.items()}
+            batch["patient_age"] = torch.from_numpy(age).to(device)
+            batch["patient_sex"] = torch.from_numpy(sex).to(device)
+            with torch.inference_mode():
+                mq = self.model.predict_masked(batch, torch.from_numpy(vmask).to(device)).float().cpu().numpy()
+            for j, (i, ev, k, _, _, _) in enumerate(chunk):
+                code = ev["analyte_code"].iloc[k]
+                q[i] = self.scaler.denormalise([code], mq[j, k][None, :])[0]
+        for c, col in enumerate(QUANTILE_COLUMNS):
+            out[col] = q[:, c]
+        out["status"] = status
+        return out
+
+
+def _multivariate(t: pd.DataFrame, history: pd.DataFrame, predictor, ref: ClinicalReference, since,
+                  notes: list) -> pd.DataFrame:
+    cand = t[t["x_num"]]
+    if since is not None:
+        cand = cand[cand["collected_at"] >= pd.Timestamp(since)]
+    sizes = t[t["x_num"] | t["x_cens"]].groupby("x_spec")["analyte_code"].nunique()
+    cand = cand[np.array([sizes.get(k, 0) for k in cand["x_spec"]]) >= 2]
+    if cand.empty:
+        return _empty()
+    targets = cand[["patient_id", "analyte_code", "collected_at"]].drop_duplicates()
+    try:
+        pred = predictor.predict(history, targets.reset_index(drop=True))
+    except ValueError as exc:
+        notes.append(f"multivariate_inconsistency not evaluated: {exc}")
+        log.warning("multivariate_inconsistency not evaluated: %s", exc)
+        return _empty()
+    pred["collected_at"] = pd.to_datetime(pred["collected_at"]).astype("datetime64[us]")
+    m = cand.merge(pred, on=["patient_id", "analyte_code", "collected_at"], how="inner")
+    m = m[m["status"] == "ok"]
+    if m.empty:
+        return _empty()
+    return _interval_rule(m, m[list(QUANTILE_COLUMNS)].to_numpy(float), ref.rules["multivariate"],
+                          "multivariate_inconsistency", getattr(predictor, "model_version", None),
+                          "predicted from the other results of the specimen", " for a specimen problem")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _empty() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in ANOMALY_COLUMNS})
+
+
+def detect_anomalies(
+    timeline: pd.DataFrame,
+    patients=None,
+    *,
+    forecaster=None,
+    masked_predictor=None,
+    reference: ClinicalReference | None = None,
+    rules: list[str] | tuple[str, ...] | None = None,
+    model_rules_since=None,
+) -> pd.DataFrame:
+    """All anomalies of ``timeline`` (one or many patients), one row per anomaly (:data:`ANOMALY_COLUMNS`).
+
+    Args:
+        timeline: rows as :func:`data.queries.timeline` returns them (canonical values).
+        patients: a :func:`data.queries.patient_info` dict, a frame of them, or None (sex and
+            age unknown).
+        forecaster: for ``model_surprise``: an object with ``forecast(history, queries)``
+            returning the forecasts contract (a :class:`model.inference.ForecastPipeline`).
+        masked_predictor: for ``multivariate_inconsistency``: a :class:`MaskedValuePredictor`
+            (or any object with the same ``predict``).
+        reference: reference tables and rule settings; default :func:`default_reference`.
+        rules: names of the rules to run (:data:`RULES` and ``'preanalytical'``); default all
+            that have what they need.
+        model_rules_since: evaluate rules 4 and 5 only on results collected at or after
+            this time (they cost one model row per result time).
+
+    Returns the anomalies sorted by patient, time, rule; ``attrs['notes']`` lists rules that
+    were asked for but could not run, and why.
+    """
+    ref = reference or default_reference()
+    wanted = set(rules) if rules is not None else set(RULES) | {"preanalytical"}
+    t = _prepare(timeline, patients, ref)
+    notes: list[str] = []
+    parts = []
+    if "reference_interval" in wanted:
+        parts.append(_reference_interval(t))
+    if "critical_value" in wanted:
+        parts.append(_critical_value(t, ref))
+    withprev = _with_previous(t) if {"delta_check", "preanalytical"} & wanted else None
+    if "delta_check" in wanted:
+        parts.append(_delta_check(t, ref, withprev))
+    if "preanalytical" in wanted:
+        for pat in ref.rules["patterns"]:
+            parts.append(_text_pattern(t, pat) if "text_match" in pat else _numeric_pattern(t, withprev, pat, ref))
+    history = None
+    if "model_surprise" in wanted and forecaster is not None:
+        history = _history(t)
+        parts.append(_model_surprise(t, history, forecaster, ref, model_rules_since, notes))
+    elif "model_surprise" in wanted and rules is not None:
+        notes.append("model_surprise not evaluated: no forecaster given")
+    if "multivariate_inconsistency" in wanted and masked_predictor is not None:
+        history = _history(t) if history is None else history
+        parts.append(_multivariate(t, history, masked_predictor, ref, model_rules_since, notes))
+    elif "multivariate_inconsistency" in wanted and rules is not None:
+        notes.append("multivariate_inconsistency not evaluated: no pretraining model given")
+    parts = [p for p in parts if len(p)]
+    out = pd.concat(parts, ignore_index=True) if parts else _empty()
+    if len(out):
+        out = out.sort_values(["patient_id", "collected_at", "analyte_code", "rule"], kind="stable").reset_index(drop=True)
+    out.attrs["notes"] = notes
+    out.attrs["reference_version"] = ref.version
+    return out
+
+
+def pattern_detections(timeline: pd.DataFrame, patients=None, reference: ClinicalReference | None = None):
+    """Pre-analytical pattern anomalies plus, per numeric pattern, which specimens could be assessed.
+
+    Returns ``(anomalies, assessable)`` where ``assessable[pattern_id]`` is a boolean Series
+    over specimen keys (:func:`specimen_keys`): every clause had the data it needs (analytes
+    measured, previous results present). Used to report recall where a pattern is defined.
+    """
+    ref = reference or default_reference()
+    t = _prepare(timeline, patients, ref)
+    withprev = _with_previous(t)
+    parts, assessable = [], {}
+    for pat in ref.rules["patterns"]:
+        if "text_match" in pat:
+            parts.append(_text_pattern(t, pat))
+            continue
+        out, ok = _numeric_pattern(t, withprev, pat, ref, with_assessable=True)
+        parts.append(out)
+        keys = specimen_keys(t).to_numpy(dtype=object)
+        first = pd.Series(np.arange(len(t))).groupby(t["x_spec"].to_numpy()).first()
+        names = keys[first.reindex(ok.index.to_numpy()).to_numpy()]
+        assessable[pat["id"]] = pd.Series(ok.to_numpy(), index=pd.Index(names, dtype=object))
+    parts = [p for p in parts if len(p)]
+    return (pd.concat(parts, ignore_index=True) if parts else _empty()), assessable
+
+
+
+def evaluate_patterns(history: pd.DataFrame, labels: pd.DataFrame, reference: ClinicalReference | None = None) -> dict:
+    """Specimen-level recall and precision of the numeric patterns on a labelled synthetic cohort.
+
+    ``history, labels`` as :func:`model.synthetic.generate_cohort` returns them. For each
+    pattern id that is also a label kind: ``n_labelled``, ``tp``, ``fp``, ``fn``, ``recall``,
+    ``precision``, ``false_positive_rate`` (per unlabelled specimen), and the recall among
+    specimens where the pattern could be assessed (``n_assessable``, ``recall_assessable``).
+    A detection of another pattern's specimen counts as a false positive.
+    """
+    tl, pats = timeline_from_history(history)
+    found, assessable = pattern_detections(tl, pats, reference)
+    spec = specimen_keys(tl)
+    spec_of = pd.Series(spec.to_numpy(), index=tl["result_id"].to_numpy())
+    all_specs = pd.Index(spec.unique())
+    lab_spec = specimen_keys(labels.assign(specimen_id=None))
+    out = {}
+    for pat_id, ok in assessable.items():
+        lab = set(lab_spec[(labels["kind"] == pat_id).to_numpy()])
+        det = set(spec_of.reindex(found.loc[found["rule"] == PATTERN_PREFIX + pat_id, "result_id"]).dropna())
+        tp, fp, fn = len(det & lab), len(det - lab), len(lab - det)
+        ok_specs = set(ok.index[ok.to_numpy()])
+        lab_ok = lab & ok_specs
+        negatives = len(all_specs) - len(lab)
+        out[pat_id] = {
+            "n_specimens": int(len(all_specs)), "n_labelled": len(lab), "tp": tp, "fp": fp, "fn": fn,
+            "recall": tp / len(lab) if lab else None,
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "false_positive_rate": fp / negatives if negatives else None,
+            "n_assessable": len(lab_ok),
+            "recall_assessable": len(det & lab_ok) / len(lab_ok) if lab_ok else None,
+            "precision_assessable": (len(det & lab_ok) / len(det & ok_specs)) if det & ok_specs else None,
+        }
+    return out
+

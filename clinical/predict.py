@@ -1,0 +1,138 @@
+"""``labtrend predict``: forecasts, anomalies, SHAP explanations and recommendations for one patient, stored.
+
+:func:`predict_patient` is the whole pipeline, as plain Python for the CLI and the dashboard:
+
+1. the patient's timeline and demographics from the store; ``at`` defaults to **one day
+   after the patient's last result** (exports are retrospective - MIMIC-IV dates are shifted
+   into the 2100s - so the wall clock would be meaningless; pass ``at`` for "now");
+2. forecasts at ``at`` for the patient's ``top_n`` analytes with the most valid results
+   before ``at`` that the model knows (from results collected strictly before ``at``);
+3. anomalies over the whole history before ``at``; the model rules (model surprise, and
+   multivariate inconsistency when a pretraining model is given) only over the last
+   ``model_window_days`` days, since they cost one model row per result time;
+4. a SHAP explanation of each forecast that has one (:func:`model.explain.explain_forecast`);
+5. recommendations from the rule file;
+6. every item stored in ``model_outputs`` (idempotent upsert) with its deterministic id.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from clinical import outputs as out_mod
+from clinical.anomalies import ClinicalReference, default_reference, detect_anomalies, history_from_timeline
+from clinical.recommendations import RuleSet, evaluate_rules, load_rules
+from data import queries
+from data.db import Store
+from model import MIN_HISTORY
+
+__all__ = ["default_at", "top_analytes_for", "predict_patient", "PatientNotFound"]
+
+
+class PatientNotFound(LookupError):
+    """The patient id is not in the store."""
+
+
+def default_at(timeline: pd.DataFrame) -> pd.Timestamp:
+    """One day after the patient's last result (see the module docstring)."""
+    if timeline.empty:
+        raise ValueError("the patient has no results: give the forecast time explicitly")
+    return pd.Timestamp(timeline["collected_at"].max()) + pd.Timedelta(days=1)
+
+
+def top_analytes_for(history: pd.DataFrame, vocab, n: int) -> list[str]:
+    """Analytes with the most results in ``history`` that ``vocab`` knows and that have enough history."""
+    counts = history["analyte_code"].value_counts()
+    known = np.array([c in vocab for c in counts.index], dtype=bool)
+    counts = counts[known & (counts.to_numpy() >= MIN_HISTORY)]
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [c for c, _ in ranked[:n]]
+
+
+def _items(records: list[dict]) -> list[dict]:
+    return [{"output_id": r["output_id"], "kind": r["kind"], "patient_id": r["patient_id"],
+             "analyte_code": r["analyte_code"], "time": out_mod._jsonable(r["output_time"]),
+             "model_version": r["model_version"], **r["payload"]} for r in records]
+
+
+def predict_patient(
+    store: Store,
+    pipeline,
+    patient_id: str,
+    at=None,
+    *,
+    top_n: int = 5,
+    explain: bool = True,
+    masked_predictor=None,
+    reference: ClinicalReference | None = None,
+    rules: RuleSet | None = None,
+    model_window_days: float | None = 30.0,
+    save: bool = True,
+) -> dict:
+    """Everything ``labtrend predict --json`` prints (and stores) for one patient.
+
+    Returns ``{"patient_id", "model_version", "at", "forecasts", "anomalies",
+    "explanations", "recommendations", "notes", "stored"}``; each item carries its
+    ``output_id``. Raises :class:`PatientNotFound` for an unknown patient.
+    """
+    info = queries.patient_info(store, patient_id)
+    if info is None:
+        raise PatientNotFound(f"no patient {patient_id!r} in the store")
+    ref = reference or default_reference()
+    rs = rules or load_rules()
+    timeline = queries.timeline(store, patient_id)
+    at = pd.Timestamp(at) if at is not None else default_at(timeline)
+    before = timeline[timeline["collected_at"] < at]
+    history = history_from_timeline(before, info)
+    notes: list[str] = []
+
+    # forecasts
+    codes = top_analytes_for(history, pipeline.vocab, top_n)
+    if not codes:
+        notes.append(f"no analyte with at least {MIN_HISTORY} results known to model {pipeline.model_version}")
+    q = pd.DataFrame({"patient_id": [str(patient_id)] * len(codes), "analyte_code": codes, "at": [at] * len(codes)})
+    forecasts = pipeline.forecast(history, q) if codes else pd.DataFrame(columns=["patient_id", "analyte_code", "at"])
+    f_recs = out_mod.forecast_outputs(forecasts, history, calibrated=pipeline.conformal is not None) if codes else []
+    if codes:
+        forecasts = forecasts.assign(output_id=[r["output_id"] for r in f_recs])
+
+    # anomalies
+    since = at - pd.Timedelta(days=model_window_days) if model_window_days is not None else None
+    anomalies = detect_anomalies(before, info, forecaster=pipeline, masked_predictor=masked_predictor, reference=ref,
+                                 model_rules_since=since)
+    notes += list(anomalies.attrs.get("notes", []))
+    a_recs = out_mod.anomaly_outputs(anomalies, ref.version)
+    anomalies = anomalies.assign(output_id=[r["output_id"] for r in a_recs])
+
+    # explanations
+    e_recs = []
+    if explain and codes:
+        from model.explain import explain_forecast
+
+        expl, fids = [], []
+        for f, rec in zip(forecasts.to_dict("records"), f_recs):
+            if f["status"] != "ok":
+                continue
+            expl.append(explain_forecast(pipeline, history, str(patient_id), f["analyte_code"], at,
+                                         forecast_median=float(f["q50"])))
+            fids.append(rec["output_id"])
+        e_recs = out_mod.explanation_outputs(expl, fids)
+
+    # recommendations
+    recs = evaluate_rules(before, info, at=at, forecasts=forecasts if codes else None, anomalies=anomalies,
+                          rules=rs, reference=ref)
+    r_recs = out_mod.recommendation_outputs(recs)
+
+    stored = out_mod.store_outputs(store, f_recs + a_recs + e_recs + r_recs) if save else None
+    return {
+        "patient_id": str(patient_id),
+        "model_version": pipeline.model_version,
+        "at": at.isoformat(),
+        "forecasts": _items(f_recs),
+        "anomalies": _items(a_recs),
+        "explanations": _items(e_recs),
+        "recommendations": _items(r_recs),
+        "notes": notes,
+        "stored": stored,
+    }
