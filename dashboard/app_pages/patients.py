@@ -1,0 +1,57 @@
+"""Patients: find a patient by id, filter by abnormal / implausible counts and last result date."""
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import auth, state
+
+user = auth.require_page("patients")
+st.title("Patients")
+
+db = state.db_path()
+df = state.patients(db, state.data_version(db))
+if df.empty:
+    st.info("No patients in the database yet. An analyst adds lab results on the Upload page.")
+    st.stop()
+
+c1, c2, c3, c4 = st.columns([2, 1, 1, 2])
+search = c1.text_input("Patient id contains", key="patients_search", placeholder="e.g. 10000032")
+min_abnormal = c2.number_input("Min. abnormal", min_value=0, step=1, key="patients_min_abnormal",
+                               help="Results flagged abnormal by the laboratory")
+min_implausible = c3.number_input("Min. implausible", min_value=0, step=1, key="patients_min_implausible",
+                                  help="Values outside physiological limits: possible entry errors (LAB-10)")
+last = pd.to_datetime(df["last_result"]).dropna()
+lo, hi = (last.min().date(), last.max().date()) if len(last) else (None, None)
+period = c4.date_input("Last result between", value=(lo, hi) if lo else (), min_value=lo, max_value=hi,
+                       key="patients_last_range", format="YYYY-MM-DD") if lo else ()
+
+view = df
+if search:
+    view = view[view["patient_id"].str.contains(search.strip(), case=False, regex=False)]
+view = view[(view["n_abnormal"] >= min_abnormal) & (view["n_implausible"] >= min_implausible)]
+if isinstance(period, tuple) and len(period) == 2:
+    last_day = pd.to_datetime(view["last_result"]).dt.date
+    view = view[(last_day >= period[0]) & (last_day <= period[1])]
+
+st.caption(f"{len(view)} of {len(df)} patients. Select a row to open the timeline.")
+table = view[["patient_id", "sex", "age_at_ref", "n_results", "n_abnormal", "n_implausible", "first_result",
+              "last_result"]].reset_index(drop=True)
+event = st.dataframe(
+    table, key="patients_table", on_select="rerun", selection_mode="single-row", hide_index=True, width="stretch",
+    column_config={
+        "patient_id": st.column_config.TextColumn("Patient", pinned=True),
+        "sex": st.column_config.TextColumn("Sex"),
+        "age_at_ref": st.column_config.NumberColumn("Age (y)", format="%.0f", help="At the source's reference date"),
+        "n_results": st.column_config.NumberColumn("Results"),
+        "n_abnormal": st.column_config.NumberColumn("Abnormal"),
+        "n_implausible": st.column_config.NumberColumn("Implausible"),
+        "first_result": st.column_config.DatetimeColumn("First result", format="YYYY-MM-DD"),
+        "last_result": st.column_config.DatetimeColumn("Last result", format="YYYY-MM-DD HH:mm"),
+    },
+)
+rows = event.selection.rows if event is not None and hasattr(event, "selection") else []
+chosen = table.iloc[rows[0]]["patient_id"] if rows else (table.iloc[0]["patient_id"] if len(table) == 1 else None)
+if chosen is not None:
+    if st.button(f"Open timeline of {chosen}", type="primary", icon=":material/monitoring:", key="patients_open"):
+        st.session_state["timeline_patient"] = chosen
+        st.switch_page("app_pages/timeline.py")

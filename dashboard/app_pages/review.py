@@ -1,0 +1,97 @@
+"""Review (experts): a verdict on each model output, one at a time (UI-17).
+
+The output on screen and a fresh submission id are fixed in ``st.session_state`` *before*
+the form is drawn; the submit handler stores exactly that output id with that submission
+id (never a fresh "next pending" lookup), so a double click or a rerun writes one row
+(``clinical.outputs.record_verdict`` is idempotent per submission). The form's widgets are
+keyed by the output id, so after a save the next output shows with an empty form.
+"""
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import auth, services, state
+
+CURRENT = "review_current"  # {"output": snapshot of the row on screen, "submission_id": ...}
+SAVED = "review_saved"  # output ids this session has saved
+
+user = auth.require_page("review")
+st.title("Expert review")
+st.caption("Judge each model output: is it clinically valid? Your verdict and comment are stored with your name "
+           "and role, and every verdict is kept.")
+
+store = state.get_store(state.db_path())
+backend = services.review_backend()
+queue = services.pending_outputs(store, user.username)
+
+if backend is None:
+    if queue.frame.empty:
+        st.info(queue.message or "No model outputs to review yet.")
+    else:
+        st.warning(queue.message)
+        st.dataframe(queue.frame, hide_index=True, width="stretch", key="review_readonly")
+    st.stop()
+
+saved: set = st.session_state.setdefault(SAVED, set())
+pending = queue.frame[~queue.frame["output_id"].astype(str).isin(saved)]
+current = st.session_state.get(CURRENT)
+if current is None or str(current["output"]["output_id"]) in saved:
+    current = None
+    if len(pending):
+        new_id = getattr(backend, "new_submission_id", None)
+        current = {"output": pending.iloc[0].to_dict(), "submission_id": new_id() if new_id else None}
+    st.session_state[CURRENT] = current
+
+flash = st.session_state.pop("review_flash", None)
+if flash:
+    st.success(flash)
+
+if current is None:
+    st.info("Nothing left to review. Thank you.")
+    st.stop()
+
+out = current["output"]
+oid = str(out["output_id"])
+st.caption(f"{len(pending)} output(s) waiting for your verdict.")
+with st.container(border=True):
+    kind = out.get("kind") or "output"
+    st.markdown(f"**{str(kind).capitalize()}** `{oid}`")
+    what = out.get("analyte_name") or out.get("analyte_code") or ""
+    line = f"Patient **{out.get('patient_id')}**" + (f" · {what}" if what else "")
+    value = out.get("predicted_value")
+    if value is not None and not pd.isna(value):
+        line += f": **{value} {out.get('unit') or ''}**"
+    when = out.get("forecast_for")
+    if when is not None and not pd.isna(when):
+        line += f" for {pd.Timestamp(when):%Y-%m-%d %H:%M}"
+    st.markdown(line)
+    if out.get("summary"):
+        st.markdown(str(out["summary"]))
+    facts = [f"rule {out['rule']}" if out.get("rule") else "", f"model {out['model_version']}" if out.get("model_version") else ""]
+    if any(facts):
+        st.caption(" · ".join(f for f in facts if f))
+
+verdicts = list(getattr(backend, "VERDICTS", ("valid", "invalid")))
+with st.form("review_form", clear_on_submit=True):
+    verdict = st.radio("Verdict", verdicts, index=None, horizontal=True, key=f"review_verdict_{oid}")
+    comment = st.text_area("Comment (optional)", key=f"review_comment_{oid}", max_chars=2000)
+    submitted = st.form_submit_button("Save verdict", type="primary")
+
+if submitted:
+    if verdict is None:
+        st.warning("Choose a verdict first.")
+    elif oid not in saved:
+        try:
+            result = backend.record_verdict(store, oid, user.username, user.role_label, verdict,
+                                            comment=comment.strip() or None, submission_id=current["submission_id"])
+        except ValueError as exc:
+            st.error(f"Not saved: {exc}")
+            st.stop()
+        saved.add(oid)
+        if result:
+            auth.record("verdict", patient_id=str(out.get("patient_id")),
+                        detail={"output_id": oid, "verdict": verdict, "submission_id": current["submission_id"]})
+        st.session_state[CURRENT] = None
+        st.session_state["review_flash"] = (f"Saved: {oid} is {verdict}." if result
+                                            else f"{oid}: this submission was already saved; nothing added.")
+        st.rerun()

@@ -1,0 +1,113 @@
+"""Upload: import a lab export (CSV, MIMIC-IV, FHIR, OMOP, Synthea) through the common pipeline."""
+
+import tempfile
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard import auth, state, uploads
+from data import queries
+from data.export import neutralise_formulas, quarantine_table
+from data.importers import FORMATS, ImportFileError, ImportOptions, detect_format, run_import
+
+FORMAT_LABELS = {"csv": "Long CSV (one result per row)", "mimic": "MIMIC-IV hosp", "fhir": "FHIR R4 Observations",
+                 "omop": "OMOP CDM MEASUREMENT", "synthea": "Synthea observations"}
+
+user = auth.require_page("upload")
+st.title("Upload lab results")
+st.caption("One file (.csv, .tsv, .txt, .json, .ndjson, optionally .gz) or a .zip of an export folder "
+           "(MIMIC-IV hosp, OMOP, Synthea, FHIR). An import is all-or-nothing; rows that cannot be used are "
+           "kept in quarantine with the reason, and the same file imported twice adds nothing.")
+
+db = state.db_path()
+store = state.get_store(db)
+upload = st.file_uploader("Lab export", type=uploads.UPLOAD_TYPES, key="upload_file")
+
+
+def _record_download(batch_id: int, n: int) -> None:
+    auth.record("download_quarantine", detail={"batch_id": batch_id, "rows": n})
+
+
+if upload is not None:
+    with tempfile.TemporaryDirectory(prefix="labtrend-upload-") as tmp:
+        try:
+            path = uploads.stage_upload(upload.name, upload.getvalue(), Path(tmp))
+            detected = detect_format(path)
+        except ImportFileError as exc:
+            st.error(f"{upload.name}: {exc}")
+            st.stop()
+        table, head, listing = uploads.preview(path)
+        st.success(f"Detected format: **{FORMAT_LABELS.get(detected, detected)}** "
+                   f"({upload.size / 1024**2:.1f} MB{', ' + str(len(listing)) + ' files' if len(listing) > 1 else ''})")
+        with st.expander("Preview (first rows as written in the file)", expanded=True):
+            if len(listing) > 1:
+                st.caption("Files: " + ", ".join(listing[:20]) + (" …" if len(listing) > 20 else ""))
+            if table is not None:
+                st.dataframe(table, hide_index=True, width="stretch", key="upload_preview")
+            else:
+                st.code(head or "(empty)", language=None)
+        c1, c2, c3 = st.columns(3)
+        fmt = c1.selectbox("Format", list(FORMATS), index=list(FORMATS).index(detected), key="upload_format",
+                           format_func=lambda f: FORMAT_LABELS.get(f, f))
+        order = c2.selectbox("Dates like 01/02/2024", ["decide from the data", "day first", "month first"],
+                             key="upload_date_order")
+        decimal = c3.selectbox("Decimal mark", ["decide from the data", ".", ","], key="upload_decimal")
+        options = ImportOptions(
+            date_order={"day first": "dayfirst", "month first": "monthfirst"}.get(order),
+            decimal=decimal if decimal in (".", ",") else None,
+        )
+        if st.button("Import", type="primary", icon=":material/upload:", key="upload_import"):
+            progress = st.progress(10, text="Reading and checking the file…")
+            try:
+                with st.spinner(f"Importing {path.name}…"):
+                    summary = run_import(store, path, fmt=fmt, options=options)
+            except ImportFileError as exc:
+                progress.empty()
+                auth.record("upload", detail={"file": upload.name, "format": fmt, "status": "rejected",
+                                              "message": str(exc)})
+                st.error(f"Nothing was imported. {exc}")
+                st.stop()
+            progress.progress(100, text="Import finished")
+            result = summary.to_dict()
+            st.session_state["upload_last"] = result
+            state.data_version.clear()
+            auth.record("upload", detail={"file": upload.name, "status": "already imported" if summary.already_imported
+                                          else "complete", **{k: result[k] for k in (
+                                              "batch_id", "format", "rows_read", "rows_loaded", "rows_quarantined",
+                                              "rows_skipped", "patients")}})
+
+last = st.session_state.get("upload_last")
+if last:
+    st.subheader(f"Import summary: {last['file']} (batch {last['batch_id']})")
+    if last["already_imported"]:
+        st.info(last["message"])
+    else:
+        st.write(last["message"])
+        m = st.columns(5)
+        m[0].metric("Rows read", f"{last['rows_read']:,}")
+        m[1].metric("Loaded", f"{last['rows_loaded']:,}")
+        m[2].metric("Quarantined", f"{last['rows_quarantined']:,}")
+        m[3].metric("Skipped (duplicates etc.)", f"{last['rows_skipped']:,}")
+        m[4].metric("Patients", f"{last['patients']:,}")
+        if last["rows_quarantined"]:
+            q = quarantine_table(queries.quarantine_rows(store, last["batch_id"]))
+            st.markdown(f"**Quarantined rows** ({len(q)}): not loaded; fix them in the source and import again.")
+            st.dataframe(q.head(1000), hide_index=True, width="stretch", key="upload_quarantine")
+            st.download_button(
+                "Download quarantined rows (CSV)", neutralise_formulas(q).to_csv(index=False).encode("utf-8"),
+                file_name=f"quarantine_batch_{last['batch_id']}.csv", mime="text/csv", key="upload_quarantine_csv",
+                on_click=_record_download, args=(last["batch_id"], len(q)), icon=":material/download:",
+            )
+
+st.subheader("Import history")
+hist = state.batches(db, state.data_version(db))
+if hist.empty:
+    st.caption("No imports yet.")
+else:
+    st.dataframe(hist[["batch_id", "file_name", "format", "rows_read", "rows_loaded", "rows_quarantined",
+                       "rows_skipped", "patients", "finished_at"]], hide_index=True, width="stretch",
+                 key="upload_history", column_config={
+                     "batch_id": "Batch", "file_name": "File", "format": "Format", "rows_read": "Rows read",
+                     "rows_loaded": "Loaded", "rows_quarantined": "Quarantined", "rows_skipped": "Skipped",
+                     "patients": "Patients",
+                     "finished_at": st.column_config.DatetimeColumn("Finished (UTC)", format="YYYY-MM-DD HH:mm")})

@@ -1,0 +1,860 @@
+"""Pure figure and table builders: DataFrames in, Plotly figures or DataFrames out.
+
+Nothing here imports Streamlit or touches the database, so every builder is tested with
+plain pytest on ``fig.data`` / ``fig.layout``. Inputs follow the project's contracts:
+
+* **results** - :data:`data.queries.TIMELINE_COLUMNS` (one row per stored result), plus,
+  optionally, ``ref_low_catalogue, ref_high_catalogue`` (the catalogue's reference interval
+  for this patient, canonical unit) and ``critical_low, critical_high`` (site critical
+  limits, canonical unit), as added by :func:`dashboard.services.with_reference_limits`.
+* **forecasts** - the forecast frame of ``model/__init__.py``: ``patient_id, analyte_code,
+  at, q05 .. q95, unit, n_history, status, model_version`` (optional ``q025, q975``).
+* **anomalies** - :data:`dashboard.services.ANOMALY_COLUMNS` (``clinical.anomalies``); each
+  flag other than ``reference_interval`` (already the H/L label) rings its result and names
+  its rule.
+
+How the timeline draws each kind of result (Sittig et al. 2015 lab-graph criteria; cases
+LAB-01/02/04/05/10):
+
+==========================  ==========================================================
+numeric result              circle at its value in the canonical unit; outside the
+                            reference interval: red with an ``H``/``L`` text label
+                            (``HH``/``LL`` beyond the critical limits)
+censored ``<x`` / ``>x``    triangle-down / triangle-up at the limit, hover ``<10``
+text or empty result        a marked gap: dotted vertical line and an ``x`` at the bottom
+                            edge of the axis, the text in the hover; never a point at 0
+implausible value (LAB-10)  arrow pinned at the axis edge, value as label; left out of
+                            the axis range and of the trend line
+unit missing (LAB-04)       grey open circle at the bottom edge (not to scale); left out
+conflicting (LAB-05)        every value drawn (diamonds); the trend line follows the
+                            model's rule (the one reported last)
+==========================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = [
+    "COLORS",
+    "display_unit",
+    "fmt_value",
+    "date_bounds",
+    "flag_label",
+    "panel_analytes",
+    "PANEL_LABELS",
+    "panels_of",
+    "analyte_label",
+    "make_timeline_figure",
+    "make_cumulative_table",
+    "style_cumulative_table",
+    "explanation_difference",
+    "make_shap_bar",
+    "make_calibration_plot",
+]
+
+# Okabe-Ito based palette: distinguishable with colour-vision deficiency, and every colour
+# cue also has a shape or text cue.
+COLORS = {
+    "normal": "#1f4e79",
+    "abnormal": "#c62828",
+    "critical": "#7f0000",
+    "trend": "#6b8bb0",
+    "gap": "#555555",
+    "implausible": "#8e24aa",
+    "unit_missing": "#9e9e9e",
+    "band": "rgba(46, 125, 50, 0.12)",
+    "band_line": "rgba(46, 125, 50, 0.45)",
+    "forecast": "#d55e00",
+    "forecast80": "rgba(213, 94, 0, 0.28)",
+    "forecast_outer": "rgba(213, 94, 0, 0.12)",
+    "anomaly": "#e69f00",
+}
+FONT = dict(family="Inter, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif", size=14, color="#1a1a1a")
+ROW_HEIGHT = 220  # px per analyte
+TIME_FMT = "%Y-%m-%d %H:%M"
+
+_UNIT_DISPLAY = {
+    "10*3/uL": "10³/µL", "10*6/uL": "10⁶/µL", "10*9/L": "10⁹/L", "10*12/L": "10¹²/L",
+    "u[IU]/mL": "µIU/mL", "m[IU]/L": "mIU/L", "[IU]/mL": "IU/mL", "[IU]/L": "IU/L", "mm[Hg]": "mmHg",
+    "ug/dL": "µg/dL", "ug/L": "µg/L", "umol/L": "µmol/L", "meq/L": "mEq/L", "1": "", "N/A": "",
+}
+_FLAG_ALIASES = {
+    "h": "H", "high": "H", "hu": "H", ">": "H", "l": "L", "low": "L", "lu": "L", "<": "L", "hh": "HH", "ll": "LL",
+    "a": "A", "aa": "A", "abnormal": "A", "abn": "A", "*": "A", "n": "", "normal": "", "": "",
+}
+
+
+# =============================================================================================
+# Small helpers
+# =============================================================================================
+def display_unit(ucum: str | None) -> str:
+    """A UCUM code as clinicians write it (``10*3/uL`` -> ``10³/µL``; ``1`` -> '')."""
+    if ucum is None or (isinstance(ucum, float) and math.isnan(ucum)):
+        return ""
+    return _UNIT_DISPLAY.get(str(ucum), str(ucum))
+
+
+def fmt_value(v) -> str:
+    """A result number without false precision (139, 4.1, 0.001, 1276103)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    v = float(v)
+    if abs(v) >= 1000:
+        return f"{v:.0f}"
+    return f"{v:.3g}" if abs(v) < 10 else f"{v:.4g}"
+
+
+def _num(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _s(v) -> str:
+    """A cell as text ('' for missing)."""
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return str(v)
+
+
+def _interval(row) -> tuple[float | None, float | None]:
+    """The reference interval of a result in the canonical unit: the row's own, else the catalogue's."""
+    lo, hi = _num(row.get("ref_low_canonical")), _num(row.get("ref_high_canonical"))
+    if lo is None and hi is None:
+        lo, hi = _num(row.get("ref_low_catalogue")), _num(row.get("ref_high_catalogue"))
+    return lo, hi
+
+
+def flag_label(row) -> str:
+    """The abnormal flag to print next to a result: 'HH', 'H', 'L', 'LL', 'A' or ''.
+
+    Direction comes from the value against the reference interval (critical limits for
+    HH/LL) when those are known; otherwise from the flag as reported ('abnormal' -> 'A').
+    A censored value is flagged only when the limit itself settles it ('<3' below a low of
+    3.3 is 'L'; '<10' with a low of 3.3 is not flagged). Text, implausible and unit-missing
+    results get no flag here (they have their own markers).
+    """
+    kind = row.get("result_kind")
+    if kind not in ("numeric", "censored") or bool(row.get("implausible")) or bool(row.get("unit_missing")):
+        return ""
+    v = _num(row.get("value_canonical"))
+    reported = _FLAG_ALIASES.get(_s(row.get("flag")).strip().lower(), "A" if _s(row.get("flag")).strip() else "")
+    if v is None:
+        return reported
+    comp = _s(row.get("comparator")) or "="
+    lo, hi = _interval(row)
+    clo, chi = _num(row.get("critical_low")), _num(row.get("critical_high"))
+    below_ok = comp in ("=", "<", "<=")  # the true value is <= v: "below" is settled
+    above_ok = comp in ("=", ">", ">=")
+    if chi is not None and above_ok and v >= chi:
+        return "HH"
+    if clo is not None and below_ok and v <= clo:
+        return "LL"
+    if hi is not None and above_ok and v > hi:
+        return "H"
+    if lo is not None and below_ok and v < lo:
+        return "L"
+    if lo is not None or hi is not None:
+        # inside the interval as far as we can tell; keep an explicit H/L/A from the lab
+        return reported if comp == "=" else ""
+    return reported
+
+
+def _catalogue():
+    from data.catalogue import load_catalogue  # versioned reference file, read once
+
+    return load_catalogue()
+
+
+def panel_analytes(results: pd.DataFrame, panel: str | Sequence[str] | None) -> list[str]:
+    """Analyte codes of ``results`` to draw, in catalogue order (others by frequency).
+
+    ``panel`` is a catalogue panel name (``'electrolytes'``; ``'other'`` for analytes the
+    catalogue does not know), an explicit list of analyte codes, or None for all.
+    """
+    if results.empty:
+        return []
+    cat = _catalogue()
+    order = {a.code: i for i, a in enumerate(cat)}
+    counts = results["analyte_code"].value_counts()
+    codes = list(counts.index)
+    if isinstance(panel, str):
+        codes = [c for c in codes if (cat.get(c).panel if c in cat else "other") == panel]
+    elif panel is not None:
+        wanted = list(panel)
+        return [c for c in wanted if c in counts.index]
+    return sorted(codes, key=lambda c: (order.get(c, len(order)), -int(counts[c]), c))
+
+
+PANEL_LABELS = {
+    "electrolytes": "Electrolytes", "renal": "Renal", "cbc": "Blood count (CBC)", "liver": "Liver",
+    "glycaemia": "Glucose / HbA1c", "lipids": "Lipids", "blood_gas": "Blood gas", "coagulation": "Coagulation",
+    "cardiac": "Cardiac", "inflammation": "Inflammation", "iron": "Iron studies", "thyroid": "Thyroid",
+    "urine": "Urine", "other": "Other (not in the catalogue)",
+}
+
+
+def panels_of(results: pd.DataFrame) -> dict[str, list[str]]:
+    """Panel -> analyte codes with at least one plottable (non-text) result, panels in catalogue order."""
+    if results.empty:
+        return {}
+    cats = _classify(results)
+    plottable = results.loc[cats != "gap", "analyte_code"].unique()
+    cat = _catalogue()
+    out: dict[str, list[str]] = {}
+    for code in panel_analytes(results[results["analyte_code"].isin(plottable)], None):
+        out.setdefault(cat.get(code).panel if code in cat else "other", []).append(code)
+    order = list(PANEL_LABELS)
+    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def analyte_label(results: pd.DataFrame, code: str) -> str:
+    """'Sodium (mmol/L)' for pickers and tables."""
+    name, unit = _analyte_title(results, code)
+    u = display_unit(unit)
+    return f"{name} ({u})" if u else name
+
+
+def _analyte_title(results: pd.DataFrame, code: str) -> tuple[str, str]:
+    """(name, canonical unit) of an analyte: catalogue first, else as stored."""
+    cat = _catalogue()
+    a = cat.get(code) if code in cat else None
+    rows = results[results["analyte_code"] == code]
+    units = rows["unit_canonical"].dropna()
+    unit = a.canonical_unit if a else (units.mode().iloc[0] if len(units) else "")
+    if a:
+        name = a.name
+    else:
+        names = rows["analyte_name"].dropna()
+        name = names.mode().iloc[0] if len(names) else code
+    return name, unit
+
+
+def _axis_title(name: str, unit: str) -> str:
+    lines = textwrap.wrap(name, 18) or [name]
+    u = display_unit(unit)
+    return "<br>".join(lines[:3]) + (f"<br>({u})" if u else "<br>(no unit)")
+
+
+def _to_ts(v) -> pd.Timestamp | None:
+    if v is None:
+        return None
+    return pd.Timestamp(v)
+
+
+def date_bounds(date_range) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
+    if not date_range:
+        return None, None
+    start, end = (list(date_range) + [None, None])[:2]
+    start, end = _to_ts(start), _to_ts(end)
+    # a plain date as the end means "through that day"
+    if end is not None and isinstance(date_range[1], date) and not isinstance(date_range[1], datetime):
+        end = end + pd.Timedelta(days=1) - pd.Timedelta(microseconds=1)
+    return start, end
+
+
+# =============================================================================================
+# Timeline
+# =============================================================================================
+def _classify(df: pd.DataFrame) -> pd.Series:
+    """One drawing category per result (see the module docstring)."""
+    kind = df["result_kind"].astype(str)
+    cat = pd.Series("numeric", index=df.index, dtype=object)
+    cat[df["conflicting"].astype(bool)] = "conflicting"
+    cat[kind == "censored"] = "censored"
+    cat[df["implausible"].astype(bool)] = "implausible"
+    cat[df["unit_missing"].astype(bool)] = "unit_missing"
+    cat[kind.isin(["text", "empty"]) | df["value_canonical"].isna() & ~df["unit_missing"].astype(bool)] = "gap"
+    return cat
+
+
+def _trend_rows(df: pd.DataFrame, cats: pd.Series) -> pd.DataFrame:
+    """The series the model sees: exact and censored values, no implausible or unit-missing;
+    one value per time (the one reported last, as in :func:`data.queries.cohort`)."""
+    use = df[cats.isin(["numeric", "conflicting", "censored"])].copy()
+    if use.empty:
+        return use
+    use["_rep"] = use["reported_at"].fillna(pd.Timestamp.min) if "reported_at" in use else pd.Timestamp.min
+    use = use.sort_values(["collected_at", "_rep", "result_id"])
+    return use.drop_duplicates("collected_at", keep="last")
+
+
+def _hover(row, name: str, unit: str, label: str, note: str = "") -> str:
+    u = display_unit(unit)
+    t = pd.Timestamp(row["collected_at"]).strftime(TIME_FMT)
+    comp = _s(row.get("comparator"))
+    v = _num(row.get("value_canonical"))
+    value = (comp if comp in ("<", "<=", ">", ">=") else "") + fmt_value(v) if v is not None else _s(row.get("value_text"))
+    lines = [f"<b>{name}</b>: {value} {u}".rstrip(), t]
+    lo, hi = _interval(row)
+    if lo is not None or hi is not None:
+        lines.append(f"Reference: {fmt_value(lo) if lo is not None else '–'}–{fmt_value(hi) if hi is not None else '–'} {u}".rstrip())
+    flag_txt = label or "none"
+    reported = _s(row.get("flag"))
+    if reported and reported.strip().upper() != label:
+        flag_txt += f" (reported: {reported})"
+    lines.append(f"Flag: {flag_txt}")
+    original = (_s(row.get("value_text")) + " " + _s(row.get("unit"))).strip()
+    lines.append(f"As reported: {original or '(empty)'}")
+    comment = _s(row.get("comment"))
+    if comment:
+        lines.append(f"Comment: {textwrap.shorten(comment, 80)}")
+    if note:
+        lines.append(f"<i>{note}</i>")
+    return "<br>".join(lines)
+
+
+MIN_SPAN_FRACTION = 0.10  # the y-axis spans at least 10% of the values' size: 13.8 -> 13.6 is not a cliff
+
+
+def _y_range(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return 0.0, 1.0
+    lo, hi = min(vals), max(vals)
+    centre = (lo + hi) / 2
+    min_span = MIN_SPAN_FRACTION * max(abs(lo), abs(hi)) or 1.0
+    if hi - lo < min_span:
+        lo, hi = centre - min_span / 2, centre + min_span / 2
+    pad = 0.12 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    if min(vals) >= 0 > lo:  # no negative axis for values that cannot be negative
+        lo = 0.0 if min(vals) > 0 else -pad
+    return lo, hi
+
+
+class _Legend:
+    """Shows each legend entry once across all small multiples."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def __call__(self, name: str) -> bool:
+        if name in self.seen:
+            return False
+        self.seen.add(name)
+        return True
+
+
+def make_timeline_figure(
+    results_df: pd.DataFrame,
+    panel: str | Sequence[str] | None,
+    forecasts: pd.DataFrame | None = None,
+    anomalies: pd.DataFrame | None = None,
+    date_range: tuple | None = None,
+) -> go.Figure:
+    """Small multiples, one per analyte of ``panel``, on one shared, proportional time axis.
+
+    Args:
+        results_df: one patient's results (module docstring: *results*).
+        panel: a catalogue panel name, a list of analyte codes, or None for every analyte
+            (:func:`panel_analytes`). Analytes with only text results are left out (they
+            are in the cumulative table).
+        forecasts: forecast frame (``status == 'ok'`` rows are drawn; other statuses are
+            written in the subplot); None or empty for none.
+        anomalies: anomaly frame; each flag rings the result it refers to and names its rule.
+        date_range: ``(start, end)`` dates or datetimes, inclusive; None for all results.
+
+    Returns:
+        A figure whose y-axes are titled with analyte name and unit, oldest result left.
+        ``fig.layout.meta`` holds ``{"analytes": [codes in row order]}``.
+    """
+    start, end = date_bounds(date_range)
+    df = results_df.copy()
+    if start is not None:
+        df = df[df["collected_at"] >= start]
+    if end is not None:
+        df = df[df["collected_at"] <= end]
+    df = df.sort_values(["collected_at", "result_id"]).reset_index(drop=True)
+    cats = _classify(df) if len(df) else pd.Series(dtype=object)
+    codes = [c for c in panel_analytes(df, panel) if (cats[df["analyte_code"] == c] != "gap").any()]
+    fc = forecasts if forecasts is not None and len(forecasts) else None
+    an = anomalies if anomalies is not None and len(anomalies) else None
+
+    if not codes:
+        fig = go.Figure()
+        fig.update_layout(
+            template="plotly_white", font=FONT, height=220, meta={"analytes": []},
+            annotations=[dict(text="No numeric results in this selection", showarrow=False,
+                              xref="paper", yref="paper", x=0.5, y=0.5, font=dict(size=16, color="#555"))],
+        )
+        fig.update_xaxes(visible=False)
+        fig.update_yaxes(visible=False)
+        return fig
+
+    n = len(codes)
+    height = 90 + ROW_HEIGHT * n
+    fig = make_subplots(rows=n, cols=1, shared_xaxes=True, vertical_spacing=min(0.1, 78 / height))
+    legend = _Legend()
+
+    # x extent: the data (and forecasts), padded, or the date range asked for
+    times = list(df["collected_at"])
+    if fc is not None:
+        times += list(pd.to_datetime(fc.loc[fc["status"] == "ok", "at"]))
+    t0, t1 = min(times), max(times)
+    pad = max((t1 - t0) * 0.03, pd.Timedelta(hours=12))
+    x0 = start if start is not None else t0 - pad
+    x1 = max(end, t1 + pad) if end is not None and fc is not None else (end if end is not None else t1 + pad)
+
+    for i, code in enumerate(codes, start=1):
+        rows = df[df["analyte_code"] == code]
+        rc = cats[rows.index]
+        name, unit = _analyte_title(df, code)
+        labels = {idx: flag_label(r) for idx, r in rows.iterrows()}
+
+        # ---- y range: plotted values + reference band + forecast quantiles, never implausible ones
+        in_scale = rows[rc.isin(["numeric", "conflicting", "censored"])]
+        scale_vals = [float(v) for v in in_scale["value_canonical"]]
+        intervals = [_interval(r) for _, r in rows.iterrows()]
+        band_vals = [v for lo_hi in intervals for v in lo_hi if v is not None]
+        fc_rows = None
+        if fc is not None:
+            fc_rows = fc[(fc["analyte_code"] == code)].copy()
+            fc_rows["at"] = pd.to_datetime(fc_rows["at"])
+            ok = fc_rows[fc_rows["status"] == "ok"]
+            for col in ("q05", "q95", "q025", "q975"):
+                if col in ok:
+                    scale_vals += [float(v) for v in ok[col] if _num(v) is not None]
+        y0, y1 = _y_range(scale_vals + band_vals)
+
+        # ---- reference band (step band following the row intervals, over the whole x range)
+        band = _band_series(rows, intervals, x0, x1)
+        if band is not None:
+            bx, blo, bhi, btxt = band
+            fig.add_trace(go.Scatter(x=bx, y=blo, mode="lines", line=dict(width=0.8, color=COLORS["band_line"], shape="hv"),
+                                     hoverinfo="skip", showlegend=False, legendgroup="ref", name="Reference interval (low)"),
+                          row=i, col=1)
+            fig.add_trace(go.Scatter(x=bx, y=bhi, mode="lines", line=dict(width=0.8, color=COLORS["band_line"], shape="hv"),
+                                     fill="tonexty", fillcolor=COLORS["band"], name="Reference interval",
+                                     legendgroup="ref", showlegend=legend("Reference interval"),
+                                     text=btxt, hovertemplate="%{text}<extra></extra>"),
+                          row=i, col=1)
+
+        # ---- trend line through the model's series, broken at text results
+        trend = _trend_rows(rows, rc)
+        gaps = rows[rc == "gap"]
+        if len(trend) >= 2:
+            tl = pd.concat([
+                trend[["collected_at", "value_canonical"]],
+                gaps[["collected_at"]].assign(value_canonical=np.nan),
+            ]).sort_values("collected_at")
+            fig.add_trace(go.Scatter(x=tl["collected_at"], y=tl["value_canonical"], mode="lines",
+                                     line=dict(color=COLORS["trend"], width=1.3), connectgaps=False,
+                                     hoverinfo="skip", showlegend=False, name="Trend"),
+                          row=i, col=1)
+
+        # ---- results by category
+        def add_points(sel, trace_name, symbol, color_of, note="", size=9, text_of=None, y_of=None,
+                       textposition="top center", line_color=None):
+            if sel.empty:
+                return
+            colors = [color_of(idx) for idx in sel.index]
+            ys = [y_of(r) for _, r in sel.iterrows()] if y_of else list(sel["value_canonical"].astype(float))
+            texts = [text_of(idx, r) for idx, r in sel.iterrows()] if text_of else [labels[idx] for idx in sel.index]
+            hover = [_hover(r, name, unit, labels[idx], note) for idx, r in sel.iterrows()]
+            fig.add_trace(go.Scatter(
+                x=sel["collected_at"], y=ys, mode="markers+text", name=trace_name, legendgroup=trace_name,
+                showlegend=legend(trace_name),
+                marker=dict(symbol=symbol, size=size, color=colors,
+                            line=dict(width=1.2, color=line_color or colors)),
+                text=texts, textposition=textposition,
+                textfont=dict(size=12, color=colors),
+                customdata=hover, hovertemplate="%{customdata}<extra></extra>", cliponaxis=False,
+            ), row=i, col=1)
+
+        def color_of(idx):
+            lab = labels[idx]
+            return COLORS["critical"] if lab in ("HH", "LL") else COLORS["abnormal"] if lab else COLORS["normal"]
+
+        num = rows[rc == "numeric"]
+        add_points(num[[labels[x] == "" for x in num.index]], "Result", "circle", color_of)
+        add_points(num[[labels[x] != "" for x in num.index]], "Result outside reference (H/L label)", "circle", color_of)
+        add_points(rows[rc == "conflicting"], "Conflicting results, same time", "diamond", color_of,
+                   note="Conflicting results at the same collection time: all shown; the trend uses the one reported last")
+        cens = rows[rc == "censored"]
+        below = cens[cens["comparator"].astype(str).str.startswith("<")]
+        above = cens[~cens.index.isin(below.index)]
+        cens_text = lambda idx, r: f"{_s(r['comparator'])}{fmt_value(r['value_canonical'])}" + (f" {labels[idx]}" if labels[idx] else "")  # noqa: E731
+        add_points(below, "Below limit (<), drawn at the limit", "triangle-down", color_of, size=12,
+                   text_of=cens_text, textposition="bottom center",
+                   note="Censored result: the true value is below this limit")
+        add_points(above, "Above limit (>), drawn at the limit", "triangle-up", color_of, size=12,
+                   text_of=cens_text, note="Censored result: the true value is above this limit")
+
+        imp = rows[rc == "implausible"]
+        if len(imp):
+            mid = (y0 + y1) / 2
+            hi_side = imp[imp["value_canonical"].astype(float) >= mid]
+            lo_side = imp[imp["value_canonical"].astype(float) < mid]
+            note = "Physiologically implausible, possible entry error: off scale, left out of the trend and the model"
+            imp_text = lambda idx, r: f"{fmt_value(r['value_canonical'])}?"  # noqa: E731
+            add_points(hi_side, "Implausible value (off scale)", "arrow-bar-up", lambda _: COLORS["implausible"],
+                       note=note, size=13, text_of=imp_text, y_of=lambda r: y1, textposition="middle right")
+            add_points(lo_side, "Implausible value (off scale)", "arrow-bar-down", lambda _: COLORS["implausible"],
+                       note=note, size=13, text_of=imp_text, y_of=lambda r: y0, textposition="middle right")
+
+        add_points(rows[rc == "unit_missing"], "Unit missing (not to scale)", "circle-open",
+                   lambda _: "#757575", size=10,
+                   text_of=lambda idx, r: "no unit", y_of=lambda r: y0, textposition="middle right",
+                   note="No unit reported: not converted, not to scale; left out of the trend and the model")
+
+        if len(gaps):
+            add_points(gaps, "Text result / no value (gap)", "x-thin-open", lambda _: COLORS["gap"], size=11,
+                       text_of=lambda idx, r: "", y_of=lambda r: y0,
+                       note="Not a number: shown as a gap, never as 0")
+            for t in gaps["collected_at"]:
+                fig.add_shape(type="line", x0=t, x1=t, y0=0, y1=1, yref=f"y{i if i > 1 else ''} domain",
+                              xref=f"x{i if i > 1 else ''}", line=dict(color=COLORS["gap"], width=1, dash="dot"),
+                              layer="below")
+
+        # ---- anomalies
+        if an is not None:
+            _add_anomalies(fig, an[an["analyte_code"] == code], rows, rc, i, legend, name, unit, y0)
+
+        # ---- forecasts
+        if fc_rows is not None and len(fc_rows):
+            _add_forecast(fig, fc_rows, trend, i, legend, name, unit)
+
+        fig.update_yaxes(title_text=_axis_title(name, unit), range=[y0, y1], row=i, col=1,
+                         title_font=dict(size=13, color="#1a1a1a"), tickfont=dict(size=12, color="#333"), zeroline=False,
+                         gridcolor="#e6e6e6", automargin=True)
+
+    fig.update_xaxes(type="date", range=[x0, x1], showticklabels=True, tickfont=dict(size=12),
+                     gridcolor="#eeeeee", showline=True, linecolor="#999", ticks="outside",
+                     tickformatstops=[
+                         dict(dtickrange=[None, 86400000], value="%d %b %Y<br>%H:%M"),
+                         dict(dtickrange=[86400000, None], value="%d %b %Y"),
+                     ])
+    fig.update_layout(
+        template="plotly_white", font=FONT, height=height, hovermode="closest",
+        hoverlabel=dict(font_size=14, bgcolor="white", align="left"),
+        margin=dict(l=10, r=30, t=70, b=40),
+        legend=dict(orientation="h", yref="container", y=1.0, yanchor="top", x=0, xanchor="left",
+                    font=dict(size=12), itemsizing="constant"),
+        meta={"analytes": codes},
+    )
+    return fig
+
+
+def _band_series(rows: pd.DataFrame, intervals, x0, x1):
+    """Step band of the reference interval across [x0, x1]; None when no interval is known."""
+    pts = [(t, lo, hi) for t, (lo, hi) in zip(rows["collected_at"], intervals) if lo is not None or hi is not None]
+    if not pts:
+        return None
+    xs, los, his = [], [], []
+    prev = None
+    for t, lo, hi in pts:
+        if (lo, hi) != prev:
+            xs.append(t)
+            los.append(lo)
+            his.append(hi)
+            prev = (lo, hi)
+    xs[0] = min(xs[0], x0)
+    xs.append(max(x1, pts[-1][0]))
+    los.append(los[-1])
+    his.append(his[-1])
+    # an open-ended interval (e.g. ALT 0-40 has a low; troponin has only a high) is drawn to the data
+    los = [lo if lo is not None else np.nan for lo in los]
+    his = [hi if hi is not None else np.nan for hi in his]
+    txt = [f"Reference interval {fmt_value(lo) if not math.isnan(lo) else '–'}–{fmt_value(hi) if not math.isnan(hi) else '–'}"
+           for lo, hi in zip(los, his)]
+    if all(math.isnan(v) for v in los):
+        return None if all(math.isnan(v) for v in his) else (xs, [None] * len(xs), his, txt)
+    return xs, los, his, txt
+
+
+def _add_anomalies(fig, an: pd.DataFrame, rows: pd.DataFrame, rc: pd.Series, i: int, legend, name: str, unit: str,
+                   y_bottom: float):
+    # 'reference_interval' flags are already the H/L labels on every point; ring the other rules
+    if "rule" in an:
+        an = an[an["rule"].astype(str) != "reference_interval"]
+    if an.empty:
+        return
+    plotted = rows[rc.isin(["numeric", "conflicting", "censored"])]
+    edge = rows[rc.isin(["gap", "unit_missing"])]  # drawn at the bottom edge
+    groups: dict[str, tuple[list, list, list]] = {}
+    for _, a in an.iterrows():
+        t = pd.Timestamp(a["collected_at"])
+        rid = _num(a.get("result_id"))
+        match = plotted[plotted["result_id"] == a["result_id"]] if rid is not None else plotted.iloc[0:0]
+        if match.empty and rid is None:
+            match = plotted[plotted["collected_at"] == t]
+        if len(match):
+            y = float(match["value_canonical"].iloc[-1])
+        elif rid is not None and (edge["result_id"] == a["result_id"]).any():
+            y = y_bottom
+        else:
+            continue
+        rule = _s(a.get("rule")) or "anomaly"
+        flag = _s(a.get("flag"))
+        detail = _s(a.get("text")) or _s(a.get("detail"))
+        g = groups.setdefault(_rule_group(rule), ([], [], []))
+        g[0].append(t)
+        g[1].append(y)
+        g[2].append(f"<b>Anomaly flag</b>: {rule}{' (' + flag + ')' if flag else ''}<br>{name} at {t.strftime(TIME_FMT)}"
+                    + ("<br>" + "<br>".join(textwrap.wrap(detail, 70)[:5]) if detail else ""))
+    for group, (xs, ys, hover) in groups.items():
+        label, symbol = _ANOMALY_STYLE.get(group, _ANOMALY_STYLE["other"])
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="markers", name=f"Anomaly: {label}", legendgroup=f"anomaly-{group}",
+            showlegend=legend(f"Anomaly: {label}"),
+            marker=dict(symbol=symbol, size=20, color=COLORS["anomaly"], line=dict(width=2.5, color=COLORS["anomaly"])),
+            customdata=hover, hovertemplate="%{customdata}<extra></extra>", cliponaxis=False,
+        ), row=i, col=1)
+
+
+# rule -> (legend label, open marker symbol): the legend names the rule behind each ring
+_ANOMALY_STYLE = {
+    "critical_value": ("critical value", "circle-open"),
+    "delta_check": ("delta check (change beyond RCV)", "square-open"),
+    "preanalytical": ("pre-analytical pattern", "hexagon-open"),
+    "model_surprise": ("outside the forecast interval", "diamond-open"),
+    "multivariate_inconsistency": ("inconsistent with the specimen", "star-open"),
+    "reference_interval": ("outside reference interval", "circle-open"),
+    "other": ("other rule", "octagon-open"),
+}
+
+
+def _rule_group(rule: str) -> str:
+    head = rule.split(":")[0]
+    return head if head in _ANOMALY_STYLE else "other"
+
+
+def _add_forecast(fig, fc_rows: pd.DataFrame, trend: pd.DataFrame, i: int, legend, name: str, unit: str):
+    """Median (dashed) and interval bands from the last observed value to each forecast time."""
+    u = display_unit(unit)
+    ok = fc_rows[fc_rows["status"] == "ok"].sort_values("at")
+    yref = f"y{i if i > 1 else ''} domain"
+    xref = f"x{i if i > 1 else ''} domain"
+    if ok.empty:
+        status = _s(fc_rows["status"].iloc[0]) if len(fc_rows) else ""
+        if status:
+            fig.add_annotation(text=f"No forecast: {status}", xref=xref, yref=yref, x=1, y=1.02, xanchor="right",
+                               yanchor="bottom", showarrow=False, font=dict(size=12, color="#666"))
+        return
+    version = _s(ok["model_version"].iloc[0]) if "model_version" in ok else ""
+    if len(trend):
+        t_last = pd.Timestamp(trend["collected_at"].iloc[-1])
+        v_last = float(trend["value_canonical"].iloc[-1])
+        anchor_x, anchor_y = [t_last], [v_last]
+    else:
+        t_last, anchor_x, anchor_y = None, [], []
+    xs = anchor_x + list(ok["at"])
+
+    def series(col):
+        return anchor_y + [float(v) for v in ok[col]]
+
+    outer = ("q025", "q975", "95%") if {"q025", "q975"} <= set(ok.columns) else ("q05", "q95", "90%")
+    bands = [(outer[0], outer[1], f"Forecast {outer[2]} interval ({outer[0]}–{outer[1]})", COLORS["forecast_outer"]),
+             ("q10", "q90", "Forecast 80% interval (q10–q90)", COLORS["forecast80"])]
+    for lo, hi, label, color in bands:
+        fig.add_trace(go.Scatter(x=xs, y=series(lo), mode="lines", line=dict(width=0), hoverinfo="skip",
+                                 showlegend=False, legendgroup=label, name=f"{label} (low)"), row=i, col=1)
+        fig.add_trace(go.Scatter(x=xs, y=series(hi), mode="lines", line=dict(width=0), fill="tonexty",
+                                 fillcolor=color, name=label, legendgroup=label, showlegend=legend(label),
+                                 hoverinfo="skip"), row=i, col=1)
+    hover = []
+    for _, r in ok.iterrows():
+        at = pd.Timestamp(r["at"])
+        horizon = f" (+{_horizon(at - t_last)} after the last result)" if t_last is not None else ""
+        hover.append(
+            f"<b>Forecast</b> {name} for {at.strftime(TIME_FMT)}{horizon}<br>"
+            f"Median {fmt_value(r['q50'])} {u}<br>80%: {fmt_value(r['q10'])}–{fmt_value(r['q90'])} {u}<br>"
+            f"{outer[2]}: {fmt_value(r[outer[0]])}–{fmt_value(r[outer[1]])} {u}<br>"
+            f"Model {version}" + (f"; {int(r['n_history'])} prior results" if _num(r.get("n_history")) is not None else "")
+            + "<br><i>Decision support, not a result</i>"
+        )
+    med_label = f"Forecast median (model {version})" if version else "Forecast median"
+    fig.add_trace(go.Scatter(
+        x=xs, y=series("q50"), mode="lines+markers", name=med_label, legendgroup="forecast",
+        showlegend=legend(med_label),
+        line=dict(color=COLORS["forecast"], width=2, dash="dash"),
+        marker=dict(symbol=["circle"] * len(anchor_x) + ["circle-open"] * len(ok), size=[0] * len(anchor_x) + [10] * len(ok),
+                    color=COLORS["forecast"], line=dict(width=2)),
+        customdata=[""] * len(anchor_x) + hover,
+        hovertemplate="%{customdata}<extra></extra>",
+    ), row=i, col=1)
+    last = ok.iloc[-1]
+    horizon = f"up to {_horizon(pd.Timestamp(last['at']) - t_last)} after the last result" if t_last is not None else ""
+    # above the subplot's top right corner: never over the data
+    fig.add_annotation(x=1, y=1, xref=xref, yref=yref, text=f"Forecast {horizon} · model {version}".replace("  ", " "),
+                       showarrow=False, xanchor="right", yanchor="bottom", yshift=3,
+                       font=dict(size=11, color=COLORS["forecast"]))
+
+
+def _horizon(delta: pd.Timedelta | timedelta) -> str:
+    hours = pd.Timedelta(delta).total_seconds() / 3600
+    return f"{hours:.0f} h" if hours < 48 else f"{hours / 24:.0f} d"
+
+
+# =============================================================================================
+# Cumulative table
+# =============================================================================================
+def _cell(row, label: str) -> str:
+    kind = row.get("result_kind")
+    if kind in ("text", "empty") or (_num(row.get("value_canonical")) is None and not bool(row.get("unit_missing"))):
+        text = _s(row.get("value_text")) or (f"({_s(row.get('comment'))})" if _s(row.get("comment")) else "(no value)")
+        return text
+    if bool(row.get("unit_missing")):
+        return f"{_s(row.get('value_text'))} (no unit)"
+    comp = _s(row.get("comparator"))
+    v = (comp if comp in ("<", "<=", ">", ">=") else "") + fmt_value(row.get("value_canonical"))
+    if bool(row.get("implausible")):
+        return f"{v} (implausible?)"
+    if label:
+        v += f" {label}"
+    given_unit = _s(row.get("unit"))
+    if given_unit and given_unit != _s(row.get("unit_canonical")) and _num(row.get("value_num")) is not None \
+            and not math.isclose(float(row["value_num"]), float(row["value_canonical"]), rel_tol=1e-9):
+        v += f" ({_s(row.get('value_text'))} {given_unit})"
+    return v
+
+
+def make_cumulative_table(results_df: pd.DataFrame) -> pd.DataFrame:
+    """Cumulative report: one row per analyte, one column per collection time (oldest left).
+
+    The first columns are ``Analyte``, ``Unit`` and ``Reference interval`` (canonical
+    unit); each cell holds the value with its flag (``5.9 H``, ``<10``, ``HEMOLYZED``,
+    ``1390 (implausible?)``, ``13.5 (no unit)``, and the value as reported when the unit was
+    converted). Conflicting results at the same time are both shown, separated by `` | ``.
+    """
+    fixed = ["Analyte", "Unit", "Reference interval"]
+    if results_df.empty:
+        return pd.DataFrame(columns=fixed)
+    df = results_df.sort_values(["collected_at", "result_id"])
+    codes = panel_analytes(df, None)
+    times = sorted(df["collected_at"].unique())
+    columns = [pd.Timestamp(t).strftime(TIME_FMT) for t in times]
+    out = []
+    for code in codes:
+        rows = df[df["analyte_code"] == code]
+        name, unit = _analyte_title(df, code)
+        intervals = {(lo, hi) for lo, hi in (_interval(r) for _, r in rows.iterrows()) if lo is not None or hi is not None}
+        if len(intervals) == 1:
+            lo, hi = next(iter(intervals))
+            ref = f"{fmt_value(lo) if lo is not None else ''}–{fmt_value(hi) if hi is not None else ''}"
+        else:
+            ref = "varies" if intervals else ""
+        rec = {"Analyte": name, "Unit": display_unit(unit), "Reference interval": ref}
+        for t, grp in rows.groupby("collected_at"):
+            rec[pd.Timestamp(t).strftime(TIME_FMT)] = " | ".join(_cell(r, flag_label(r)) for _, r in grp.iterrows())
+        out.append(rec)
+    return pd.DataFrame(out, columns=fixed + columns).fillna("")
+
+
+def style_cumulative_table(table: pd.DataFrame):
+    """A pandas Styler: abnormal cells red and bold, critical dark red, implausible purple."""
+
+    def css(v):
+        s = str(v)
+        if " HH" in s or " LL" in s:
+            return f"color: {COLORS['critical']}; font-weight: 700"
+        if " H" in s or " L" in s or s.endswith(" A"):
+            return f"color: {COLORS['abnormal']}; font-weight: 600"
+        if "implausible" in s:
+            return f"color: {COLORS['implausible']}"
+        if "(no unit)" in s:
+            return f"color: {COLORS['unit_missing']}"
+        return ""
+
+    cols = [c for c in table.columns if c not in ("Analyte", "Unit", "Reference interval")]
+    return table.style.map(css, subset=cols)
+
+
+# =============================================================================================
+# Explanations and model card
+# =============================================================================================
+def explanation_difference(explanation: dict) -> float:
+    """|sum of attributions + base value - model output| of an explanation (XAI-15)."""
+    values = [float(v) for v in pd.DataFrame(explanation["features"])["value"]]
+    return abs(sum(values) + float(explanation["base_value"]) - float(explanation["output"]))
+
+
+def make_shap_bar(explanation: dict, top: int = 12) -> go.Figure:
+    """Horizontal bars of the attributions of one forecast, largest first.
+
+    ``explanation``: ``features`` (records or frame with ``feature`` label and ``value``,
+    the attribution in the forecast's unit), ``base_value``, ``output`` (the explained
+    model output, e.g. the median), and optionally ``unit``, ``analyte_name``, ``at``,
+    ``model_version``. Attributions beyond ``top`` are summed into one bar.
+
+    Raises ValueError when the attributions do not add up to the output (tolerance
+    0.01 x max(1, |output|)): such an explanation must not be drawn (XAI-15).
+    """
+    output = float(explanation["output"])
+    diff = explanation_difference(explanation)
+    if diff > 0.01 * max(1.0, abs(output)):
+        raise ValueError(f"Explanation not available for this model version (attributions do not add up; "
+                         f"difference = {diff:.4g})")
+    feats = pd.DataFrame(explanation["features"])[["feature", "value"]].copy()
+    feats["abs"] = feats["value"].abs()
+    feats = feats.sort_values("abs", ascending=False)
+    if len(feats) > top:
+        rest = feats.iloc[top:]
+        feats = pd.concat([feats.iloc[:top], pd.DataFrame(
+            [{"feature": f"{len(rest)} other inputs", "value": rest["value"].sum(), "abs": abs(rest["value"].sum())}])])
+    feats = feats.iloc[::-1]  # largest at the top
+    u = display_unit(explanation.get("unit"))
+    colors = [COLORS["abnormal"] if v > 0 else COLORS["normal"] for v in feats["value"]]
+    fig = go.Figure(go.Bar(
+        x=feats["value"], y=feats["feature"], orientation="h", marker_color=colors,
+        text=[f"{v:+.3g}" for v in feats["value"]], textposition="outside", cliponaxis=False,
+        hovertemplate="%{y}: %{x:+.4g} " + u + "<extra></extra>",
+    ))
+    name = explanation.get("analyte_name", "forecast")
+    title = f"What moved the forecast of {name}: base {fmt_value(explanation['base_value'])} → {fmt_value(output)} {u}"
+    if explanation.get("model_version"):
+        title += f"<br><sup>model {explanation['model_version']}; red raises, blue lowers the forecast</sup>"
+    fig.update_layout(
+        template="plotly_white", font=FONT, title=dict(text=title, font=dict(size=16)),
+        height=140 + 34 * len(feats), margin=dict(l=10, r=60, t=80, b=50),
+        xaxis=dict(title=f"Contribution to the forecast ({u})" if u else "Contribution to the forecast",
+                   zeroline=True, zerolinecolor="#888"),
+        yaxis=dict(automargin=True), showlegend=False,
+    )
+    return fig
+
+
+def make_calibration_plot(card: dict) -> go.Figure:
+    """Nominal vs observed quantile levels for each method of a ``model_card.json``.
+
+    A well-calibrated method lies on the diagonal: the fraction of true results at or
+    below each forecast quantile equals the quantile's level.
+    """
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="Perfect calibration",
+                             line=dict(color="#888", dash="dot", width=1.5), hoverinfo="skip"))
+    dashes = ["solid", "dash", "dashdot", "longdash", "dot"]
+    palette = [COLORS["forecast"], COLORS["normal"], "#009e73", "#cc79a7", "#56b4e9", "#e69f00"]
+    for k, name in enumerate(card.get("ranking") or list((card.get("methods") or {}).keys())):
+        m = (card.get("methods") or {}).get(name) or {}
+        cal = pd.DataFrame(m.get("calibration") or [])
+        if cal.empty or "kind" not in cal:
+            continue
+        q = cal[cal["kind"] == "quantile"].sort_values("nominal")
+        fig.add_trace(go.Scatter(
+            x=q["nominal"], y=q["empirical"], mode="lines+markers", name=name,
+            line=dict(color=palette[k % len(palette)], dash=dashes[k % len(dashes)], width=2),
+            marker=dict(size=8),
+            hovertemplate=name + ": level %{x:.2f} → observed %{y:.3f}<extra></extra>",
+        ))
+    fig.update_layout(
+        template="plotly_white", font=FONT, height=460, margin=dict(l=10, r=10, t=60, b=10),
+        title=dict(text="Calibration of forecast quantiles", font=dict(size=16)),
+        xaxis=dict(title="Nominal quantile level", range=[0, 1], dtick=0.1, constrain="domain"),
+        yaxis=dict(title="Observed fraction of results ≤ quantile", range=[0, 1], dtick=0.1,
+                   scaleanchor="x", scaleratio=1, automargin=True),
+        legend=dict(orientation="v", x=1.02, y=0.0, yanchor="bottom"),
+    )
+    return fig

@@ -1,0 +1,389 @@
+"""Plug-in points between the dashboard and the model and clinical modules.
+
+Every function here is plain Python (no Streamlit) and returns a :class:`ServiceResult`:
+a frame with fixed columns, whether the service is available, and the sentence the page
+shows when it is not. A missing module or model gives an **empty frame and a message**,
+never an invented result.
+
+What each plug-in expects (change only the adapter function when the real API differs):
+
+==========================  ===================================================================
+forecasts                   a ``ForecastPipeline`` directory (``model/inference.py``:
+                            ``vocab.json``, ``scaler.json``, ``config.json``, weights) in
+                            ``$LABTREND_MODEL``; :func:`load_forecasts` asks it for
+                            :data:`FORECAST_HORIZONS_DAYS` after each analyte's last result.
+anomalies                   ``clinical.anomalies.detect_anomalies(results, patient) ->
+                            DataFrame[ANOMALY_COLUMNS]`` (results: TIMELINE_COLUMNS frame);
+                            the rule-based rules run; the model rules (``model_surprise``,
+                            ``multivariate_inconsistency``) need a forecaster passed in.
+recommendations             ``clinical.recommendations.evaluate_rules(results, patient, forecasts=,
+                            anomalies=) -> DataFrame[RECOMMENDATION_COLUMNS]``.
+explanations (SHAP)         ``model.explain.explain_forecast(pipeline, history, patient_id,
+                            analyte_code, at, forecast_median=) -> ForecastExplanation``
+                            (``status``, ``message``, ``groups`` with ``label``/``value``,
+                            ``median``, ``base_value``), drawn by
+                            :func:`dashboard.figures.make_shap_bar` only when it adds up.
+expert review (UI-17)       ``clinical.outputs.pending_outputs(store, annotator) ->
+                            DataFrame[OUTPUT_COLUMNS]``, ``new_submission_id()`` (made when the
+                            form is drawn) and ``record_verdict(store, output_id, annotator,
+                            role, verdict, comment=, submission_id=)``, truthy when a row was
+                            written; one row per submission however often it is sent.
+==========================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = [
+    "ServiceResult",
+    "ModelStatus",
+    "FORECAST_COLUMNS",
+    "ANOMALY_COLUMNS",
+    "RECOMMENDATION_COLUMNS",
+    "OUTPUT_COLUMNS",
+    "FORECAST_HORIZONS_DAYS",
+    "NO_MODEL_MESSAGE",
+    "model_status",
+    "load_pipeline",
+    "load_model_card",
+    "patient_history",
+    "with_reference_limits",
+    "load_forecasts",
+    "load_anomalies",
+    "load_recommendations",
+    "load_explanation",
+    "review_backend",
+    "pending_outputs",
+]
+
+FORECAST_COLUMNS = ["patient_id", "analyte_code", "at", "q05", "q10", "q25", "q50", "q75", "q90", "q95",
+                    "unit", "n_history", "status", "model_version"]
+# as clinical.anomalies.ANOMALY_COLUMNS (one row per anomaly; ``text`` is the decision-support wording)
+ANOMALY_COLUMNS = ["result_id", "patient_id", "analyte_code", "analyte_name", "collected_at", "rule", "flag", "score",
+                   "value", "unit", "evidence", "source", "text", "model_version"]
+# as clinical.recommendations.RECOMMENDATION_COLUMNS
+RECOMMENDATION_COLUMNS = ["rule_id", "rule_version", "patient_id", "analyte_code", "at", "title", "text", "urgency",
+                          "source", "triggered_by", "result_ids"]
+# the first columns of clinical.outputs.OUTPUT_COLUMNS (what the review page shows)
+OUTPUT_COLUMNS = ["output_id", "patient_id", "analyte_code", "analyte_name", "kind", "forecast_for",
+                  "predicted_value", "unit", "model_version", "status", "rule", "summary"]
+
+# Forecast times asked for, in days after each analyte's last result. The model forecasts
+# any time; these are what the timeline shows (next day, a few days, a week).
+FORECAST_HORIZONS_DAYS = (1, 3, 7)
+NO_MODEL_MESSAGE = "No trained model loaded: forecasts unavailable"
+
+
+@dataclass
+class ServiceResult:
+    frame: pd.DataFrame
+    available: bool
+    message: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _empty(columns) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+
+
+def _conform(frame: pd.DataFrame, columns) -> pd.DataFrame:
+    out = frame.copy()
+    for c in columns:
+        if c not in out:
+            out[c] = None
+    return out[list(columns) + [c for c in out.columns if c not in columns]]
+
+
+def _optional(module: str, *names: str):
+    """The module if it imports and has all ``names``; else None (the feature is not installed yet)."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    return mod if all(hasattr(mod, n) for n in names) else None
+
+
+# =============================================================================================
+# Model
+# =============================================================================================
+@dataclass(frozen=True)
+class ModelStatus:
+    available: bool
+    path: str
+    version: str | None
+    message: str
+    stamp: float = 0.0  # mtime of the files, so caches reload a retrained model
+    calibrated: bool = False  # the folder has conformal interval adjustments (calibration.json)
+
+
+def model_status(model_dir: str | Path | None) -> ModelStatus:
+    """Whether ``model_dir`` holds a saved ForecastPipeline (read without loading torch)."""
+    if model_dir is None:
+        return ModelStatus(False, "", None, NO_MODEL_MESSAGE + " (no model folder configured).")
+    p = Path(model_dir)
+    needed = ("vocab.json", "scaler.json", "config.json")
+    missing = [n for n in needed if not (p / n).is_file()]
+    if not p.is_dir() or missing:
+        why = "folder not found" if not p.is_dir() else f"missing {', '.join(missing)}"
+        return ModelStatus(False, str(p), None, f"{NO_MODEL_MESSAGE} ({p.name}: {why}).")
+    version_file = p / "model_version"
+    version = version_file.read_text().strip() if version_file.is_file() else None
+    stamp = max((p / n).stat().st_mtime for n in needed)
+    calibrated = (p / "calibration.json").is_file()
+    return ModelStatus(True, str(p), version, f"Model {version or '(version unknown)'} loaded from {p.name}"
+                       + (" (intervals conformal-calibrated)." if calibrated else " (intervals not calibrated)."),
+                       stamp, calibrated)
+
+
+def load_pipeline(status: ModelStatus):
+    """The ForecastPipeline for an available :class:`ModelStatus` (CPU; imports torch)."""
+    from model.inference import ForecastPipeline
+
+    return ForecastPipeline.from_pretrained(status.path, device="cpu")
+
+
+def load_model_card(model_dir: str | Path | None) -> dict | None:
+    """``model_card.json`` of the model folder (written by ``model.evaluation.write_model_card``), or None."""
+    if model_dir is None:
+        return None
+    path = Path(model_dir) / "model_card.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# =============================================================================================
+# Reference and critical limits for display
+# =============================================================================================
+@functools.lru_cache(maxsize=1)
+def _reference_tables():
+    from data.catalogue import reference_file
+
+    ri = pd.read_csv(reference_file("reference_intervals.csv"), dtype={"code": str})
+    cv = pd.read_csv(reference_file("critical_values.csv"), dtype={"code": str})
+    return ri, cv
+
+
+def _to_canonical(value, unit: str, code: str) -> float | None:
+    """A catalogue limit in the analyte's canonical unit (None when it cannot be converted)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    from data.catalogue import load_catalogue
+    from data.units import UnitError, conversion_factor
+
+    cat = load_catalogue()
+    a = cat.get(code) if code in cat else None
+    if a is None:
+        return None
+    if unit == a.canonical_unit:
+        return float(value)
+    try:
+        return float(value) * conversion_factor(unit, a)
+    except (UnitError, ValueError):
+        return None
+
+
+def with_reference_limits(results: pd.DataFrame, sex: str | None = None, age_years: float | None = None) -> pd.DataFrame:
+    """``results`` plus ``ref_low_catalogue, ref_high_catalogue`` (the catalogue interval for
+    this sex and age) and ``critical_low, critical_high`` (site critical limits), all in the
+    canonical unit; NaN where the reference files have nothing for the analyte.
+
+    The figures use a result's own reported interval first and fall back to these.
+    """
+    out = results.copy()
+    for c in ("ref_low_catalogue", "ref_high_catalogue", "critical_low", "critical_high"):
+        out[c] = float("nan")
+    if out.empty:
+        return out
+    ri, cv = _reference_tables()
+    sex = sex if sex in ("F", "M") else None
+    for code in out["analyte_code"].unique():
+        m = out["analyte_code"] == code
+        r = ri[ri["code"] == code]
+        if len(r) and age_years is not None and not math.isnan(age_years):
+            r = r[(r["age_low_years"].isna() | (r["age_low_years"] <= age_years))
+                  & (r["age_high_years"].isna() | (age_years < r["age_high_years"]))]
+        if len(r):
+            own = r[(r["sex"] == "any") | (r["sex"] == sex)] if sex else r[r["sex"] == "any"]
+            # sex unknown and only sex-specific intervals: the union of both (as clinical.anomalies does)
+            use = own if len(own) else r
+            lows = [_to_canonical(v, u, code) for v, u in zip(use["low"], use["unit"])]
+            highs = [_to_canonical(v, u, code) for v, u in zip(use["high"], use["unit"])]
+            lows, highs = [v for v in lows if v is not None], [v for v in highs if v is not None]
+            out.loc[m, "ref_low_catalogue"] = min(lows) if lows else float("nan")
+            out.loc[m, "ref_high_catalogue"] = max(highs) if highs else float("nan")
+        c = cv[cv["code"] == code]
+        if len(c):
+            row = c.iloc[0]
+            out.loc[m, "critical_low"] = _to_canonical(row["low"], row["unit"], code)
+            out.loc[m, "critical_high"] = _to_canonical(row["high"], row["unit"], code)
+    return out
+
+
+# =============================================================================================
+# Forecasts
+# =============================================================================================
+def patient_history(results: pd.DataFrame, patient: dict | None) -> pd.DataFrame:
+    """The model's history frame (``model.HISTORY_COLUMNS``) from one patient's timeline.
+
+    Same rule as :func:`data.queries.cohort`: numeric and censored results in canonical
+    units; text, empty, implausible and unit-missing results left out; conflicting results
+    at one time keep the one reported last (then the later import row). Uses
+    ``clinical.anomalies.history_from_timeline`` (one implementation of the rule) when it
+    is installed.
+    """
+    mod = _optional("clinical.anomalies", "history_from_timeline")
+    if mod is not None:
+        return mod.history_from_timeline(results, patient).reset_index(drop=True)
+    cols = ["patient_id", "collected_at", "analyte_code", "value", "censor", "unit_canonical", "sex", "age_years"]
+    r = results[
+        results["value_canonical"].notna() & ~results["implausible"].astype(bool) & ~results["unit_missing"].astype(bool)
+    ].copy()
+    r = r[r["value_canonical"].map(lambda v: math.isfinite(float(v)))]
+    if r.empty:
+        return _empty(cols)
+    r["_rep"] = r["reported_at"].fillna(pd.Timestamp.min)
+    r = r.sort_values(["analyte_code", "collected_at", "_rep", "result_id"])
+    r = r.drop_duplicates(["analyte_code", "collected_at"], keep="last")
+    comp = r["comparator"].astype(str)
+    r["censor"] = comp.map(lambda c: -1 if c.startswith("<") else 1 if c.startswith(">") else 0).astype("int8")
+    r["value"] = r["value_canonical"].astype(float)
+    patient = patient or {}
+    sex = patient.get("sex") if patient.get("sex") in ("F", "M") else None
+    r["sex"] = sex
+    birth, age_ref, ref_date = patient.get("birth_date"), patient.get("age_at_ref"), patient.get("ref_date")
+    if birth is not None and not pd.isna(birth):
+        r["age_years"] = (r["collected_at"] - pd.Timestamp(birth)).dt.days / 365.25
+    elif age_ref is not None and not pd.isna(age_ref) and ref_date is not None and not pd.isna(ref_date):
+        r["age_years"] = float(age_ref) + (r["collected_at"] - pd.Timestamp(ref_date)).dt.days / 365.25
+    else:
+        r["age_years"] = float("nan")
+    return r[cols].sort_values(["collected_at", "analyte_code"]).reset_index(drop=True)
+
+
+def forecast_queries(history: pd.DataFrame, analytes, horizons_days=FORECAST_HORIZONS_DAYS) -> pd.DataFrame:
+    """Queries ``(patient_id, analyte_code, at)``: each horizon after each analyte's last result."""
+    rows = []
+    for code in analytes:
+        h = history[history["analyte_code"] == code]
+        if h.empty:
+            continue
+        last = pd.Timestamp(h["collected_at"].max())
+        rows += [{"patient_id": h["patient_id"].iloc[0], "analyte_code": code, "at": last + pd.Timedelta(days=d)}
+                 for d in horizons_days]
+    return pd.DataFrame(rows, columns=["patient_id", "analyte_code", "at"])
+
+
+def load_forecasts(pipeline, results: pd.DataFrame, patient: dict | None, analytes, status: ModelStatus | None = None
+                   ) -> ServiceResult:
+    """Forecasts for ``analytes`` of one patient, or an empty frame and why there are none.
+
+    ``pipeline`` is a loaded ForecastPipeline or None (then the message is
+    :data:`NO_MODEL_MESSAGE`). Analytes with too little history come back with their
+    ``status`` ('Not enough measurements to forecast (1; minimum 2)') and no numbers.
+    """
+    if pipeline is None:
+        return ServiceResult(_empty(FORECAST_COLUMNS), False, status.message if status else NO_MODEL_MESSAGE)
+    history = patient_history(results, patient)
+    queries = forecast_queries(history, analytes)
+    if queries.empty:
+        return ServiceResult(_empty(FORECAST_COLUMNS), True, "No numeric results to forecast from.")
+    try:
+        frame = pipeline.forecast(history, queries)
+    except ValueError as exc:  # the model's input checks name what is wrong
+        return ServiceResult(_empty(FORECAST_COLUMNS), False, f"Forecast not available: {exc}")
+    return ServiceResult(_conform(frame, FORECAST_COLUMNS), True, "")
+
+
+# =============================================================================================
+# Clinical outputs (colleague's clinical/ package)
+# =============================================================================================
+def load_anomalies(results: pd.DataFrame, patient: dict | None, forecaster=None) -> ServiceResult:
+    """Anomaly flags (reference interval, critical value, delta check/RCV, pre-analytical
+    patterns; model surprise when ``forecaster`` is given) for one patient's results.
+
+    ``extra['notes']`` carries the detector's notes (rules that could not run, and why).
+    """
+    mod = _optional("clinical.anomalies", "detect_anomalies")
+    if mod is None:
+        return ServiceResult(_empty(ANOMALY_COLUMNS), False,
+                             "Anomaly detection is not installed yet: no anomaly flags are shown.")
+    frame = mod.detect_anomalies(results, patient, forecaster=forecaster)
+    return ServiceResult(_conform(frame, ANOMALY_COLUMNS), True, "", extra={"notes": list(frame.attrs.get("notes", []))})
+
+
+def load_recommendations(results: pd.DataFrame, forecasts: pd.DataFrame, anomalies: pd.DataFrame,
+                         patient: dict | None) -> ServiceResult:
+    """Follow-up suggestions for one patient from the versioned rule file (decision support)."""
+    mod = _optional("clinical.recommendations", "evaluate_rules")
+    if mod is None:
+        return ServiceResult(_empty(RECOMMENDATION_COLUMNS), False, "Recommendations are not available yet.")
+    if results.empty:
+        return ServiceResult(_empty(RECOMMENDATION_COLUMNS), True, "")
+    ok = forecasts[forecasts["status"] == "ok"] if len(forecasts) else None
+    frame = mod.evaluate_rules(results, patient, forecasts=ok, anomalies=anomalies if len(anomalies) else None)
+    return ServiceResult(_conform(frame, RECOMMENDATION_COLUMNS), True, "")
+
+
+def load_explanation(pipeline, results: pd.DataFrame, patient: dict | None, query: dict,
+                     forecast_median: float | None = None) -> ServiceResult:
+    """The attribution of one forecast (``query``: patient_id, analyte_code, at), or why there is none.
+
+    ``extra['explanation']`` holds the dict for :func:`dashboard.figures.make_shap_bar`
+    (``features``, ``base_value``, ``output``, ``unit``, ``model_version``). An explanation
+    whose attributions do not add up is not returned (XAI-15): the message says so.
+    """
+    empty = _empty(["feature", "value"])
+    if pipeline is None:
+        return ServiceResult(empty, False, NO_MODEL_MESSAGE)
+    mod = _optional("model.explain", "explain_forecast")
+    if mod is None:
+        return ServiceResult(empty, False, "Explanations are not available for this model yet.")
+    from dashboard.figures import explanation_difference
+
+    ex = mod.explain_forecast(pipeline, patient_history(results, patient), str(query["patient_id"]),
+                              str(query["analyte_code"]), query["at"], forecast_median=forecast_median)
+    if not ex.ok:
+        return ServiceResult(empty, False, ex.message or f"Explanation not available ({ex.status}).")
+    expl = {"features": [{"feature": g["label"], "value": g["value"]} for g in ex.groups],
+            "base_value": ex.base_value, "output": ex.median, "unit": ex.unit, "model_version": ex.model_version,
+            "method": ex.method}
+    diff = explanation_difference(expl)
+    if diff > 0.01 * max(1.0, abs(float(expl["output"]))):
+        return ServiceResult(empty, False, "Explanation not available for this model version "
+                                           f"(attributions do not add up; difference = {diff:.4g})",
+                             extra={"difference": diff})
+    return ServiceResult(pd.DataFrame(expl["features"]), True, "", extra={"explanation": expl})
+
+
+def review_backend():
+    """``clinical.outputs`` when it provides ``pending_outputs`` and ``record_verdict``, else None."""
+    return _optional("clinical.outputs", "pending_outputs", "record_verdict")
+
+
+def pending_outputs(store, expert: str) -> ServiceResult:
+    """Model outputs waiting for this expert's verdict.
+
+    With ``clinical.outputs`` installed its ``pending_outputs`` decides; without it, the
+    ``model_outputs`` table (if it exists) is listed read-only and review is unavailable.
+    """
+    backend = review_backend()
+    if backend is not None:
+        return ServiceResult(_conform(backend.pending_outputs(store, expert), OUTPUT_COLUMNS), True, "")
+    with store.read() as cur:
+        exists = cur.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'model_outputs'"
+        ).fetchone()[0]
+        frame = cur.execute("SELECT * FROM model_outputs LIMIT 500").df() if exists else None
+    if frame is None:
+        return ServiceResult(_empty(OUTPUT_COLUMNS), False, "No model outputs to review yet.")
+    return ServiceResult(frame, False, "Review is unavailable: the verdict service (clinical/outputs.py) is not "
+                                       "installed yet. Outputs are listed read-only.")

@@ -1,0 +1,169 @@
+"""Streamlit-side resources: the cached store and model, cached queries, the busy notice.
+
+* The :class:`data.db.Store` and the forecasting pipeline are ``st.cache_resource`` (one per
+  process, shared by every session; never mutated).
+* Query results are ``st.cache_data`` keyed by their inputs plus the store's
+  :func:`data_version` (number and last id of import batches), so an import from this
+  dashboard or from the CLI is visible within :data:`VERSION_TTL_S` seconds.
+* While another process holds the DuckDB file, the Store retries and, after 2 s, calls
+  :func:`_notify_busy`, which writes "Database busy, retrying" into the slot the entry
+  point reserved (UI-18) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import services
+from data import queries
+from data.db import Store, StoreSettings
+from labtrend import settings
+
+__all__ = [
+    "db_path", "model_dir", "get_store", "data_version", "set_busy_slot", "clear_busy_slot",
+    "patients", "timeline", "patient_info", "batches", "model_status", "get_pipeline", "forecasts", "anomalies",
+    "explanation",
+]
+
+VERSION_TTL_S = 5
+QUERY_TTL_S = 15 * 60
+BUSY_MESSAGE = "Database busy, retrying…"
+
+_local = threading.local()  # the busy slot of the script run on this thread
+
+
+def db_path() -> str:
+    """The DuckDB file (``$LABTREND_DB``, else ``var/labtrend.duckdb``)."""
+    return str(settings.db_path())
+
+
+def model_dir() -> str:
+    """The model folder (``$LABTREND_MODEL``, else ``var/model``)."""
+    return str(settings.model_dir())
+
+
+# -- database busy notice ----------------------------------------------------------------------
+def set_busy_slot(slot) -> None:
+    """Reserve ``slot`` (an ``st.empty()``) for this run's busy notice."""
+    _local.slot = slot
+
+
+def clear_busy_slot() -> None:
+    slot = getattr(_local, "slot", None)
+    if slot is not None:
+        slot.empty()
+    _local.slot = None
+
+
+def _notify_busy(waited_s: float) -> None:
+    """Store's ``on_busy``: runs on the waiting script thread, possibly inside a cached query.
+
+    The notice is drawn in a fresh ``contextvars`` context so that ``st.cache_data`` does not
+    record it with the query's result and replay it on later cache hits.
+    """
+    slot = getattr(_local, "slot", None)
+    if slot is None:
+        return
+    _outside_cache_capture(slot.warning, f"{BUSY_MESSAGE} (another process is writing; waited {waited_s:.0f} s)",
+                           icon=":material/hourglass_top:")
+
+
+def _outside_cache_capture(draw, *args, **kwargs) -> None:
+    """Call ``draw`` so that an enclosing ``st.cache_data`` function does not record it.
+
+    Streamlit records elements drawn inside a cached function (a context variable marks
+    "inside a cached function") and replays them on every cache hit. The notice runs in a
+    copy of the current context with that mark cleared. The test
+    ``test_busy_notice_is_shown_and_not_replayed_from_the_cache`` guards this on upgrades.
+    """
+    try:
+        from streamlit.runtime.caching.cached_message_replay import in_cached_function
+    except ImportError:  # layout changed in a Streamlit upgrade: draw anyway
+        in_cached_function = None
+
+    def run():
+        if in_cached_function is not None:
+            in_cached_function.set(False)
+        draw(*args, **kwargs)
+
+    contextvars.copy_context().run(run)
+
+
+# -- resources ------------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False, max_entries=4)
+def get_store(path: str) -> Store:
+    """The process's Store on ``path`` (migrations applied)."""
+    store = Store(StoreSettings(path=path), on_busy=_notify_busy)
+    store.migrate()
+    return store
+
+
+@st.cache_data(ttl=VERSION_TTL_S, show_spinner=False, max_entries=8)
+def data_version(path: str) -> str:
+    """Changes whenever an import batch is added: part of every query cache key."""
+    with get_store(path).read() as cur:
+        n, last = cur.execute("SELECT count(*), max(batch_id) FROM import_batches").fetchone()
+    return f"{n}:{last}"
+
+
+# -- cached queries ------------------------------------------------------------------------------
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=16, show_spinner="Loading patients…")
+def patients(path: str, version: str) -> pd.DataFrame:
+    return queries.patients(get_store(path), limit=1_000_000)
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner="Loading results…")
+def timeline(path: str, version: str, patient_id: str) -> pd.DataFrame:
+    return queries.timeline(get_store(path), patient_id)
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner=False)
+def patient_info(path: str, version: str, patient_id: str) -> dict | None:
+    return queries.patient_info(get_store(path), patient_id)
+
+
+@st.cache_data(ttl=60, max_entries=8, show_spinner=False)
+def batches(path: str, version: str) -> pd.DataFrame:
+    return queries.batches(get_store(path))
+
+
+# -- model ---------------------------------------------------------------------------------------
+def model_status() -> services.ModelStatus:
+    return services.model_status(model_dir())
+
+
+@st.cache_resource(show_spinner="Loading the forecasting model…", max_entries=2)
+def get_pipeline(path: str, stamp: float):
+    """The ForecastPipeline in ``path`` (``stamp``: file times, so a retrained model reloads)."""
+    return services.load_pipeline(services.model_status(path))
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=128, show_spinner="Forecasting…")
+def forecasts(path: str, version: str, model_path: str, stamp: float, patient_id: str,
+              analytes: tuple[str, ...]) -> services.ServiceResult:
+    status = services.model_status(model_path)
+    pipe = get_pipeline(model_path, stamp) if status.available else None
+    results = timeline(path, version, patient_id)
+    info = patient_info(path, version, patient_id)
+    return services.load_forecasts(pipe, results, info, list(analytes), status)
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=128, show_spinner="Checking for anomalies…")
+def anomalies(path: str, version: str, patient_id: str) -> services.ServiceResult:
+    """Rule-based anomaly flags of one patient (``clinical.anomalies``; model rules not run here)."""
+    return services.load_anomalies(timeline(path, version, patient_id), patient_info(path, version, patient_id))
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
+def explanation(path: str, version: str, model_path: str, stamp: float, patient_id: str, analyte_code: str,
+                at: str, forecast_median: float) -> services.ServiceResult:
+    """SHAP attribution of one forecast (seconds of model calls: cached)."""
+    status = services.model_status(model_path)
+    pipe = get_pipeline(model_path, stamp) if status.available else None
+    query = {"patient_id": patient_id, "analyte_code": analyte_code, "at": pd.Timestamp(at)}
+    return services.load_explanation(pipe, timeline(path, version, patient_id), patient_info(path, version, patient_id),
+                                     query, forecast_median=forecast_median)

@@ -1,0 +1,222 @@
+"""Pure figure builders (dashboard/figures.py): assertions on fig.data and fig.layout only."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from dashboard import figures, services
+from data import queries
+from data.importers import run_import
+
+QUANTILES = ("q05", "q10", "q25", "q50", "q75", "q90", "q95")
+
+
+@pytest.fixture(scope="module")
+def case_store(tmp_path_factory, cases):
+    from data.db import open_store
+
+    store = open_store(tmp_path_factory.mktemp("fig") / "cases.duckdb")
+    for name in ("LAB-01", "LAB-02", "LAB-04", "LAB-05", "LAB-10", "XAI-15"):
+        run_import(store, cases / f"{name}.csv")
+    return store
+
+
+def results(store, pid: str, sex=None, age=None) -> pd.DataFrame:
+    return services.with_reference_limits(queries.timeline(store, pid), sex, age)
+
+
+def traces(fig, name_part: str):
+    """Traces whose name contains ``name_part`` (not the invisible lower edges of bands)."""
+    return [t for t in fig.data if t.name and name_part.lower() in t.name.lower() and not t.name.endswith("(low)")]
+
+
+def yaxis(fig, row: int):
+    return fig.layout["yaxis" if row == 1 else f"yaxis{row}"]
+
+
+def test_axis_titles_units_band_and_time_order(case_store):
+    """A clinician opens P0020's potassium: name and unit on the y-axis, shaded band, oldest left."""
+    fig = figures.make_timeline_figure(results(case_store, "P0020"), "electrolytes")
+    assert fig.layout.meta["analytes"] == ["2823-3"]
+    title = yaxis(fig, 1).title.text
+    assert "Potassium" in title and "mmol/L" in title
+    band = traces(fig, "Reference interval")
+    assert band and band[0].fill == "tonexty"
+    assert min(v for v in band[0].y if v is not None) == pytest.approx(5.1)  # catalogue interval 3.3-5.1
+    pts = traces(fig, "Result")[0]
+    assert list(pts.x) == sorted(pts.x)
+    assert fig.layout.xaxis.type == "date"
+    x0, x1 = (pd.Timestamp(v) for v in fig.layout.xaxis.range)
+    assert x0 < pd.Timestamp(pts.x[0]) and pd.Timestamp(pts.x[-1]) < x1
+
+
+def test_abnormal_values_have_text_labels_not_only_colour(case_store):
+    fig = figures.make_timeline_figure(results(case_store, "P0020"), None)
+    high = traces(fig, "outside reference")[0]
+    assert set(high.text) == {"H"}  # 5.2 .. 5.8 above 5.1
+    assert len(set(high.marker.color)) == 1 and high.marker.color[0] == figures.COLORS["abnormal"]
+    hover = " ".join(high.customdata)
+    assert "Flag: H" in hover and "mmol/L" in hover and "As reported" in hover
+
+
+def test_censored_results_at_the_limit_with_their_own_markers(case_store):
+    """LAB-01: '<10' and '>100' drawn at the limit as triangles, hover shows the comparator."""
+    fig = figures.make_timeline_figure(results(case_store, "P0001"), None)
+    below = traces(fig, "Below limit")
+    assert below and below[0].marker.symbol == "triangle-down"
+    assert list(below[0].y) == [10.0] and below[0].text[0].startswith("<10")
+    assert "<10" in below[0].customdata[0]
+    fig2 = figures.make_timeline_figure(results(case_store, "P0002"), None)
+    assert traces(fig2, "Above limit")[0].marker.symbol == "triangle-up"
+    assert list(traces(fig2, "Above limit")[0].y) == [100.0]
+    assert list(traces(fig2, "Below limit")[0].y) == [0.001]
+
+
+def test_text_results_are_marked_gaps_not_points_at_zero(case_store):
+    """LAB-02: HEMOLYZED and an empty value are gaps at the axis edge, never 0, text in hover."""
+    r = results(case_store, "P0003")
+    fig = figures.make_timeline_figure(r, None)
+    gap = traces(fig, "Text result")[0]
+    y0, _ = yaxis(fig, 1).range
+    assert list(gap.y) == [y0, y0] and y0 > 0
+    assert "HEMOLYZED" in gap.customdata[0] and "see note" in gap.customdata[1]
+    assert len([s for s in fig.layout.shapes if s.line.dash == "dot"]) == 2
+    for t in fig.data:  # no trace draws a point at 0
+        assert all(v is None or v != 0 for v in (list(t.y) if t.y is not None else []))
+    # the urine protein 'NEG' (text only) is not charted at all
+    assert figures.make_timeline_figure(results(case_store, "P0004"), None).layout.meta["analytes"] == []
+
+
+def test_implausible_values_off_scale_and_out_of_the_y_range(case_store):
+    """LAB-10: sodium 1390 is an off-scale marker; the sodium axis stays near 130-145."""
+    fig = figures.make_timeline_figure(results(case_store, "P0012"), ["2951-2", "2345-7"])
+    lo, hi = yaxis(fig, 1).range
+    assert 120 < lo < 139 and 141 < hi < 160
+    off = traces(fig, "Implausible")[0]
+    assert off.marker.symbol == "arrow-bar-up" and off.y[0] == hi and off.cliponaxis is False
+    assert "1390" in off.text[0]
+    _, ghi = yaxis(fig, 2).range
+    assert ghi < 1000  # glucose 1276103 excluded from scaling
+
+
+def test_unit_missing_greyed_and_conflicting_both_shown(case_store):
+    fig = figures.make_timeline_figure(results(case_store, "P0006"), ["718-7"])
+    um = traces(fig, "Unit missing")[0]
+    assert um.marker.symbol == "circle-open" and "No unit reported" in um.customdata[0]
+    assert list(traces(fig, "Result")[0].y) == pytest.approx([13.8, 13.6])
+    fig5 = figures.make_timeline_figure(results(case_store, "P0007"), None)
+    conf = traces(fig5, "Conflicting")[0]
+    assert sorted(conf.y) == [128.0, 138.0]
+    trend = [t for t in fig5.data if t.name == "Trend"][0]
+    assert 138.0 in list(trend.y) and 128.0 not in list(trend.y)  # the series keeps the one reported last
+
+
+def _forecast_frame(pid="P0020", code="2823-3", start="2024-04-09", med=5.9):
+    at = pd.date_range(start, periods=3, freq="2D")
+    rows = []
+    for k, t in enumerate(at):
+        w = 0.2 * (k + 1)
+        rows.append({"patient_id": pid, "analyte_code": code, "at": t, "q05": med - 2 * w, "q10": med - 1.5 * w,
+                     "q25": med - 0.7 * w, "q50": med, "q75": med + 0.7 * w, "q90": med + 1.5 * w,
+                     "q95": med + 2 * w, "unit": "mmol/L", "n_history": 8, "status": "ok", "model_version": "lt-abc"})
+    return pd.DataFrame(rows)
+
+
+def test_forecast_band_traces_are_distinct_and_labelled(case_store):
+    fig = figures.make_timeline_figure(results(case_store, "P0020"), None, forecasts=_forecast_frame())
+    med = traces(fig, "Forecast median")[0]
+    assert med.line.dash == "dash" and "lt-abc" in med.name
+    b80, b90 = traces(fig, "Forecast 80%")[0], traces(fig, "Forecast 90%")[0]
+    assert b80.fill == "tonexty" and b90.fill == "tonexty" and b80.fillcolor != b90.fillcolor
+    observed = traces(fig, "Result")[0]
+    assert med.line.color != observed.marker.color
+    assert med.x[0] == observed.x[-1] or pd.Timestamp(med.x[0]) <= pd.Timestamp(traces(fig, "outside")[0].x[-1])
+    assert any("up to 5 d after the last result" in a.text and "lt-abc" in a.text for a in fig.layout.annotations)
+    assert "Decision support" in med.customdata[-1]
+    _, hi = yaxis(fig, 1).range
+    assert hi >= 5.9 + 2 * 0.6  # the whole band is on the axis
+
+
+def test_forecast_without_numbers_says_why(case_store):
+    fc = _forecast_frame().head(1).assign(q50=float("nan"), status="Not enough measurements to forecast (1; minimum 2)")
+    fig = figures.make_timeline_figure(results(case_store, "P0020"), None, forecasts=fc)
+    assert not traces(fig, "Forecast median")
+    assert any("Not enough measurements" in a.text for a in fig.layout.annotations)
+
+
+def test_anomalies_ring_the_result_and_name_the_rule(case_store):
+    r = results(case_store, "P0020")
+    last = r.iloc[-1]
+    an = pd.DataFrame([{"result_id": last["result_id"], "patient_id": "P0020", "analyte_code": "2823-3",
+                        "collected_at": last["collected_at"], "rule": "delta_check", "flag": "UP",
+                        "text": "Potassium rose beyond the reference change value"},
+                       {"result_id": last["result_id"], "patient_id": "P0020", "analyte_code": "2823-3",
+                        "collected_at": last["collected_at"], "rule": "reference_interval", "flag": "H", "text": "x"}])
+    fig = figures.make_timeline_figure(r, None, anomalies=an)
+    ring = traces(fig, "Anomaly")
+    assert len(ring) == 1 and "delta check" in ring[0].name and ring[0].marker.symbol == "square-open"
+    assert list(ring[0].y) == [5.8] and "reference change value" in ring[0].customdata[0]
+
+
+def test_date_range_limits_the_axis(case_store):
+    r = results(case_store, "P0020")
+    fig = figures.make_timeline_figure(r, None, date_range=(pd.Timestamp("2024-04-03").date(), pd.Timestamp("2024-04-05").date()))
+    pts = [x for t in fig.data if t.name and t.name.startswith("Result") for x in t.x]
+    assert len(pts) == 3
+    assert pd.Timestamp(fig.layout.xaxis.range[0]) == pd.Timestamp("2024-04-03")
+
+
+def test_cumulative_table(case_store):
+    t = figures.make_cumulative_table(results(case_store, "P0006"))
+    assert list(t.columns[:3]) == ["Analyte", "Unit", "Reference interval"]
+    assert list(t.columns[3:]) == sorted(t.columns[3:])  # oldest left
+    glu = t[t["Analyte"] == "Glucose"].iloc[0]
+    assert glu["2024-02-08 08:05"] == "100.9 H (5.6 mmol/L)"  # above 70-100 mg/dL; as reported in brackets
+    hb = t[t["Analyte"] == "Hemoglobin"].iloc[0]
+    assert hb["2024-02-15 08:10"] == "13.5 (no unit)" and hb["Unit"] == "g/dL"
+    assert hb["Reference interval"] == "11.2–17.5"  # sex unknown: union of the F and M intervals
+    t5 = figures.make_cumulative_table(results(case_store, "P0007"))
+    assert "128 L | 138" == t5.iloc[0]["2024-03-10 14:00"]
+    t2 = figures.make_cumulative_table(results(case_store, "P0003"))
+    assert t2.iloc[0]["2024-05-03 06:25"] == "HEMOLYZED" and t2.iloc[0]["2024-05-05 06:35"] == "5.9 H"
+    styled = figures.style_cumulative_table(t2).to_html()
+    assert figures.COLORS["abnormal"] in styled
+
+
+def test_flag_labels():
+    base = {"result_kind": "numeric", "comparator": "=", "ref_low_canonical": 3.3, "ref_high_canonical": 5.1,
+            "critical_low": 2.8, "critical_high": 6.2, "implausible": False, "unit_missing": False}
+    assert figures.flag_label({**base, "value_canonical": 4.0}) == ""
+    assert figures.flag_label({**base, "value_canonical": 5.5}) == "H"
+    assert figures.flag_label({**base, "value_canonical": 6.5}) == "HH"
+    assert figures.flag_label({**base, "value_canonical": 2.5}) == "LL"
+    assert figures.flag_label({**base, "result_kind": "censored", "comparator": ">", "value_canonical": 5.0}) == ""
+    assert figures.flag_label({**base, "result_kind": "censored", "comparator": ">", "value_canonical": 7.0}) == "HH"
+    assert figures.flag_label({**base, "ref_low_canonical": None, "ref_high_canonical": None, "critical_high": None,
+                               "value_canonical": 9.0, "flag": "abnormal"}) == "A"
+    assert figures.flag_label({**base, "implausible": True, "value_canonical": 45.0}) == ""
+
+
+def test_shap_bar_refuses_explanations_that_do_not_add_up():
+    expl = {"features": [{"feature": "Potassium 2024-04-08 (5.8)", "value": 0.5},
+                         {"feature": "Potassium 2024-04-07 (5.4)", "value": 0.2},
+                         {"feature": "Creatinine", "value": -0.1}],
+            "base_value": 5.0, "output": 5.6, "unit": "mmol/L", "analyte_name": "Potassium", "model_version": "lt-x"}
+    fig = figures.make_shap_bar(expl)
+    bar = fig.data[0]
+    assert bar.orientation == "h" and list(bar.y)[-1].startswith("Potassium 2024-04-08")  # largest on top
+    assert "mmol/L" in fig.layout.xaxis.title.text
+    with pytest.raises(ValueError, match="do not add up; difference = 0.69"):
+        figures.make_shap_bar({**expl, "output": 6.29})
+
+
+def test_calibration_plot_from_model_card():
+    cal = [{"kind": "quantile", "nominal": q, "empirical": min(1.0, q + 0.02)} for q in (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)]
+    cal.append({"kind": "interval 80% (q10..q90)", "nominal": 0.8, "empirical": 0.79})
+    card = {"ranking": ["full fine-tuning", "last value"],
+            "methods": {"full fine-tuning": {"calibration": cal}, "last value": {"calibration": cal}}}
+    fig = figures.make_calibration_plot(card)
+    names = [t.name for t in fig.data]
+    assert names == ["Perfect calibration", "full fine-tuning", "last value"]
+    assert len(fig.data[1].x) == 7 and fig.layout.xaxis.title.text == "Nominal quantile level"
