@@ -103,7 +103,12 @@ def top_analytes(store: Store, n: int = 20, numeric_only: bool = True) -> pd.Dat
         return cur.execute(sql, [n]).df()
 
 
-def cohort(store: Store, analytes: list[str] | None = None, exclude_patients: list[str] | None = None) -> pd.DataFrame:
+def cohort(
+    store: Store,
+    analytes: list[str] | None = None,
+    exclude_patients: list[str] | None = None,
+    patients: list[str] | None = None,
+) -> pd.DataFrame:
     """The model-ready cohort: numeric and censored results in canonical units.
 
     One row per (patient, analyte, collection time); columns ``patient_id, collected_at,
@@ -126,6 +131,7 @@ def cohort(store: Store, analytes: list[str] | None = None, exclude_patients: li
               AND isfinite(value_canonical)
               AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], analyte_code))
               AND (?::VARCHAR[] IS NULL OR NOT list_contains(?::VARCHAR[], patient_id))
+              AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], patient_id))
         )
         SELECT r.patient_id, r.collected_at, r.analyte_code, r.value, r.censor::TINYINT AS censor, r.unit_canonical,
                p.sex,
@@ -137,7 +143,7 @@ def cohort(store: Store, analytes: list[str] | None = None, exclude_patients: li
         ORDER BY r.patient_id, r.collected_at, r.analyte_code
     """
     with store.read() as cur:
-        return cur.execute(sql, [analytes, analytes, exclude_patients, exclude_patients]).df()
+        return cur.execute(sql, [analytes, analytes, exclude_patients, exclude_patients, patients, patients]).df()
 
 
 def batches(store: Store) -> pd.DataFrame:

@@ -349,6 +349,82 @@ def cmd_annotations(args) -> int:
     return 0
 
 
+# -- evaluate / forecast ---------------------------------------------------------------------
+def add_evaluate_args(p):
+    _add_db(p)
+    p.add_argument("--model", help="model directory the card is written into (default: $LABTREND_MODEL or var/model)")
+    p.add_argument("--init", help="pretrained checkpoint (default: $LABTREND_PRETRAINED or var/pretrained)")
+    p.add_argument("--patients", help="file of test patient ids (one per line) instead of grouped folds")
+    p.add_argument("--folds", type=int, default=1, help="how many of the 5 patient-grouped folds to run (1-5)")
+    p.add_argument("--modes", default="full,embeddings,lora,scratch", help="fine-tuning modes to compare")
+    p.add_argument("--baselines", default="last value,historical mean,linear trend,LightGBM",
+                   help="baselines to compare (comma-separated names)")
+    p.add_argument("--minutes-per-mode", type=float, default=3.0, help="fine-tuning budget per mode and fold")
+    p.add_argument("--config", default="small", choices=["tiny", "small", "base"], help="architecture for 'scratch'")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_evaluate(args) -> int:
+    from labtrend.evaluate import run_evaluation
+
+    out = settings.model_dir(args.model)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    try:
+        card = run_evaluation(args.db, out, init_dir=args.init, patients_file=args.patients, folds=args.folds,
+                              seed=args.seed, modes=modes, minutes_per_mode=args.minutes_per_mode, config=args.config,
+                              baselines=tuple(b.strip() for b in args.baselines.split(",") if b.strip()),
+                              progress=lambda m: print(m, file=sys.stderr, flush=True))
+    except FileNotFoundError as exc:
+        print(f"labtrend evaluate: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps({"model_card": str(out / "model_card.md"), "winner": card.get("winner"),
+                      "statement": card.get("statement")}))
+    return 0
+
+
+def add_forecast_args(p):
+    p.add_argument("--model", help="model directory (default: $LABTREND_MODEL or var/model)")
+    _add_db(p)
+    p.add_argument("--queries", required=True, help="CSV with columns patient_id,analyte,at")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def cmd_forecast(args) -> int:
+    import pandas as pd
+
+    from data import queries
+    from model.inference import ForecastPipeline
+
+    try:
+        q = pd.read_csv(args.queries, dtype={"patient_id": str, "analyte": str})
+    except (OSError, ValueError) as exc:
+        print(f"labtrend forecast: {args.queries}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    missing = {"patient_id", "analyte", "at"} - set(q.columns)
+    if missing:
+        print(f"labtrend forecast: {args.queries}: missing column(s) {sorted(missing)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        q["at"] = pd.to_datetime(q["at"])
+    except (ValueError, TypeError) as exc:
+        print(f"labtrend forecast: {args.queries}: column 'at': {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    model_dir = settings.model_dir(args.model)
+    if not (model_dir / "config.json").is_file():
+        print(f"labtrend forecast: no trained model in {model_dir} (run `labtrend train`)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    pipe = ForecastPipeline.from_pretrained(model_dir, device=args.device)
+    store = _store(args)
+    ids = sorted(q["patient_id"].unique())
+    history = queries.cohort(store, patients=ids)
+    fc = pipe.forecast(history, q.rename(columns={"analyte": "analyte_code"})[["patient_id", "analyte_code", "at"]])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fc.to_csv(args.out, index=False)
+    print(json.dumps({"queries": len(q), "ok": int((fc["status"] == "ok").sum()), "out": args.out}))
+    return 0
+
+
 COMMANDS = {
     "demo": (add_demo_args, cmd_demo, "build the demo store from MIMIC-IV demo and show it"),
     "import": (add_import_args, cmd_import, "import lab exports (CSV, MIMIC-IV, FHIR, OMOP, Synthea)"),
@@ -361,6 +437,8 @@ COMMANDS = {
     "train": (add_train_args, cmd_train, "pretrain and fine-tune the forecaster (same flags as train.py)"),
     "predict": (add_predict_args, cmd_predict, "forecasts, anomalies, SHAP and recommendations for one patient"),
     "annotations": (add_annotations_args, cmd_annotations, "export expert verdicts; agreement between experts"),
+    "evaluate": (add_evaluate_args, cmd_evaluate, "model card: baselines and fine-tuning modes on held-out patients"),
+    "forecast": (add_forecast_args, cmd_forecast, "batch forecasts for a CSV of (patient_id, analyte, at)"),
 }
 
 

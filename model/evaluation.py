@@ -362,6 +362,9 @@ def check_leakage(
     extra["value"] = 1e4
     extra["censor"] = np.int8(0)
     template = h.drop_duplicates("patient_id").set_index("patient_id")
+    if "unit_canonical" in h.columns:  # the extra result is of the query's analyte: its unit
+        units = h.drop_duplicates("analyte_code").set_index("analyte_code")["unit_canonical"]
+        extra["unit_canonical"] = extra["analyte_code"].map(units)
     for c in h.columns:
         if c not in extra.columns:
             extra[c] = extra["patient_id"].map(template[c])
