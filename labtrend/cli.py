@@ -142,211 +142,117 @@ def cmd_batches(args) -> int:
 
 
 # -- demo ---------------------------------------------------------------------------------
+DEMO_ROLES = ("clinician", "expert", "analyst", "admin")
+
+
 def add_demo_args(p):
     _add_db(p)
+    p.add_argument("--model", help="model folder (default: var/demo-model)")
+    p.add_argument("--retrain", action="store_true", help="fine-tune again even if a model exists")
+    p.add_argument("--predict-patients", type=int, default=3,
+                   help="patients whose outputs are computed and stored for expert review")
+    p.add_argument("--no-serve", action="store_true", help="prepare everything but do not start the dashboard")
+    p.epilog = "Other options are passed to 'streamlit run', e.g. --server.port 8600"
+
+
+def _demo_source(work: Path) -> tuple[Path, str]:
+    """MIMIC-IV demo when present; otherwise the project's synthetic cohort (and say so)."""
+    src = settings.mimic_demo_dir()
+    if src is not None:
+        return src, "MIMIC-IV Clinical Database Demo v2.2"
+    from model.synthetic import generate_cohort, to_canonical_csv
+
+    print(
+        "MIMIC-IV demo data not found: download the open MIMIC-IV Clinical Database Demo from "
+        f"{settings.MIMIC_DEMO_URL} and set LABTREND_DEMO_DATA to its folder.\n"
+        "Falling back to LabTrend's synthetic cohort (simulated patients, not real data).",
+        file=sys.stderr,
+    )
+    history, _ = generate_cohort(100, seed=0)
+    path = work / "synthetic_cohort.csv"
+    to_canonical_csv(history, path)
+    return path, "LabTrend synthetic cohort (simulated)"
+
+
+def _demo_users(users: Path) -> dict[str, str]:
+    """One account per role with a fresh random password, printed once (hashes are stored)."""
+    import secrets
+
+    from dashboard import access
+
+    existing = {u["username"] for u in access.list_users(users)}
+    created = {}
+    for role in DEMO_ROLES:
+        name = f"demo-{role}"
+        if name in existing:
+            continue
+        password = secrets.token_urlsafe(9)
+        access.add_user(name, f"Demo {role}", role, password, users)
+        created[name] = password
+    return created
 
 
 def cmd_demo(args) -> int:
-    """Build a fresh store from MIMIC-IV demo (or say where to get it) and show it."""
-    from data import queries
-    from data.db import open_store
-    from data.importers import run_import, summary_json
-
-    db = settings.db_path(args.db) if args.db else settings.VAR_DIR / "demo.duckdb"
-    src = settings.mimic_demo_dir()
-    if src is None:
-        print(
-            "MIMIC-IV demo data not found. Download the open MIMIC-IV Clinical Database Demo from "
-            f"{settings.MIMIC_DEMO_URL} and set LABTREND_DEMO_DATA to its folder.",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
-    for suffix in ("", ".wal"):
-        Path(str(db) + suffix).unlink(missing_ok=True)
-    store = open_store(db)
-    print(summary_json(run_import(store, src)))
-    pats = queries.patients(store)
-    print(f"\n{len(pats)} patients in {db}")
-    _emit(pats.head(10), "table")
-    top = queries.top_analytes(store, 20)
-    print("\nMost frequent analytes:")
-    _emit(top, "table")
-    return 0
-
-
-# -- train --------------------------------------------------------------------------------
-def add_train_args(p):
-    import train
-
-    train.add_arguments(p)
-
-
-def cmd_train(args) -> int:
-    """Pretrain and/or fine-tune the forecaster (``train.py``; same flags)."""
-    import train
-
-    return train.main(namespace=args)
-
-
-# -- dashboard ------------------------------------------------------------------------------
-def add_dashboard_args(p):
-    _add_db(p)
-    p.add_argument("--model", help="model folder (default: $LABTREND_MODEL, else var/model)")
-    p.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
-    p.epilog = "Other options are passed to 'streamlit run', e.g. --server.port 8600 --server.address 0.0.0.0"
-
-
-def cmd_dashboard(args) -> int:
-    """``streamlit run dashboard/streamlit_app.py`` with the store and model passed by environment."""
+    """Fresh store from MIMIC-IV demo (or the synthetic cohort), a trained model, then the dashboard."""
     import os
     import subprocess
 
-    from dashboard import access
+    from data.db import open_store
+    from data.importers import run_import, summary_json
 
-    env = dict(os.environ)
-    env["LABTREND_DB"] = str(settings.db_path(args.db).resolve())
-    env["LABTREND_MODEL"] = str(settings.model_dir(args.model).resolve())
-    if args.users:
-        env["LABTREND_USERS"] = str(Path(args.users).resolve())
-    users = Path(env["LABTREND_USERS"]) if args.users else access.users_path()
-    if not access.list_users(users):
-        print(f"labtrend dashboard: no user accounts in {users}; create one first with "
-              "'labtrend users add --username NAME --name \"Full Name\" --role admin'", file=sys.stderr)
-    app = settings.PROJECT_ROOT / "dashboard" / "streamlit_app.py"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), *args.extra]
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+    settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
+    db = settings.db_path(args.db) if args.db else settings.VAR_DIR / "demo.duckdb"
+    model_dir = settings.model_dir(args.model) if args.model else settings.VAR_DIR / "demo-model"
+    src, label = _demo_source(settings.VAR_DIR)
+    for suffix in ("", ".wal"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    store = open_store(db)
+    print(f"[1/4] importing {label} into {db}", flush=True)
+    print(summary_json(run_import(store, src)), flush=True)
 
+    if args.retrain or not (model_dir / "config.json").is_file():
+        print(f"[2/4] training the forecaster into {model_dir} (pretrains once if no checkpoint is cached)", flush=True)
+        import train
 
-# -- users --------------------------------------------------------------------------------
-def add_users_args(p):
-    sub = p.add_subparsers(dest="users_command", required=True)
-    add = sub.add_parser("add", help="add a user (password hashed with bcrypt)")
-    add.add_argument("--username", required=True)
-    add.add_argument("--name", required=True, help="full name, as shown in the audit log")
-    add.add_argument("--role", required=True, choices=["clinician", "expert", "analyst", "admin"])
-    add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
-    add.add_argument("--replace", action="store_true", help="update an existing user (name, role, password)")
-    add.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
-    ls = sub.add_parser("list", help="list users and roles (never passwords)")
-    ls.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
-
-
-def cmd_users(args) -> int:
-    from dashboard import access
-
-    path = Path(args.users) if args.users else access.users_path()
-    if args.users_command == "list":
-        for u in access.list_users(path):
-            print(f"{u['username']}\t{','.join(u['roles'])}\t{u['name']}")
-        return 0
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
+        rc = train.main(["--db", str(db), "--out", str(model_dir)])
+        if rc != 0:
+            print("labtrend demo: training failed; see the messages above", file=sys.stderr)
+            return rc
     else:
-        import getpass
+        print(f"[2/4] using the trained model in {model_dir}", flush=True)
 
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat password: ") != password:
-            print("labtrend users: the passwords differ", file=sys.stderr)
-            return EXIT_BAD_INPUT
-    try:
-        written = access.add_user(args.username, args.name, args.role, password, path, replace=args.replace)
-    except access.UserError as exc:
-        print(f"labtrend users: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(json.dumps({"username": args.username.strip().lower(), "role": args.role, "users_file": str(written)}))
-    return 0
-
-
-# -- predict --------------------------------------------------------------------------------
-def add_predict_args(p):
-    p.add_argument("--model", help="ForecastPipeline folder (default: $LABTREND_MODEL, else var/model)")
-    _add_db(p)
-    p.add_argument("--patient", required=True)
-    p.add_argument("--at", help="forecast time, ISO date-time (default: one day after the patient's last result)")
-    p.add_argument("--top", type=int, default=5, help="forecast the patient's N most measured analytes (default 5)")
-    p.add_argument("--no-explain", action="store_true", help="skip the SHAP explanations")
-    p.add_argument("--pretrained", help="pretraining folder (with vocab.json, scaler.json) for the multivariate check")
-    p.add_argument("--critical-values", help="site critical value list (columns as data/reference/critical_values.csv)")
-    p.add_argument("--model-window-days", type=float, default=30.0,
-                   help="run the model-based anomaly rules on the last N days before --at (default 30)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (1 is fastest for SHAP on a busy machine)")
-    p.add_argument("--json", action="store_true", help="print the full JSON (default: a short summary)")
-
-
-def cmd_predict(args) -> int:
-    """Forecasts, anomalies, SHAP explanations and recommendations for one patient, stored as model outputs."""
-    import pandas as pd
-
-    from clinical.anomalies import MaskedValuePredictor, load_reference
-    from clinical.predict import PatientNotFound, predict_patient
+    print(f"[3/4] computing forecasts, anomalies, explanations and recommendations for "
+          f"{args.predict_patients} patients (stored for expert review)", flush=True)
+    from clinical.predict import predict_patient
+    from data import queries
     from model.inference import ForecastPipeline
 
-    if args.threads:
-        import torch
+    pipe = ForecastPipeline.from_pretrained(model_dir)
+    pats = queries.patients(store).sort_values("n_results", ascending=False)
+    for pid in pats["patient_id"].head(args.predict_patients):
+        out = predict_patient(store, pipe, pid)
+        print(f"      patient {pid}: {len(out['forecasts'])} forecasts, {len(out['anomalies'])} anomalies, "
+              f"{len(out['explanations'])} explanations, {len(out['recommendations'])} recommendations", flush=True)
 
-        torch.set_num_threads(args.threads)
-    model_dir = settings.model_dir(args.model)
-    try:
-        pipeline = ForecastPipeline.from_pretrained(model_dir)
-        masked = MaskedValuePredictor.from_pretrained(args.pretrained) if args.pretrained else None
-        reference = load_reference(args.critical_values) if args.critical_values else None
-        at = pd.Timestamp(args.at) if args.at else None
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        print(f"labtrend predict: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        result = predict_patient(_store(args), pipeline, args.patient, at, top_n=args.top, explain=not args.no_explain,
-                                 masked_predictor=masked, reference=reference,
-                                 model_window_days=args.model_window_days)
-    except (PatientNotFound, ValueError) as exc:
-        print(f"labtrend predict: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False, indent=1))
+    from dashboard import access
+
+    users = access.users_path()
+    created = _demo_users(users)
+    if created:
+        print("\nDemo accounts (passwords shown once; hashes stored in " + str(users) + "):")
+        for name, password in created.items():
+            print(f"    {name:16s} {password}")
+    else:
+        print(f"\nDemo accounts already exist in {users} (reset one with 'labtrend users add --replace').")
+    if args.no_serve:
         return 0
-    print(f"patient {result['patient_id']} at {result['at']} (model {result['model_version']}): "
-          f"{len(result['forecasts'])} forecasts, {len(result['anomalies'])} anomalies, "
-          f"{len(result['explanations'])} explanations, {len(result['recommendations'])} recommendations; "
-          f"stored {result['stored']}")
-    for f in result["forecasts"]:
-        print(f"  forecast {f['analyte_code']}: median {f['median']} {f['unit'] or ''} ({f['status']}) [{f['output_id']}]")
-    for r in result["recommendations"]:
-        print(f"  [{r['urgency']}] {r['text']} [{r['output_id']}]")
-    for n in result["notes"]:
-        print(f"  note: {n}")
-    return 0
-
-
-# -- annotations ----------------------------------------------------------------------------
-def add_annotations_args(p):
-    sub = p.add_subparsers(dest="annotations_command", required=True)
-    e = sub.add_parser("export", help="write outputs with their expert verdicts to CSV or Parquet")
-    _add_db(e)
-    e.add_argument("--out", required=True, help="file to write: .csv (formulas neutralised) or .parquet")
-    e.add_argument("--all-verdicts", action="store_true", help="every verdict row, not only each expert's current one")
-    e.add_argument("--kind", choices=["forecast", "anomaly", "explanation", "recommendation"])
-    a = sub.add_parser("agreement", help="agreement between experts per output kind (kappa, AC1)")
-    _add_db(a)
-
-
-def cmd_annotations(args) -> int:
-    """``annotations export`` and ``annotations agreement``."""
-    from clinical import outputs
-
-    store = _store(args)
-    if args.annotations_command == "export":
-        try:
-            n = outputs.export_annotations(store, args.out, all_verdicts=args.all_verdicts, kind=args.kind)
-        except ValueError as exc:
-            print(f"labtrend annotations export: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        print(json.dumps({"rows": n, "out": args.out}))
+    print("[4/4] starting the dashboard (Ctrl+C to stop)", flush=True)
+    env = dict(os.environ, LABTREND_DB=str(db.resolve()), LABTREND_MODEL=str(model_dir.resolve()))
+    app = settings.PROJECT_ROOT / "dashboard" / "streamlit_app.py"
+    try:
+        return subprocess.call([sys.executable, "-m", "streamlit", "run", str(app), *args.extra], env=env)
+    except KeyboardInterrupt:
         return 0
-    print(outputs.agreement(store).to_json(orient="records", force_ascii=False))
-    return 0
 
 
 # -- evaluate / forecast ---------------------------------------------------------------------
@@ -426,7 +332,7 @@ def cmd_forecast(args) -> int:
 
 
 COMMANDS = {
-    "demo": (add_demo_args, cmd_demo, "build the demo store from MIMIC-IV demo and show it"),
+    "demo": (add_demo_args, cmd_demo, "the product on MIMIC-IV demo (or the synthetic cohort): import, train, serve"),
     "import": (add_import_args, cmd_import, "import lab exports (CSV, MIMIC-IV, FHIR, OMOP, Synthea)"),
     "patients": (add_patients_args, cmd_patients, "list patients with result counts"),
     "timeline": (add_timeline_args, cmd_timeline, "one patient's results"),
