@@ -255,6 +255,92 @@ def cmd_demo(args) -> int:
         return 0
 
 
+# -- train --------------------------------------------------------------------------------
+def add_train_args(p):
+    import train
+
+    train.add_arguments(p)
+
+
+def cmd_train(args) -> int:
+    """Pretrain and/or fine-tune the forecaster (``train.py``; same flags)."""
+    import train
+
+    return train.main(namespace=args)
+
+
+# -- dashboard ------------------------------------------------------------------------------
+def add_dashboard_args(p):
+    _add_db(p)
+    p.add_argument("--model", help="model folder (default: $LABTREND_MODEL, else var/model)")
+    p.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
+    p.epilog = "Other options are passed to 'streamlit run', e.g. --server.port 8600 --server.address 0.0.0.0"
+
+
+def cmd_dashboard(args) -> int:
+    """``streamlit run dashboard/streamlit_app.py`` with the store and model passed by environment."""
+    import os
+    import subprocess
+
+    from dashboard import access
+
+    env = dict(os.environ)
+    env["LABTREND_DB"] = str(settings.db_path(args.db).resolve())
+    env["LABTREND_MODEL"] = str(settings.model_dir(args.model).resolve())
+    if args.users:
+        env["LABTREND_USERS"] = str(Path(args.users).resolve())
+    users = Path(env["LABTREND_USERS"]) if args.users else access.users_path()
+    if not access.list_users(users):
+        print(f"labtrend dashboard: no user accounts in {users}; create one first with "
+              "'labtrend users add --username NAME --name \"Full Name\" --role admin'", file=sys.stderr)
+    app = settings.PROJECT_ROOT / "dashboard" / "streamlit_app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), *args.extra]
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+# -- users --------------------------------------------------------------------------------
+def add_users_args(p):
+    sub = p.add_subparsers(dest="users_command", required=True)
+    add = sub.add_parser("add", help="add a user (password hashed with bcrypt)")
+    add.add_argument("--username", required=True)
+    add.add_argument("--name", required=True, help="full name, as shown in the audit log")
+    add.add_argument("--role", required=True, choices=["clinician", "expert", "analyst", "admin"])
+    add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    add.add_argument("--replace", action="store_true", help="update an existing user (name, role, password)")
+    add.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
+    ls = sub.add_parser("list", help="list users and roles (never passwords)")
+    ls.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
+
+
+def cmd_users(args) -> int:
+    from dashboard import access
+
+    path = Path(args.users) if args.users else access.users_path()
+    if args.users_command == "list":
+        for u in access.list_users(path):
+            print(f"{u['username']}\t{','.join(u['roles'])}\t{u['name']}")
+        return 0
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        import getpass
+
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            print("labtrend users: the passwords differ", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    try:
+        written = access.add_user(args.username, args.name, args.role, password, path, replace=args.replace)
+    except access.UserError as exc:
+        print(f"labtrend users: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps({"username": args.username.strip().lower(), "role": args.role, "users_file": str(written)}))
+    return 0
+
+
 # -- evaluate / forecast ---------------------------------------------------------------------
 def add_evaluate_args(p):
     _add_db(p)
@@ -328,6 +414,95 @@ def cmd_forecast(args) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fc.to_csv(args.out, index=False)
     print(json.dumps({"queries": len(q), "ok": int((fc["status"] == "ok").sum()), "out": args.out}))
+    return 0
+
+
+# -- predict --------------------------------------------------------------------------------
+def add_predict_args(p):
+    p.add_argument("--model", help="ForecastPipeline folder (default: $LABTREND_MODEL, else var/model)")
+    _add_db(p)
+    p.add_argument("--patient", required=True)
+    p.add_argument("--at", help="forecast time, ISO date-time (default: one day after the patient's last result)")
+    p.add_argument("--top", type=int, default=5, help="forecast the patient's N most measured analytes (default 5)")
+    p.add_argument("--no-explain", action="store_true", help="skip the SHAP explanations")
+    p.add_argument("--pretrained", help="pretraining folder (with vocab.json, scaler.json) for the multivariate check")
+    p.add_argument("--critical-values", help="site critical value list (columns as data/reference/critical_values.csv)")
+    p.add_argument("--model-window-days", type=float, default=30.0,
+                   help="run the model-based anomaly rules on the last N days before --at (default 30)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (1 is fastest for SHAP on a busy machine)")
+    p.add_argument("--json", action="store_true", help="print the full JSON (default: a short summary)")
+
+
+def cmd_predict(args) -> int:
+    """Forecasts, anomalies, SHAP explanations and recommendations for one patient, stored as model outputs."""
+    import pandas as pd
+
+    from clinical.anomalies import MaskedValuePredictor, load_reference
+    from clinical.predict import PatientNotFound, predict_patient
+    from model.inference import ForecastPipeline
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model_dir = settings.model_dir(args.model)
+    try:
+        pipeline = ForecastPipeline.from_pretrained(model_dir)
+        masked = MaskedValuePredictor.from_pretrained(args.pretrained) if args.pretrained else None
+        reference = load_reference(args.critical_values) if args.critical_values else None
+        at = pd.Timestamp(args.at) if args.at else None
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        print(f"labtrend predict: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        result = predict_patient(_store(args), pipeline, args.patient, at, top_n=args.top, explain=not args.no_explain,
+                                 masked_predictor=masked, reference=reference,
+                                 model_window_days=args.model_window_days)
+    except (PatientNotFound, ValueError) as exc:
+        print(f"labtrend predict: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=1))
+        return 0
+    print(f"patient {result['patient_id']} at {result['at']} (model {result['model_version']}): "
+          f"{len(result['forecasts'])} forecasts, {len(result['anomalies'])} anomalies, "
+          f"{len(result['explanations'])} explanations, {len(result['recommendations'])} recommendations; "
+          f"stored {result['stored']}")
+    for f in result["forecasts"]:
+        print(f"  forecast {f['analyte_code']}: median {f['median']} {f['unit'] or ''} ({f['status']}) [{f['output_id']}]")
+    for r in result["recommendations"]:
+        print(f"  [{r['urgency']}] {r['text']} [{r['output_id']}]")
+    for n in result["notes"]:
+        print(f"  note: {n}")
+    return 0
+
+
+# -- annotations ----------------------------------------------------------------------------
+def add_annotations_args(p):
+    sub = p.add_subparsers(dest="annotations_command", required=True)
+    e = sub.add_parser("export", help="write outputs with their expert verdicts to CSV or Parquet")
+    _add_db(e)
+    e.add_argument("--out", required=True, help="file to write: .csv (formulas neutralised) or .parquet")
+    e.add_argument("--all-verdicts", action="store_true", help="every verdict row, not only each expert's current one")
+    e.add_argument("--kind", choices=["forecast", "anomaly", "explanation", "recommendation"])
+    a = sub.add_parser("agreement", help="agreement between experts per output kind (kappa, AC1)")
+    _add_db(a)
+
+
+def cmd_annotations(args) -> int:
+    """``annotations export`` and ``annotations agreement``."""
+    from clinical import outputs
+
+    store = _store(args)
+    if args.annotations_command == "export":
+        try:
+            n = outputs.export_annotations(store, args.out, all_verdicts=args.all_verdicts, kind=args.kind)
+        except ValueError as exc:
+            print(f"labtrend annotations export: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(json.dumps({"rows": n, "out": args.out}))
+        return 0
+    print(outputs.agreement(store).to_json(orient="records", force_ascii=False))
     return 0
 
 

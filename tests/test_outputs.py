@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +15,8 @@ import pytest
 
 from clinical import outputs as O
 from data.db import open_store
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _forecast(oid: str, patient: str, code: str, at: str, value: float, unit: str) -> dict:
@@ -114,13 +119,17 @@ def test_verdict_errors(ui17):
         O.record_verdict(store, "PR-0102", "ann", "expert", "valid", submission_id=sid)
 
 
-def _verdict_in_process(path, output_id, annotator, barrier):
-    from clinical import outputs
-    from data.db import open_store as _open
-
-    s = _open(path)
-    barrier.wait(timeout=60)
-    outputs.record_verdict(s, output_id, annotator, "expert", "valid", submission_id=f"{annotator}-1")
+_CHILD = """
+import sys, time, pathlib
+from clinical import outputs
+from data.db import open_store
+path, output_id, annotator, flag_dir = sys.argv[1:5]
+store = open_store(path)
+pathlib.Path(flag_dir, annotator + ".ready").touch()
+while not pathlib.Path(flag_dir, "go").exists():  # start together
+    time.sleep(0.005)
+outputs.record_verdict(store, output_id, annotator, "expert", "valid", submission_id=annotator + "-1")
+"""
 
 
 def test_two_experts_at_the_same_moment_both_land(tmp_path):
@@ -144,15 +153,18 @@ def test_two_experts_at_the_same_moment_both_land(tmp_path):
     for t in threads:
         t.join(60)
     assert not errors
-    # two processes (the DuckDB file lock; Store retries while the other holds it)
-    ctx = mp.get_context("spawn")
-    pbarrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_verdict_in_process, args=(str(path), "PR-1", n, pbarrier)) for n in ("p1", "p2")]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    # two processes (the DuckDB file lock; Store retries while the other holds it). Plain subprocesses:
+    # multiprocessing's spawn would re-run whatever __main__ an earlier test left behind.
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(path), "PR-1", n, str(flags)], cwd=str(ROOT),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in ("p1", "p2")]
+    deadline = time.monotonic() + 120
+    while not all((flags / f"{n}.ready").exists() for n in ("p1", "p2")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (flags / "go").touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
     assert sorted(O.current_verdicts(store)["annotator"]) == ["p1", "p2", "t1", "t2"]
 
 
