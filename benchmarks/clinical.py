@@ -240,7 +240,7 @@ def main(argv=None) -> int:
             trained = ForecastPipeline.from_pretrained(settings.model_dir())
             pipelines["trained"] = trained
         except (FileNotFoundError, OSError, ValueError) as exc:
-            payload["trained_model"] = f"not available ({exc})"
+            payload["trained_model"] = f"not available ({type(exc).__name__}: no trained model in {settings.model_dir().name})"
         if "shap" not in args.skip:
             payload["shap_latency"] = shap_latency(store, pipelines, 4 if args.quick else 8, 2 if args.quick else 3)
         if "patterns" not in args.skip:
