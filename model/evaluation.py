@@ -376,7 +376,9 @@ def check_leakage(
         _check_forecasts(fc, q, forecaster.name)
         a = fc[list(QUANTILE_COLUMNS)].to_numpy(float)
         b = ref[list(QUANTILE_COLUMNS)].to_numpy(float)
-        bad = ~np.isclose(a, b, rtol=1e-7, atol=1e-9, equal_nan=True).all(axis=1)
+        # float32 networks differ in the last bits when the batch (hence the padding) differs; a
+        # real leak (future values scaled x0.3..3 plus a wild 1e4 result) moves forecasts far more.
+        bad = ~np.isclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True).all(axis=1)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise LeakageError(
