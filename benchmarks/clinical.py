@@ -37,7 +37,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import median, percentile, save  # noqa: E402
+from benchmarks.common import median, mimic_store, percentile, save  # noqa: E402
 
 
 def _load() -> float | None:
@@ -64,18 +64,6 @@ def _random_pipeline(cohort: pd.DataFrame, preset: str):
                 p.copy_(torch.randn(p.shape) * 0.05)
     return ForecastPipeline(model, vocab, AnalyteScaler.fit(cohort[cohort["analyte_code"].isin(vocab.codes)]))
 
-
-def _mimic_store(tmp: Path):
-    from data.db import open_store
-    from data.importers import run_import
-    from labtrend import settings
-
-    src = settings.mimic_demo_dir()
-    if src is None:
-        raise SystemExit("MIMIC-IV demo not found (set LABTREND_DEMO_DATA or LABTREND_DATA_DIR)")
-    store = open_store(tmp / "mimic.duckdb")
-    run_import(store, src)
-    return store
 
 
 def shap_latency(store, pipelines: dict, n_patients: int, per_patient: int) -> dict:
@@ -232,7 +220,7 @@ def main(argv=None) -> int:
 
     payload = {"command": "python benchmarks/clinical.py" + (" --quick" if args.quick else "")}
     with tempfile.TemporaryDirectory() as tmp:
-        store = _mimic_store(Path(tmp))
+        store = mimic_store(Path(tmp))
         cohort = queries.cohort(store)
         pipelines = {p: _random_pipeline(cohort, p) for p in ("tiny", "small")}
         trained = None

@@ -46,3 +46,17 @@ def save(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2, default=str))
     print(json.dumps(payload, indent=2, default=str))
     return path
+
+
+def mimic_store(tmp: Path):
+    """A store in ``tmp`` with MIMIC-IV demo imported; exits with a message when the data is absent."""
+    from data.db import open_store
+    from data.importers import run_import
+    from labtrend import settings
+
+    src = settings.mimic_demo_dir()
+    if src is None:
+        raise SystemExit("MIMIC-IV demo not found (set LABTREND_DEMO_DATA or LABTREND_DATA_DIR)")
+    store = open_store(tmp / "mimic.duckdb")
+    run_import(store, src)
+    return store

@@ -28,20 +28,15 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmarks.common import median, percentile, save  # noqa: E402
+from benchmarks.common import median, mimic_store, percentile, save  # noqa: E402
 from labtrend import settings  # noqa: E402
 
 
 def mimic_cohort(tmp: Path):
+    """The MIMIC-IV demo store and its model cohort."""
     from data import queries
-    from data.db import open_store
-    from data.importers import run_import
 
-    src = settings.mimic_demo_dir()
-    if src is None:
-        raise SystemExit("MIMIC-IV demo not found (set LABTREND_DEMO_DATA)")
-    store = open_store(tmp / "bench.duckdb")
-    run_import(store, src)
+    store = mimic_store(tmp)
     return store, queries.cohort(store)
 
 

@@ -37,6 +37,12 @@ def store(tmp_path):
     return open_store(tmp_path / "lab.duckdb")
 
 
+@pytest.fixture
+def db(store):
+    """The same fresh store, under the name the importer tests use."""
+    return store
+
+
 @pytest.fixture(scope="session")
 def mimic_store(tmp_path_factory, mimic_dir):
     """A store with MIMIC-IV demo imported once per test session (read-only use!)."""

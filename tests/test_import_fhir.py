@@ -12,6 +12,10 @@ import pandas as pd
 import pytest
 
 from data.db import open_store
+from store_helpers import patients_by_id as _patients
+from store_helpers import quarantine_rows as _quarantine
+from store_helpers import results_by_row as _results
+
 from data.importers import ImportFileError, detect_format, run_import
 from data.importers.fhir import _fhir_time, observation_row
 
@@ -20,27 +24,8 @@ BUNDLE = FIXTURES / "bundle_lab.json"
 NDJSON = FIXTURES / "observations.ndjson"
 
 
-@pytest.fixture
-def db(tmp_path):
-    return open_store(tmp_path / "t.duckdb")
 
 
-def _results(store) -> dict[int, dict]:
-    """lab_results by source_row (single-batch stores)."""
-    with store.read() as cur:
-        df = cur.execute("SELECT * FROM lab_results ORDER BY source_row").df()
-    return {int(r["source_row"]): r for r in df.to_dict("records")}
-
-
-def _patients(store) -> dict[str, dict]:
-    with store.read() as cur:
-        df = cur.execute("SELECT * FROM patients").df()
-    return {r["patient_id"]: r for r in df.to_dict("records")}
-
-
-def _quarantine(store) -> list[tuple]:
-    with store.read() as cur:
-        return cur.execute("SELECT source_row, column_name, reason FROM quarantine ORDER BY source_row").fetchall()
 
 
 def pd_date(y, m, d) -> pd.Timestamp:

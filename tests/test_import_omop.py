@@ -12,32 +12,18 @@ import pandas as pd
 import pytest
 
 from data.db import open_store
+from store_helpers import patients_by_id as _patients
+from store_helpers import quarantine_rows as _quarantine
+from store_helpers import results_by_row as _results
+
 from data.importers import ImportFileError, detect_format, run_import
 from data.importers.omop import GENDERS, OPERATORS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "omop"
 
 
-@pytest.fixture
-def db(tmp_path):
-    return open_store(tmp_path / "t.duckdb")
 
 
-def _results(store) -> dict[int, dict]:
-    with store.read() as cur:
-        df = cur.execute("SELECT * FROM lab_results ORDER BY source_row").df()
-    return {int(r["source_row"]): r for r in df.to_dict("records")}
-
-
-def _patients(store) -> dict[str, dict]:
-    with store.read() as cur:
-        df = cur.execute("SELECT * FROM patients").df()
-    return {r["patient_id"]: r for r in df.to_dict("records")}
-
-
-def _quarantine(store) -> list[tuple]:
-    with store.read() as cur:
-        return cur.execute("SELECT source_row, column_name, reason FROM quarantine ORDER BY source_row").fetchall()
 
 
 def _none(x) -> bool:

@@ -10,6 +10,9 @@ import pandas as pd
 import pytest
 
 from data.db import open_store
+from store_helpers import patients_by_id as _patients
+from store_helpers import results_by_row as _results
+
 from data.importers import ImportFileError, detect_format, run_import
 
 FIXTURES = Path(__file__).parent / "fixtures" / "synthea"
@@ -17,21 +20,7 @@ PAT_A = "b9c610cd-28a6-4636-ccb6-c7a0d2a4cb85"
 PAT_B = "5e1f1b2a-7c3d-4e5f-8a9b-0c1d2e3f4a5b"
 
 
-@pytest.fixture
-def db(tmp_path):
-    return open_store(tmp_path / "t.duckdb")
 
-
-def _results(store) -> dict[int, dict]:
-    with store.read() as cur:
-        df = cur.execute("SELECT * FROM lab_results ORDER BY source_row").df()
-    return {int(r["source_row"]): r for r in df.to_dict("records")}
-
-
-def _patients(store) -> dict[str, dict]:
-    with store.read() as cur:
-        df = cur.execute("SELECT * FROM patients").df()
-    return {r["patient_id"]: r for r in df.to_dict("records")}
 
 
 def _none(x) -> bool:
