@@ -167,6 +167,8 @@ def forecast_outputs(forecasts: pd.DataFrame, history: pd.DataFrame | None = Non
         prev_at = max([p for p in prev if pd.Timestamp(p) < at], default=None)
         payload = {
             "quantiles": {c: r.get(c) for c in ("q05", "q10", "q25", "q50", "q75", "q90", "q95")},
+            "interval95": ([r.get("lo95"), r.get("hi95")]
+                           if r.get("lo95") is not None and not pd.isna(r.get("lo95")) else None),
             "median": r.get("q50"), "unit": r.get("unit"), "status": r.get("status"), "at": at,
             "based_on": {"prior_results": r.get("n_history"), "last_result_at": prev_at, "calibrated": calibrated,
                          "model_version": r.get("model_version"),

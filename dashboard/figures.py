@@ -8,7 +8,8 @@ plain pytest on ``fig.data`` / ``fig.layout``. Inputs follow the project's contr
   for this patient, canonical unit) and ``critical_low, critical_high`` (site critical
   limits, canonical unit), as added by :func:`dashboard.services.with_reference_limits`.
 * **forecasts** - the forecast frame of ``model/__init__.py``: ``patient_id, analyte_code,
-  at, q05 .. q95, unit, n_history, status, model_version`` (optional ``q025, q975``).
+  at, q05 .. q95, unit, n_history, status, model_version`` (optional ``lo95, hi95``: the
+  conformal 95 % prediction interval; drawn instead of q05..q95 when present).
 * **anomalies** - :data:`dashboard.services.ANOMALY_COLUMNS` (``clinical.anomalies``); each
   flag other than ``reference_interval`` (already the H/L label) rings its result and names
   its rule.
@@ -423,7 +424,7 @@ def make_timeline_figure(
             fc_rows = fc[(fc["analyte_code"] == code)].copy()
             fc_rows["at"] = pd.to_datetime(fc_rows["at"])
             ok = fc_rows[fc_rows["status"] == "ok"]
-            for col in ("q05", "q95", "q025", "q975"):
+            for col in ("q05", "q95", "lo95", "hi95"):
                 if col in ok:
                     scale_vals += [float(v) for v in ok[col] if _num(v) is not None]
         y0, y1 = _y_range(scale_vals + band_vals)
@@ -655,8 +656,9 @@ def _add_forecast(fig, fc_rows: pd.DataFrame, trend: pd.DataFrame, i: int, legen
     def series(col):
         return anchor_y + [float(v) for v in ok[col]]
 
-    outer = ("q025", "q975", "95%") if {"q025", "q975"} <= set(ok.columns) else ("q05", "q95", "90%")
-    bands = [(outer[0], outer[1], f"Forecast {outer[2]} interval ({outer[0]}–{outer[1]})", COLORS["forecast_outer"]),
+    has95 = {"lo95", "hi95"} <= set(ok.columns) and ok[["lo95", "hi95"]].notna().all().all()
+    outer = ("lo95", "hi95", "95%", "conformal") if has95 else ("q05", "q95", "90%", "q05–q95")
+    bands = [(outer[0], outer[1], f"Forecast {outer[2]} interval ({outer[3]})", COLORS["forecast_outer"]),
              ("q10", "q90", "Forecast 80% interval (q10–q90)", COLORS["forecast80"])]
     for lo, hi, label, color in bands:
         fig.add_trace(go.Scatter(x=xs, y=series(lo), mode="lines", line=dict(width=0), hoverinfo="skip",

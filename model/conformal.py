@@ -8,6 +8,12 @@ empirical quantile at ``ceil((n + 1)(1 - alpha)) / n``; widening the interval by
 sides (``lo - a``, ``hi + a``) gives coverage of at least ``level`` on exchangeable new
 points. A negative adjustment narrows an interval that was too wide.
 
+A level wider than the model's outermost quantile pair (95 %, while the head stops at
+q05..q95) is calibrated the same way on that outermost pair: CQR's coverage guarantee holds
+for any base interval, so ``q05 - a95 .. q95 + a95`` is a 95 % prediction interval. Such
+*extended* levels do not move a quantile; :meth:`ConformalCalibration.extended_bounds`
+returns their bounds.
+
 Everything is in the model's normalised space (``model.features.AnalyteScaler``), where one
 unit is comparable across analytes: an additive adjustment there is additive in canonical
 units for raw-scale analytes and multiplicative for log-scale (skewed) ones. Analytes with
@@ -26,7 +32,11 @@ from model import QUANTILES
 
 __all__ = ["DEFAULT_LEVELS", "conformal_adjustment", "interval_coverage", "fit_conformal", "ConformalCalibration"]
 
-DEFAULT_LEVELS = (0.5, 0.8, 0.9)
+DEFAULT_LEVELS = (0.5, 0.8, 0.9, 0.95)
+
+
+#: Widest interval calibrated on the outermost quantile pair when the head has no pair for it.
+MAX_EXTENDED_LEVEL = 0.95
 
 
 def _interval_columns(quantile_levels: Sequence[float], level: float) -> tuple[int, int]:
@@ -37,6 +47,30 @@ def _interval_columns(quantile_levels: Sequence[float], level: float) -> tuple[i
     if not len(i) or not len(j):
         raise ValueError(f"interval {level:.0%} needs quantiles {lo:g} and {hi:g}; model has {list(quantile_levels)}")
     return int(i[0]), int(j[0])
+
+
+def _is_extended(quantile_levels: Sequence[float], level: float) -> bool:
+    """True when ``level`` has no quantile pair of its own and is calibrated on the outermost pair."""
+    try:
+        _interval_columns(quantile_levels, level)
+        return False
+    except ValueError:
+        outer = max(quantile_levels) - min(quantile_levels)
+        if outer < level <= MAX_EXTENDED_LEVEL + 1e-9:
+            return True
+        raise
+
+
+def _base_columns(quantile_levels: Sequence[float], level: float) -> tuple[int, int]:
+    """The quantile pair a ``level`` interval is calibrated on: its own, or the outermost for an extended level.
+
+    Raises ``ValueError`` for a level that has no pair and is not an extended level
+    (wider than :data:`MAX_EXTENDED_LEVEL`, or narrower than the outermost pair).
+    """
+    if _is_extended(quantile_levels, level):
+        levels = np.asarray(quantile_levels, dtype=np.float64)
+        return int(np.argmin(levels)), int(np.argmax(levels))
+    return _interval_columns(quantile_levels, level)
 
 
 def conformal_adjustment(scores: np.ndarray, level: float) -> float:
@@ -59,9 +93,15 @@ def interval_coverage(
     quantile_levels: Sequence[float] = QUANTILES,
     levels: Sequence[float] = DEFAULT_LEVELS,
 ) -> dict[float, float]:
-    """Fraction of ``y`` (shape ``(n,)``) inside each central interval of ``quantiles`` (``(n, n_quantiles)``)."""
+    """Fraction of ``y`` (shape ``(n,)``) inside each central interval of ``quantiles`` (``(n, n_quantiles)``).
+
+    Extended levels (no quantile pair of their own, e.g. 95 %) are left out: their bounds
+    come from :meth:`ConformalCalibration.extended_bounds`.
+    """
     out = {}
     for level in levels:
+        if _is_extended(quantile_levels, level):
+            continue
         i, j = _interval_columns(quantile_levels, level)
         out[level] = float(np.mean((quantiles[:, i] <= y) & (y <= quantiles[:, j])))
     return out
@@ -101,6 +141,8 @@ class ConformalCalibration:
         q = np.array(quantiles, dtype=np.float64, copy=True)
         adj = self.adjustments(codes)
         for k, level in enumerate(self.levels):
+            if _is_extended(self.quantile_levels, level):
+                continue
             i, j = _interval_columns(self.quantile_levels, level)
             q[:, i] -= adj[:, k]
             q[:, j] += adj[:, k]
@@ -110,6 +152,33 @@ class ConformalCalibration:
         for j in range(mid + 1, q.shape[1]):
             q[:, j] = np.maximum(q[:, j], q[:, j - 1])
         return q
+
+    @property
+    def extended_levels(self) -> tuple[float, ...]:
+        """Calibrated levels wider than the model's quantiles (e.g. ``(0.95,)``)."""
+        return tuple(lv for lv in self.levels if _is_extended(self.quantile_levels, lv))
+
+    def extended_bounds(self, codes: Sequence[str], raw: np.ndarray, calibrated: np.ndarray | None = None
+                        ) -> dict[float, np.ndarray]:
+        """Bounds of each extended level: ``{level: (n, 2) array of (low, high)}``, normalised units.
+
+        ``raw`` are the model's quantiles before :meth:`apply` (``(n, n_quantiles)``): the
+        adjustment was fitted on them. ``calibrated`` (the output of :meth:`apply`), when
+        given, keeps the wider interval outside the narrower calibrated ones (nested).
+        """
+        raw = np.asarray(raw, dtype=np.float64)
+        adj = self.adjustments(codes)
+        out = {}
+        for k, level in enumerate(self.levels):
+            if not _is_extended(self.quantile_levels, level):
+                continue
+            i, j = _base_columns(self.quantile_levels, level)
+            lo, hi = raw[:, i] - adj[:, k], raw[:, j] + adj[:, k]
+            if calibrated is not None:
+                c = np.asarray(calibrated, dtype=np.float64)
+                lo, hi = np.minimum(lo, c[:, i]), np.maximum(hi, c[:, j])
+            out[level] = np.stack([lo, hi], axis=1)
+        return out
 
     def to_dict(self) -> dict:
         return {
@@ -154,7 +223,8 @@ def fit_conformal(
         quantiles: forecast quantiles, ``(n, n_quantiles)``, normalised units, monotone.
         y: true values, ``(n,)``, normalised units (leave censored results out).
         quantile_levels: the levels of ``quantiles``' columns.
-        levels: nominal central intervals to calibrate.
+        levels: nominal central intervals to calibrate; a level wider than the outermost
+            quantile pair (up to 95 %) is calibrated on that pair (an extended level).
         min_points: analytes with fewer points use the pooled adjustment.
     """
     codes = np.asarray([str(c) for c in codes], dtype=object)
@@ -173,7 +243,7 @@ def fit_conformal(
         raise ValueError(f"min_points ({min_points}) must be at least {needed} to certify a {max(levels):.0%} interval")
     scores = {}
     for level in levels:
-        i, j = _interval_columns(quantile_levels, level)
+        i, j = _base_columns(quantile_levels, level)
         scores[level] = np.maximum(quantiles[:, i] - y, y - quantiles[:, j])  # [n]
     pooled = {str(lv): conformal_adjustment(scores[lv], lv) for lv in levels}
     per_analyte, n_per = {}, {}

@@ -194,7 +194,9 @@ class ForecastPipeline:
         Each query ``(patient_id, analyte_code, at)`` is forecast from that patient's results
         collected strictly before ``at``; times are continuous days, so irregular sampling
         needs no resampling. Returns the queries' columns plus ``q05 .. q95`` (float32,
-        canonical unit, monotone), ``unit``, ``n_history`` (prior results of that analyte),
+        canonical unit, monotone), ``lo95``/``hi95`` (the split-conformal 95 % prediction
+        interval, calibrated on q05..q95; NaN when the model has no 95 % calibration),
+        ``unit``, ``n_history`` (prior results of that analyte),
         ``status`` and ``model_version``, one row per query in the queries' order.
         ``status`` is 'ok' (quantiles finite), "Not enough measurements to forecast (n;
         minimum 2)" or "analyte not in model vocabulary" (quantiles NaN: there is no
@@ -213,15 +215,23 @@ class ForecastPipeline:
         ok = enc.status == STATUS_OK
         codes = q["analyte_code"].to_numpy(dtype=object)
         values = np.full_like(z, np.nan)
+        wide = np.full((len(z), 2), np.nan)
         if ok.any():
             z_ok = z[ok]
             if self.conformal is not None:
-                z_ok = self.conformal.apply(codes[ok], z_ok)
+                raw = z_ok
+                z_ok = self.conformal.apply(codes[ok], raw)
+                ext = self.conformal.extended_bounds(codes[ok], raw, z_ok).get(0.95)
+                if ext is not None:
+                    wide[ok, 0] = self.scaler.denormalise(codes[ok], ext[:, 0])
+                    wide[ok, 1] = self.scaler.denormalise(codes[ok], ext[:, 1])
             values[ok] = self.scaler.denormalise(codes[ok], z_ok)
 
         out = q_in.copy()
         for k, col in enumerate(QUANTILE_COLUMNS):
             out[col] = values[:, k].astype(np.float32)
+        out["lo95"] = wide[:, 0].astype(np.float32)
+        out["hi95"] = wide[:, 1].astype(np.float32)
         units = {code: self._unit(code, h) for code in set(codes.tolist())}
         out["unit"] = pd.Series([units[c] for c in codes], dtype=object)
         out["n_history"] = enc.n_history

@@ -128,7 +128,7 @@ from tqdm.auto import tqdm
 
 from model import MIN_HISTORY, QUANTILES
 from model.configuration import LabTrendConfig, config_preset
-from model.conformal import fit_conformal, interval_coverage
+from model.conformal import DEFAULT_LEVELS, fit_conformal, interval_coverage
 from model.features import (
     N_SPECIAL,
     PAD_ID,
@@ -656,8 +656,12 @@ def _conformal(builder: ExampleBuilder, index: np.ndarray, quantiles: np.ndarray
     qn = np.asarray(quantiles, dtype=np.float64)  # the model's normalised units, as ForecastPipeline.calibrate
     yn = builder.z[index].astype(np.float64)  # the builder normalises with the same scaler
     info: dict = {"n_points": int(len(index)), "raw_coverage": interval_coverage(qn, yn) if len(index) else {}}
+    # levels whose rank ceil((n+1)level) exists for an analyte with min_points points
+    levels = tuple(lv for lv in DEFAULT_LEVELS if math.ceil(lv / (1 - lv) - 1e-9) <= min_points)
+    if levels != DEFAULT_LEVELS:
+        info["levels_left_out"] = [lv for lv in DEFAULT_LEVELS if lv not in levels]
     try:
-        calibration = fit_conformal(codes, qn, yn, min_points=min_points)
+        calibration = fit_conformal(codes, qn, yn, min_points=min_points, levels=levels)
     except ValueError as exc:  # too few points to certify the intervals
         info["skipped"] = str(exc)
         return None, info
@@ -668,10 +672,13 @@ def _conformal(builder: ExampleBuilder, index: np.ndarray, quantiles: np.ndarray
     for f in (0, 1):
         fit, test = fold != f, fold == f
         try:
-            cal = fit_conformal(codes[fit], qn[fit], yn[fit], min_points=min_points)
+            cal = fit_conformal(codes[fit], qn[fit], yn[fit], min_points=min_points, levels=levels)
         except ValueError:
             continue
-        cov = interval_coverage(cal.apply(codes[test], qn[test]), yn[test])
+        adjusted = cal.apply(codes[test], qn[test])
+        cov = interval_coverage(adjusted, yn[test])
+        for level, b in cal.extended_bounds(codes[test], qn[test], adjusted).items():
+            cov[level] = float(np.mean((b[:, 0] <= yn[test]) & (yn[test] <= b[:, 1])))
         for level, c in cov.items():
             covered[level] = covered.get(level, 0.0) + c * test.sum()
         counted += int(test.sum())

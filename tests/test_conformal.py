@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from model import QUANTILES
-from model.conformal import ConformalCalibration, conformal_adjustment, fit_conformal, interval_coverage
+from model.conformal import (
+    DEFAULT_LEVELS,
+    ConformalCalibration,
+    conformal_adjustment,
+    fit_conformal,
+    interval_coverage,
+)
 
 LEVELS = (0.5, 0.8, 0.9)
 Z = np.array([NormalDist().inv_cdf(p) for p in QUANTILES])
@@ -69,7 +75,7 @@ def test_small_and_unseen_analytes_use_the_pooled_adjustment():
     codes, q, y = synthetic(rng, {"A": 400, "B": 400, "RARE": 10}, {"A": 1.5, "B": 1.5, "RARE": 1.5})
     cal = fit_conformal(codes, q, y, min_points=50)
     assert "RARE" not in cal.per_analyte and cal.n_per_analyte["RARE"] == 10
-    pooled = [cal.pooled[str(lv)] for lv in LEVELS]
+    pooled = [cal.pooled[str(lv)] for lv in DEFAULT_LEVELS]
     np.testing.assert_array_equal(cal.adjustments(["RARE", "NEVER_SEEN"]), [pooled, pooled])
     assert cal.n_pooled == 810
 
@@ -103,7 +109,7 @@ def test_json_round_trip_gives_identical_adjustments():
 def test_input_errors_are_named():
     rng = np.random.default_rng(4)
     codes, q, y = synthetic(rng, {"A": 100}, {"A": 1.0})
-    with pytest.raises(ValueError, match=r"min_points \(5\) must be at least 9"):
+    with pytest.raises(ValueError, match=r"min_points \(5\) must be at least 19 to certify a 95% interval"):
         fit_conformal(codes, q, y, min_points=5)
     with pytest.raises(ValueError, match="shapes disagree"):
         fit_conformal(codes, q[:, :5], y)
@@ -113,3 +119,28 @@ def test_input_errors_are_named():
     y_bad[0] = np.nan
     with pytest.raises(ValueError, match="must be finite"):
         fit_conformal(codes, q, y_bad)
+
+
+def test_95_interval_is_calibrated_on_the_outermost_pair_and_nested():
+    """The head stops at q05..q95; the 95 % interval is CQR on that pair, outside the calibrated 90 %."""
+    rng = np.random.default_rng(5)
+    sig = {"WIDE": 2.0, "NARROW": 0.4}
+    codes, q, y = synthetic(rng, {"WIDE": 2000, "NARROW": 2000}, sig)
+    cal = fit_conformal(codes, q, y)
+    assert cal.extended_levels == (0.95,)
+    adjusted = cal.apply(codes, q)
+    b = cal.extended_bounds(codes, q, adjusted)[0.95]
+    assert b.shape == (len(y), 2)
+    assert (b[:, 0] <= adjusted[:, 0]).all() and (b[:, 1] >= adjusted[:, 6]).all()
+    for code in sig:
+        m = codes == code
+        assert np.mean((b[m, 0] <= y[m]) & (y[m] <= b[m, 1])) >= 0.95
+    codes2, q2, y2 = synthetic(rng, {"WIDE": 4000, "NARROW": 4000}, sig)
+    b2 = cal.extended_bounds(codes2, q2, cal.apply(codes2, q2))[0.95]
+    for code in sig:
+        m = codes2 == code
+        assert abs(np.mean((b2[m, 0] <= y2[m]) & (y2[m] <= b2[m, 1])) - 0.95) < 0.02
+    # the 95 % adjustment moves no quantile: apply() is what it was without the 95 % level
+    only90 = fit_conformal(codes, q, y, levels=(0.5, 0.8, 0.9))
+    np.testing.assert_allclose(only90.apply(codes, q), adjusted)
+    assert only90.extended_bounds(codes, q) == {}

@@ -138,6 +138,23 @@ def test_forecast_band_traces_are_distinct_and_labelled(case_store):
     assert hi >= 5.9 + 2 * 0.6  # the whole band is on the axis
 
 
+def test_forecast_95_band_replaces_90_when_calibrated(case_store):
+    """A model calibrated at 95 % gives lo95/hi95: the outer band is the 95 % interval, wider than q05..q95."""
+    fc = _forecast_frame()
+    fc["lo95"], fc["hi95"] = fc["q05"] - 0.3, fc["q95"] + 0.3
+    fig = figures.make_timeline_figure(results(case_store, "P0020"), None, forecasts=fc)
+    assert not traces(fig, "Forecast 90%")
+    b95 = traces(fig, "Forecast 95% interval (conformal)")[0]
+    assert list(b95.y[1:]) == pytest.approx(list(fc["hi95"]))
+    assert "95%:" in traces(fig, "Forecast median")[0].customdata[-1]
+    _, hi = yaxis(fig, 1).range
+    assert hi >= float(fc["hi95"].max())
+    # a frame whose 95 % columns are empty (model not calibrated at 95 %) keeps the 90 % band
+    fig = figures.make_timeline_figure(results(case_store, "P0020"), None,
+                                       forecasts=fc.assign(lo95=float("nan"), hi95=float("nan")))
+    assert traces(fig, "Forecast 90%") and not traces(fig, "Forecast 95%")
+
+
 def test_forecast_without_numbers_says_why(case_store):
     fc = _forecast_frame().head(1).assign(q50=float("nan"), status="Not enough measurements to forecast (1; minimum 2)")
     fig = figures.make_timeline_figure(results(case_store, "P0020"), None, forecasts=fc)

@@ -322,8 +322,10 @@ def test_fc12_one_value_and_constant_series(pipeline, history):
     """P0014 (one value) gets the status message; P0015 (7.0 x 3) a finite forecast near 7.0, no warnings."""
     f = no_warnings(pipeline.forecast, history, fc12_queries())
     assert list(f.columns) == [
-        "patient_id", "analyte_code", "at", *QUANTILE_COLUMNS, "unit", "n_history", "status", "model_version",
+        "patient_id", "analyte_code", "at", *QUANTILE_COLUMNS, "lo95", "hi95", "unit", "n_history", "status",
+        "model_version",
     ]
+    assert f[["lo95", "hi95"]].isna().all().all()  # an uncalibrated model has no 95 % interval
     p14, p15, p16 = (f.iloc[i] for i in range(3))
     assert p14["status"] == "Not enough measurements to forecast (1; minimum 2)" and p14["n_history"] == 1
     assert p14[list(QUANTILE_COLUMNS)].isna().all()
@@ -407,6 +409,8 @@ def test_calibrate_returns_new_calibrated_pipeline(pipeline, tmp_path):
     y = cal_q["value"].to_numpy()
     for level, (lo, hi) in {0.5: ("q25", "q75"), 0.8: ("q10", "q90"), 0.9: ("q05", "q95")}.items():
         assert ((f[lo] <= y) & (y <= f[hi])).mean() >= level - 1e-9
+    assert ((f["lo95"] <= y) & (y <= f["hi95"])).mean() >= 0.95 - 1e-9
+    assert ((f["lo95"] <= f["q05"]) & (f["q95"] <= f["hi95"])).all()
     calibrated.save_pretrained(tmp_path)
     assert (tmp_path / "calibration.json").is_file()
     pd.testing.assert_frame_equal(ForecastPipeline.from_pretrained(tmp_path).forecast(hist, cal_q), f)

@@ -41,7 +41,7 @@ MONITORED = ("pinball", "mae", "coverage80", "nmae")
 def fast(**overrides) -> TrainSettings:
     """Settings for a few-second run: small batches, few eval rows, replay and L2-SP on."""
     base = dict(steps=5, eval_every=5, batch_size=8, eval_rows=24, final_eval_rows=300, forgetting_rows=24,
-                conformal_min_points=10, replay=0.25, l2sp=1e-3, warmup_steps=2)
+                conformal_min_points=20, replay=0.25, l2sp=1e-3, warmup_steps=2)
     return TrainSettings(**{**base, **overrides})
 
 

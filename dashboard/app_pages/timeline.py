@@ -163,12 +163,18 @@ else:
     f["Median"] = [figures.fmt_value(v) if s == "ok" else "" for v, s in zip(f["q50"], f["status"])]
     f["80% interval"] = [_rng(r, "q10", "q90") for _, r in f.iterrows()]
     f["90% interval"] = [_rng(r, "q05", "q95") for _, r in f.iterrows()]
+    has95 = {"lo95", "hi95"} <= set(f.columns) and f.loc[f["status"] == "ok", ["lo95", "hi95"]].notna().all().all()
+    if has95:
+        f["95% interval"] = [_rng(r, "lo95", "hi95") for _, r in f.iterrows()]
     f["For"] = pd.to_datetime(f["at"]).dt.strftime("%Y-%m-%d %H:%M")
-    st.dataframe(f[["Analyte", "For", "Median", "80% interval", "90% interval", "status", "model_version"]],
+    shown = ["Analyte", "For", "Median", "80% interval", "90% interval"] + (["95% interval"] if has95 else [])
+    st.dataframe(f[shown + ["status", "model_version"]],
                  hide_index=True, width="stretch", key="timeline_forecasts",
                  column_config={"status": "Status", "model_version": "Model"})
     st.caption("Forecasts are decision support, not results. Intervals are the model's quantiles"
-               + (", conformal-calibrated on held-out patients." if mstatus.calibrated else " (not calibrated)."))
+               + (", conformal-calibrated on held-out patients." if mstatus.calibrated else " (not calibrated).")
+               + ("" if has95 else " No 95% interval: this model version was not calibrated at 95%, so the chart "
+                                   "shows the 90% interval (q05–q95) as its outer band."))
 
 st.subheader("Anomaly flags")
 if not anomalies.available:
