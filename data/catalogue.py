@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["Analyte", "Catalogue", "load_catalogue", "reference_file", "sync_catalogue", "CATALOGUE_VERSION"]
+__all__ = ["Analyte", "Catalogue", "load_catalogue", "load_serum_indices", "reference_file", "sync_catalogue",
+           "CATALOGUE_VERSION"]
 
-CATALOGUE_VERSION = "2026.11-1"
+CATALOGUE_VERSION = "2026.11-2"
 
 
 def reference_file(name: str) -> Path:
@@ -91,6 +92,41 @@ def load_catalogue() -> Catalogue:
         dups = frame.loc[frame["code"].duplicated(), "code"].tolist()
         raise ValueError(f"analytes.csv: duplicated codes {dups}")
     return Catalogue(frame)
+
+
+@functools.lru_cache(maxsize=1)
+def load_serum_indices() -> dict[tuple[str, str], tuple[float, str]]:
+    """``serum_indices.csv`` (analyser serum indices) as ``{(code, parameter): (value, source)}``.
+
+    Values are converted to the catalogue's canonical unit of ``code`` (the haemolysis index
+    4635-9: mg/dL free-haemoglobin equivalent); the source is the row's citation. Raises
+    ``ValueError`` for other columns, a row without a source, a duplicated (code, parameter), a
+    code not in the catalogue or a unit that does not convert. Cached: the file is versioned.
+    """
+    from data.units import UnitError, conversion_factor
+
+    frame = pd.read_csv(reference_file("serum_indices.csv"), dtype={"code": str, "parameter": str, "unit": str},
+                        keep_default_na=False)
+    expected = ["code", "parameter", "value", "unit", "source"]
+    if list(frame.columns) != expected:
+        raise ValueError(f"serum_indices.csv: columns {list(frame.columns)} != {expected}")
+    cat = load_catalogue()
+    out = {}
+    for r in frame.itertuples(index=False):
+        key = (str(r.code), str(r.parameter))
+        if not str(r.source).strip():
+            raise ValueError(f"serum_indices.csv: {key} has no source")
+        if key in out:
+            raise ValueError(f"serum_indices.csv: duplicated {key}")
+        analyte = cat.get(key[0])
+        if analyte is None:
+            raise ValueError(f"serum_indices.csv: code {key[0]!r} is not in the analyte catalogue")
+        try:
+            f = conversion_factor(r.unit, analyte)
+        except UnitError as exc:
+            raise ValueError(f"serum_indices.csv: {key}: {exc}") from None
+        out[key] = (float(r.value) * f, " ".join(str(r.source).split()))
+    return out
 
 
 def sync_catalogue(conn) -> None:
