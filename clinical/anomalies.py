@@ -31,7 +31,13 @@ Rules (clinical numbers come from ``data/reference/*.csv``, settings and pattern
    history. Score: predictive quantile, as rule 4.
 6. ``preanalytical:<pattern>`` (``SUSPECT``): named patterns (EDTA contamination, haemolysis,
    drip arm, haemolysis reported by the laboratory), one row on the pattern's index result
-   with every involved result in ``evidence["result_ids"]``.
+   with every involved result in ``evidence["result_ids"]``. Haemolysis is judged as a
+   laboratory does: by the specimen's haemolysis index (free haemoglobin, LOINC 4635-9, mg/dL)
+   when it has one - above the cited alert cut-off of ``serum_indices.csv`` (Goyal 2015:
+   > 25 mg/dL) it fires, at or below it does not - and otherwise by the multi-analyte
+   pattern (LDH risen beyond its RCV with potassium not lower than before). Score: index /
+   cut-off when the index decided, else NaN. ``evidence["method"]`` and the text say which
+   was used. Laboratory text ``'NOT HEMOLYZED'`` is not a haemolysis report (``text_exclude``).
 
 What is never scored as a number: text and empty results, implausible values (possible entry
 errors, LAB-10), unit-missing rows (LAB-04), and censored results (LAB-01) - except that a
@@ -52,7 +58,7 @@ import hashlib
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -60,7 +66,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from data.catalogue import CATALOGUE_VERSION, load_catalogue, reference_file
+from data.catalogue import CATALOGUE_VERSION, load_catalogue, load_serum_indices, reference_file
 from data.units import UnitError, conversion_factor
 from model import HISTORY_COLUMNS, QUANTILE_COLUMNS, QUANTILES
 
@@ -71,6 +77,7 @@ __all__ = [
     "ClinicalReference",
     "MaskedValuePredictor",
     "load_reference",
+    "load_serum_indices",
     "default_reference",
     "rcv_limits",
     "short_citation",
@@ -133,6 +140,8 @@ class ClinicalReference:
     ones. ``critical``: code -> (low, high, source). ``variation``: code -> (cvi %, cva %,
     source). ``rules``: the parsed ``anomaly_rules.yaml``. ``critical_list``: how the
     critical list is named in texts ('critical value list' or 'site critical value list').
+    ``serum_indices``: (code, parameter) -> (value in the code's canonical unit, source), from
+    ``data/reference/serum_indices.csv`` (e.g. the haemolysis-index alert cut-off).
     """
 
     intervals: pd.DataFrame
@@ -141,6 +150,7 @@ class ClinicalReference:
     rules: dict
     critical_list: str
     version: str
+    serum_indices: dict = field(default_factory=dict)
 
 
 def _canonical_factor(code: str, unit: str, what: str) -> float | None:
@@ -211,11 +221,18 @@ def load_reference(critical_values: str | Path | None = None) -> ClinicalReferen
         if np.isfinite(_num(r.cvi_pct)) and np.isfinite(_num(r.cva_pct))
     }
     rules = _rules_file()
+    indices = load_serum_indices()
+    for pat in rules["patterns"]:
+        si = pat.get("serum_index")
+        if si is not None and (str(si["analyte"]), str(si["cutoff"])) not in indices:
+            raise ValueError(f"anomaly_rules.yaml: pattern {pat['id']!r} needs ({si['analyte']}, {si['cutoff']}) "
+                             "in serum_indices.csv")
     return ClinicalReference(
         intervals=intervals,
         critical=critical,
         variation=variation,
         rules=rules,
+        serum_indices=indices,
         critical_list="site critical value list" if critical_values else "critical value list",
         version=f"rules-{rules['version']}+catalogue-{CATALOGUE_VERSION}" + (
             f"+critical-{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}" if critical_values else ""),
@@ -725,8 +742,42 @@ def _clause_text(wide: dict, clause: dict, spec) -> str | None:
     return val
 
 
+def _serum_index_decision(t: pd.DataFrame, si: dict, ref: ClinicalReference):
+    """Specimens whose serum index decides the pattern: ``(above, rows, cutoff, source)``.
+
+    ``si`` is a pattern's ``serum_index`` entry (``analyte``: the index's code, ``cutoff``: the
+    parameter name in ``serum_indices.csv``). ``rows``: the index result of each specimen (the one
+    reported last), indexed by specimen; ``above``: a boolean Series over the same specimens,
+    True when the index is strictly above the cut-off. A censored index decides only when its
+    limit does (``'<10'`` is below a cut-off of 25, ``'>100'`` above; ``'<50'`` decides nothing,
+    and that specimen falls back to the multi-analyte clauses). Implausible and unit-missing
+    index results never decide (they are not valid results).
+    """
+    code = str(si["analyte"])
+    cut, source = ref.serum_indices[(code, str(si["cutoff"]))]
+    rows = t[(t["analyte_code"] == code) & (t["x_num"] | t["x_cens"])]
+    rows = rows.sort_values(["x_spec", "reported_at", "result_id"]).drop_duplicates("x_spec", keep="last")
+    rows = rows.set_index("x_spec")
+    v = rows["value_canonical"].to_numpy(float)
+    comp = rows["comparator"].astype(object).to_numpy()
+    cens = rows["x_cens"].to_numpy(bool)
+    with np.errstate(invalid="ignore"):
+        above = (~cens & (v > cut)) | (cens & (((comp == ">") & (v >= cut)) | ((comp == ">=") & (v > cut))))
+        below = (~cens & (v <= cut)) | (cens & np.isin(comp, _LOWER_COMPARATORS) & (v <= cut))
+    decided = above | below
+    rows = rows[decided]
+    return pd.Series(above[decided], index=rows.index), rows, cut, source
+
+
 def _numeric_pattern(t: pd.DataFrame, withprev: pd.DataFrame, pat: dict, ref: ClinicalReference,
                      with_assessable: bool = False):
+    """One pattern's anomalies (one row per specimen, on its index analyte) and, optionally, assessability.
+
+    With a ``serum_index`` entry (the haemolysis index), a specimen that has a decisive index
+    result is judged by the index alone (above the cited cut-off: fires; at or below: does not,
+    whatever the other results); the ``all`` clauses judge only specimens without one. The
+    evidence says which was used (``method``).
+    """
     clauses = list(pat["all"])
     support = list(pat.get("supporting", []))
     flat = lambda cs: [x for c in cs for x in (flat(c["any"]) if "any" in c else [c])]  # noqa: E731
@@ -740,6 +791,15 @@ def _numeric_pattern(t: pd.DataFrame, withprev: pd.DataFrame, pat: dict, ref: Cl
         holds &= h
         assessable &= ok
     fired = index[holds.to_numpy()]
+    si = pat.get("serum_index")
+    by_index = pd.Series(dtype=bool)
+    if si is not None:
+        by_index, idx_rows, cut, cut_source = _serum_index_decision(t, si, ref)
+        fired = fired[~np.isin(fired.to_numpy(), by_index.index.to_numpy())]
+        union = index.union(by_index.index)
+        assessable = assessable.reindex(union, fill_value=False)
+        assessable.loc[by_index.index] = True
+        index = union
     support_holds = [_clause(wide, c, fired, ref)[0] for c in support]
     rows = []
     idx_code = str(pat.get("index_analyte", clauses[0]["analyte"]))
@@ -754,26 +814,72 @@ def _numeric_pattern(t: pd.DataFrame, withprev: pd.DataFrame, pat: dict, ref: Cl
         met = [s for s in (_clause_text(wide, c, spec) for c in clauses) if s]
         sup = [s for c, h in zip(support, support_holds) if bool(h.loc[spec]) and (s := _clause_text(wide, c, spec))]
         rows.append(dict(r.to_dict(), x_ids=ids, x_met=met, x_sup=sup))
-    if not rows:
-        out = _empty()
-    else:
+    parts = []
+    if rows:
         sel = pd.DataFrame(rows)
-        ev = [_evidence(pattern=pat["id"], result_ids=x["x_ids"], criteria=x["x_met"], supporting=x["x_sup"])
-              for x in rows]
+        method = "multi-analyte pattern" if si is not None else None
+        ev = [_evidence(pattern=pat["id"], result_ids=x["x_ids"], criteria=x["x_met"], supporting=x["x_sup"],
+                        **({"method": method} if method else {})) for x in rows]
+        how = f" ({si['absent_note']})" if si is not None else ""
         txt = [f"{x['x_name']} {_fmt(x['value_canonical'])}{_u(x['x_unit'])}: {pat['finding']} "
-               f"({'; '.join(x['x_met'] + x['x_sup'])}), suggesting {pat['name']}{_SEP}consider recollecting the "
+               f"({'; '.join(x['x_met'] + x['x_sup'])}){how}, suggesting {pat['name']}{_SEP}consider recollecting the "
                f"specimen before acting on these results ({short_citation(source)})" for x in rows]
-        out = _rows(sel, PATTERN_PREFIX + pat["id"], ["SUSPECT"] * len(sel), [np.nan] * len(sel), ev,
-                    [source] * len(sel), txt)
+        parts.append(_rows(sel, PATTERN_PREFIX + pat["id"], ["SUSPECT"] * len(sel), [np.nan] * len(sel), ev,
+                           [source] * len(sel), txt))
+    if si is not None and by_index.any():
+        parts.append(_index_rows(wide, codes, idx_code, by_index.index[by_index.to_numpy()], idx_rows, cut,
+                                 cut_source, pat, source))
+    out = pd.concat(parts, ignore_index=True) if parts else _empty()
     if with_assessable:
         return out, pd.Series(assessable.to_numpy(), index=index)
     return out
+
+
+def _index_rows(wide: dict, codes: list[str], idx_code: str, specs, idx_rows: pd.DataFrame, cut: float,
+                cut_source: str, pat: dict, source: str) -> pd.DataFrame:
+    """Anomaly rows for specimens whose serum index is above the cut-off.
+
+    The row sits on the pattern's index analyte when the specimen has it (potassium), else on
+    another pattern analyte, else on the index result itself. Score: index / cut-off.
+    """
+    specs = pd.Index(specs)
+    order = [idx_code] + [c for c in codes if c != idx_code]
+    recs = {c: wide[c].loc[wide[c].index.intersection(specs)].to_dict("index") for c in order if c in wide}
+    his = idx_rows.loc[specs].to_dict("index")
+    rows, ev, txt, scores = [], [], [], []
+    finding = pat["serum_index"]["finding"]
+    for spec in specs:
+        hi = his[spec]
+        cens = bool(hi["x_cens"])
+        hi_shown = f"{_shown(hi['value_canonical'], hi['comparator'], cens)}{_u(hi['x_unit'])}"
+        present = [recs[c][spec] for c in order if c in recs and spec in recs[c]]
+        r = present[0] if present else hi
+        affected = [f"{x['x_name']} {_fmt(x['value_canonical'])}{_u(x['x_unit'])}" for x in present]
+        ids = sorted({int(hi["result_id"])} | {int(x["result_id"]) for x in present})
+        criterion = f"{hi['x_name']} {hi_shown} > {_fmt(cut)}{_u(hi['x_unit'])}"
+        ev.append(_evidence(pattern=pat["id"], method="haemolysis index", result_ids=ids, criteria=[criterion],
+                            supporting=affected, index_result_id=int(hi["result_id"]), index_value=hi["value_canonical"],
+                            index_comparator=hi["comparator"] if cens else "=", index_unit=hi["x_unit"],
+                            cutoff=cut, cutoff_source=cut_source))
+        scores.append(hi["value_canonical"] / cut if cut > 0 else np.nan)
+        lead = f"{r['x_name']} {_fmt(r['value_canonical'])}{_u(r['x_unit'])}: " if present else ""
+        others = affected[1:]  # the lead result is named first already
+        also = f"; {'; '.join(others)}" if others else ""
+        txt.append(f"{lead}{finding if lead else finding[:1].upper() + finding[1:]} ({criterion}{also}), suggesting "
+                   f"{pat['name']}{_SEP}consider recollecting the specimen before acting on these results "
+                   f"({short_citation(cut_source)})")
+        rows.append(r)
+    sel = pd.DataFrame(rows)
+    return _rows(sel, PATTERN_PREFIX + pat["id"], ["SUSPECT"] * len(sel), scores, ev,
+                 [f"{cut_source}; {source}"] * len(sel), txt)
 
 
 def _text_pattern(t: pd.DataFrame, pat: dict) -> pd.DataFrame:
     words = [str(w).lower() for w in pat["text_match"]]
     text = (t["value_text"].astype(object).fillna("").astype(str) + " | " +
             t["comment"].astype(object).fillna("").astype(str)).str.lower()
+    for phrase in pat.get("text_exclude", []):  # negations ('NOT HEMOLYZED') are not a finding
+        text = text.str.replace(str(phrase).lower(), " ", regex=False)
     hit = np.zeros(len(t), bool)
     for w in words:
         hit |= text.str.contains(w, regex=False).to_numpy()
