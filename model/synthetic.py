@@ -28,7 +28,11 @@ Design (every clinical number is read from a cited, versioned file; the code hol
 * **Pre-analytical errors**, each on single specimens and labelled:
   - haemolysis: potassium up by 0.33 mmol/L per g/L free haemoglobin (Hemokalc, CCLM 2025); LDH and
     AST up by release of red-cell content (erythrocyte:plasma ratios ~160 and ~20, Caraway via Frank
-    et al., Clin Chem 1978). Direction: Lippi et al., CCLM 2006;44:311 and Sonntag 1986.
+    et al., Clin Chem 1978). Direction: Lippi et al., CCLM 2006;44:311 and Sonntag 1986. Every
+    chemistry specimen also carries the analyser's **haemolysis index** (free haemoglobin, LOINC
+    4635-9, mg/dL): the specimen's own free haemoglobin (within ARUP's 0-11.3 mg/dL interval,
+    ``serum_indices.csv``) plus the injected free haemoglobin that drives the increments above, so
+    the index rises with the degree of haemolysis (:func:`_haemolysis_index`).
   - K-EDTA contamination: potassium very high, calcium very low, magnesium and ALP low (Cornes et
     al., Ann Clin Biochem 2008; Lima-Oliveira et al., Biochem Med 2014; kEDTA reappraisal, JALM
     2019). The calcium magnitude is a labelled assumption.
@@ -57,8 +61,8 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from data.catalogue import load_catalogue, reference_file
-from data.units import parse_ucum
+from data.catalogue import load_catalogue, load_serum_indices, reference_file
+from data.units import conversion_factor, parse_ucum
 from model import HISTORY_COLUMNS
 
 __all__ = [
@@ -67,6 +71,8 @@ __all__ = [
     "patterns",
     "analyte_parameters",
     "DEFAULT_ANALYTES",
+    "HAEMOLYSIS_INDEX",
+    "CHEMISTRY_PANELS",
     "PROFILES",
     "DEFAULT_PROFILE_MIX",
     "LABEL_KINDS",
@@ -79,6 +85,7 @@ log = logging.getLogger(__name__)
 NA, K, CL, HCO3, UREA, CREA, GLU, CA, MG = "2951-2", "2823-3", "2075-0", "1963-8", "3094-0", "2160-0", "2345-7", "17861-6", "2601-3"
 ALB, ALP, ALT, AST, LDH, HB, WBC, PLT, CRP, A1C = "1751-7", "6768-6", "1742-6", "1920-8", "2532-0", "718-7", "6690-2", "777-3", "1988-5", "4548-4"
 MCHC = "786-4"
+HAEMOLYSIS_INDEX = "4635-9"  # free haemoglobin in serum: the analyser's haemolysis index (mg/dL), see data/reference
 
 DEFAULT_ANALYTES = (NA, K, CL, HCO3, UREA, CREA, GLU, CA, MG, ALB, ALP, ALT, AST, LDH, HB, WBC, PLT, CRP, A1C)
 
@@ -94,6 +101,10 @@ PANELS = {
     "a1c": ((A1C,), 0.15, 0.05),
 }
 OTHER_PANEL_P = (0.2, 0.3)  # any other simulated analyte
+# Ordering groups measured on the serum/plasma chemistry analyser, which reports a haemolysis index
+# with every such specimen (CBC and HbA1c are whole-blood tests). A design choice of the generator.
+CHEMISTRY_PANELS = ("bmp", "lft", "mg", "ldh", "crp")
+HAEMOLYSIS_INDEX_RESOLUTION = 1.0  # mg/dL: the index is reported in whole units (generator design choice)
 PROFILE_PANEL_BOOST = {"diabetes": {"a1c": 0.35}, "ckd": {"bmp": 1.0}, "anaemia": {"cbc": 0.95}}
 
 PROFILES = ("stable", "ckd", "diabetes", "anaemia", "inpatient")
@@ -248,6 +259,7 @@ def generate_cohort(
     analytes: list[str] | tuple[str, ...] | None = None,
     years: float = 3.0,
     event_rates: dict[str, float] | None = None,
+    haemolysis_index: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A seeded synthetic cohort.
 
@@ -261,6 +273,10 @@ def generate_cohort(
         interval and a CVI (see :func:`analyte_parameters`).
     event_rates : overrides of the ``rate`` rows of ``preanalytical_patterns.csv`` by pattern name
         (e.g. ``{"edta_contamination": 0.02}`` to oversample an error for training/tests).
+    haemolysis_index : emit the analyser's haemolysis index (:data:`HAEMOLYSIS_INDEX`, free
+        haemoglobin in mg/dL) with every chemistry specimen (:data:`CHEMISTRY_PANELS`). Its values
+        are drawn after all others, so with ``False`` the other results of a seed are identical,
+        only the index rows are missing (a laboratory or export without serum indices).
 
     Returns
     -------
@@ -531,20 +547,31 @@ def generate_cohort(
     ok = np.isfinite(value) & (value >= plo) & (value <= phi)
     dropped = pd.Series(np.asarray(codes, dtype=object)[r_a[~ok]]).value_counts()
 
+    # ---- haemolysis index: one result per chemistry specimen (drawn last: see the docstring) ----
+    hi_spec, hi_value = np.zeros(0, np.int64), np.zeros(0)
+    if haemolysis_index:
+        hi_spec, hi_value = _haemolysis_index(rng, mask, col, err_kind, severity)
+    hi_unit = cat.get(HAEMOLYSIS_INDEX).canonical_unit
+
     # ---- frames -----------------------------------------------------------------------------
     names = np.array([f"synthetic:s{seed}-{i:06d}" for i in range(N)], dtype=object)
-    t_ns = (r_t[ok] * 86400.0).round().astype("int64") * 1_000_000_000
     units = np.array([p.unit for p in P], dtype=object)
     sex = np.where(male, "M", "F").astype(object)
+    row_spec = np.concatenate([r_spec[ok], hi_spec])
+    order = np.lexsort((np.concatenate([r_a[ok], np.full(hi_spec.size, A)]), row_spec))  # index last in a specimen
+    row_spec = row_spec[order]
+    row_pid, row_t = s_pid[row_spec], s_t[row_spec]
+    t_ns = (row_t * 86400.0).round().astype("int64") * 1_000_000_000
     history = pd.DataFrame({
-        "patient_id": names[r_pid[ok]],
+        "patient_id": names[row_pid],
         "collected_at": start + pd.to_timedelta(t_ns, unit="ns"),
-        "analyte_code": np.asarray(codes, dtype=object)[r_a[ok]],
-        "value": value[ok],
-        "censor": np.zeros(int(ok.sum()), dtype="int8"),
-        "unit_canonical": units[r_a[ok]],
-        "sex": sex[r_pid[ok]],
-        "age_years": age0[r_pid[ok]] + r_t[ok] / 365.25,
+        "analyte_code": np.concatenate([np.asarray(codes, dtype=object)[r_a[ok]],
+                                        np.full(hi_spec.size, HAEMOLYSIS_INDEX, dtype=object)])[order],
+        "value": np.concatenate([value[ok], hi_value])[order],
+        "censor": np.zeros(row_spec.size, dtype="int8"),
+        "unit_canonical": np.concatenate([units[r_a[ok]], np.full(hi_spec.size, hi_unit, dtype=object)])[order],
+        "sex": sex[row_pid],
+        "age_years": age0[row_pid] + row_t / 365.25,
     })[list(HISTORY_COLUMNS)]
 
     def when(t):
@@ -578,11 +605,42 @@ def generate_cohort(
     history.attrs["report"] = {
         "source": "synthetic", "seed": int(seed), "patients": N, "specimens": int(S), "rows_generated": int(R),
         "rows_loaded": int(len(history)), "dropped_implausible": {str(k): int(v) for k, v in dropped.items()},
+        "haemolysis_index_results": int(hi_spec.size),
         "profiles": {p: int(is_prof[p].sum()) for p in PROFILES},
         "events": {str(k): int(v) for k, v in labels["kind"].value_counts().items()},
     }
     log.info("synthetic cohort: %s", history.attrs["report"])
     return history, labels
+
+
+def _haemolysis_index(rng: np.random.Generator, mask: np.ndarray, col: dict, err_kind: np.ndarray,
+                      severity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The haemolysis index of every chemistry specimen: ``(specimen indices, values in mg/dL)``.
+
+    ``mask`` is specimens x simulated analytes (which analytes each specimen holds), ``col`` the
+    analyte -> column map, ``err_kind``/``severity`` the per-specimen error kind (1 = haemolysis)
+    and its free haemoglobin in g/L. Without haemolysis the index is the specimen's own free
+    haemoglobin: log-normal with median ``median_fraction_of_upper_limit`` x the upper reference
+    limit and that limit at the ``reference_interval_coverage`` upper quantile (the generator's
+    labelled assumptions for intervals starting at 0, ``preanalytical_patterns.csv``; the limit,
+    11.3 mg/dL, is ARUP's, ``serum_indices.csv``). A haemolysed specimen adds its injected free
+    haemoglobin - the same quantity that sets its potassium, LDH and AST increments (Hemokalc
+    2025; Frank 1978) - so the index rises with the degree of haemolysis. Rounded to
+    :data:`HAEMOLYSIS_INDEX_RESOLUTION`. Draws one normal per specimen from ``rng``.
+    """
+    analyte = load_catalogue().get(HAEMOLYSIS_INDEX)
+    g_per_l = conversion_factor("g/L", analyte)  # injected free Hb is in g/L; the index in the canonical unit
+    upper = load_serum_indices()[(HAEMOLYSIS_INDEX, "reference_high")][0]
+    median = _p("stable", "median_fraction_of_upper_limit") * upper
+    sigma = math.log(upper / median) / _Z.inv_cdf(0.5 + _p("stable", "reference_interval_coverage") / 2.0)
+    z = rng.standard_normal(mask.shape[0])
+    chem_cols = [col[c] for g in CHEMISTRY_PANELS for c in PANELS[g][0] if c in col]
+    if not chem_cols:
+        return np.zeros(0, np.int64), np.zeros(0)
+    spec = np.nonzero(mask[:, chem_cols].any(axis=1))[0]
+    added = np.where(err_kind[spec] == 1, severity[spec], 0.0) * g_per_l
+    value = median * np.exp(sigma * z[spec]) + added
+    return spec, np.round(value / HAEMOLYSIS_INDEX_RESOLUTION) * HAEMOLYSIS_INDEX_RESOLUTION
 
 
 def _value_text(value: pd.Series, censor: pd.Series) -> pd.Series:

@@ -10,6 +10,9 @@ from data.catalogue import load_catalogue
 from model import HISTORY_COLUMNS
 from model.synthetic import (
     CANONICAL_CSV_COLUMNS,
+    CHEMISTRY_PANELS,
+    HAEMOLYSIS_INDEX,
+    PANELS,
     LABEL_COLUMNS,
     LABEL_KINDS,
     analyte_parameters,
@@ -98,6 +101,42 @@ def test_haemolysed_specimens_have_high_potassium_and_ldh(cohort):
     assert diff.mean() > 0.5 and (diff > 0).mean() > 0.85
     ldh = _at_events(history, labels, "haemolysis", LDH)
     assert len(ldh) > 20 and (ldh["value"] > ldh["base"]).mean() > 0.9
+
+
+def test_haemolysis_index_with_every_chemistry_specimen_rises_with_haemolysis(cohort):
+    """One index result per chemistry specimen (none on CBC/HbA1c-only draws); in haemolysed specimens
+    it is the injected free haemoglobin (g/L x 100 = mg/dL) on top of the specimen's own, and the
+    potassium increment follows it at the cited 0.33 mmol/L per g/L (Hemokalc 2025)."""
+    history, labels = cohort
+    chem = {c for g in CHEMISTRY_PANELS for c in PANELS[g][0]}
+    spec = history.groupby(["patient_id", "collected_at"])["analyte_code"]
+    has_chem = spec.agg(lambda c: bool(chem & set(c)))
+    n_index = spec.agg(lambda c: int((c == HAEMOLYSIS_INDEX).sum()))
+    assert (n_index[has_chem] == 1).all() and (n_index[~has_chem] == 0).all() and (~has_chem).sum() > 50
+    hi = history[history["analyte_code"] == HAEMOLYSIS_INDEX]
+    assert (hi["unit_canonical"] == "mg/dL").all() and (hi["value"] >= 0).all()
+    ev = labels[labels["kind"] == "haemolysis"][["patient_id", "collected_at", "severity"]]
+    at = hi.merge(ev, on=["patient_id", "collected_at"])
+    assert len(at) == len(ev) >= 200  # every haemolysed specimen carries its index
+    own = at["value"] - 100.0 * at["severity"]  # the specimen's own free Hb (ARUP interval 0-11.3 mg/dL)
+    assert own.between(-0.5, 25).all() and own.median() < 11.3
+    clean = hi.merge(ev, on=["patient_id", "collected_at"], how="left", indicator=True)
+    clean = clean[clean["_merge"] == "left_only"]
+    assert (clean["value"] > 25).mean() < 0.001 and clean["value"].quantile(0.975) == pytest.approx(11.3, abs=2.5)
+    k = _at_events(history, labels, "haemolysis", K).merge(at[["patient_id", "collected_at", "value"]],
+                                                          on=["patient_id", "collected_at"], suffixes=("", "_hi"))
+    slope = np.polyfit(k["value_hi"] / 100.0, k["value"] - k["base"], 1)[0]
+    assert slope == pytest.approx(0.33, abs=0.06)
+
+
+def test_without_the_index_the_other_results_are_identical():
+    with_index, labels = generate_cohort(60, seed=9)
+    without, labels2 = generate_cohort(60, seed=9, haemolysis_index=False)
+    assert HAEMOLYSIS_INDEX not in set(without["analyte_code"])
+    rest = with_index[with_index["analyte_code"] != HAEMOLYSIS_INDEX].reset_index(drop=True)
+    pd.testing.assert_frame_equal(rest, without.reset_index(drop=True))
+    pd.testing.assert_frame_equal(labels, labels2)
+    assert with_index.attrs["report"]["haemolysis_index_results"] == (with_index["analyte_code"] == HAEMOLYSIS_INDEX).sum()
 
 
 def test_drip_arm_specimens_are_glucose_high_and_diluted(cohort):
