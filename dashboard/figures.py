@@ -860,3 +860,74 @@ def make_calibration_plot(card: dict) -> go.Figure:
         legend=dict(orientation="v", x=1.02, y=0.0, yanchor="bottom"),
     )
     return fig
+
+
+def make_monitoring_skill_chart(errors: pd.DataFrame, names: dict[str, str] | None = None) -> go.Figure:
+    """Realised skill over time: ``1 - MAE_model / MAE_last_value`` per period (``model.monitoring``).
+
+    ``errors`` is :func:`model.monitoring.realised_error_summary`'s frame. One line for all
+    analytes (count-weighted) and one per analyte with at least 5 forecasts in a period;
+    above zero the model beat carrying the last value forward. Hover gives n and coverage.
+    """
+    names = names or {}
+    fig = go.Figure()
+    fig.add_hline(y=0, line=dict(color="#888", dash="dot", width=1.5),
+                  annotation_text="last value carried forward", annotation_position="bottom right")
+    if not errors.empty:
+        palette = ["#56b4e9", "#009e73", "#cc79a7", "#e69f00", "#0072b2", "#999999"]
+        per = errors[(errors["analyte_code"] != "all") & (errors["n"] >= 5)]
+        for k, (code, g) in enumerate(per.groupby("analyte_code", sort=True)):
+            label = f"{names.get(code, code)}".strip()
+            fig.add_trace(go.Scatter(
+                x=g["period"], y=g["skill"], mode="lines+markers", name=label,
+                line=dict(color=palette[k % len(palette)], width=1.5), marker=dict(size=6), opacity=0.8,
+                customdata=np.stack([g["n"], g["coverage80"]], axis=1),
+                hovertemplate=label + " %{x}: skill %{y:.2f} (n %{customdata[0]}, 80% coverage "
+                                      "%{customdata[1]:.2f})<extra></extra>"))
+        allr = errors[errors["analyte_code"] == "all"]
+        fig.add_trace(go.Scatter(
+            x=allr["period"], y=allr["skill"], mode="lines+markers", name="All analytes (count-weighted)",
+            line=dict(color=COLORS["forecast"], width=3), marker=dict(size=9),
+            customdata=np.stack([allr["n"], allr["coverage80"]], axis=1),
+            hovertemplate="All analytes %{x}: skill %{y:.2f} (n %{customdata[0]}, 80% coverage "
+                          "%{customdata[1]:.2f})<extra></extra>"))
+    fig.update_layout(
+        template="plotly_white", font=FONT, height=380, margin=dict(l=10, r=10, t=50, b=10),
+        title=dict(text="Realised forecast skill against the last value", font=dict(size=16)),
+        xaxis=dict(title="Period of the forecast time", type="category"),
+        yaxis=dict(title="Skill = 1 − MAE model / MAE last value", zeroline=False, automargin=True),
+        legend=dict(orientation="v", x=1.02, y=1.0),
+    )
+    return fig
+
+
+def make_drift_heatmap(drift: pd.DataFrame, names: dict[str, str] | None = None, threshold: float = 0.5
+                       ) -> go.Figure:
+    """Shift of each analyte's median per period, in training robust SDs (``model.monitoring.analyte_drift``).
+
+    Diverging colours centred on 0 (no shift); cells at or beyond ``±threshold`` carry
+    their value as text, so the drift is readable without colour.
+    """
+    names = names or {}
+    fig = go.Figure()
+    if not drift.empty:
+        table = drift.pivot_table(index="analyte_code", columns="period", values="median_shift_sd", aggfunc="first")
+        n = drift.pivot_table(index="analyte_code", columns="period", values="n", aggfunc="first")
+        labels = [f"{names.get(c, c)}" for c in table.index]
+        z = table.to_numpy(dtype=float)
+        text = np.where(np.abs(z) >= threshold, np.char.mod("%+.1f", np.nan_to_num(z)), "")
+        lim = max(1.0, float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0)
+        fig.add_trace(go.Heatmap(
+            z=z, x=list(table.columns), y=labels, zmin=-lim, zmax=lim, colorscale="RdBu_r", zmid=0,
+            text=text, texttemplate="%{text}", customdata=n.reindex(index=table.index, columns=table.columns).to_numpy(),
+            colorbar=dict(title="Median shift<br>(training SDs)"),
+            hovertemplate="%{y} %{x}: median shift %{z:+.2f} SD (n %{customdata})<extra></extra>", xgap=1, ygap=1))
+        height = max(260, 40 + 24 * len(labels))
+    else:
+        height = 260
+    fig.update_layout(
+        template="plotly_white", font=FONT, height=height, margin=dict(l=10, r=10, t=50, b=10),
+        title=dict(text="Input drift against the training data", font=dict(size=16)),
+        xaxis=dict(title="Period of collection", type="category"), yaxis=dict(automargin=True, autorange="reversed"),
+    )
+    return fig

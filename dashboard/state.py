@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -167,3 +168,28 @@ def explanation(path: str, version: str, model_path: str, stamp: float, patient_
     query = {"patient_id": patient_id, "analyte_code": analyte_code, "at": pd.Timestamp(at)}
     return services.load_explanation(pipe, timeline(path, version, patient_id), patient_info(path, version, patient_id),
                                      query, forecast_median=forecast_median)
+
+
+# -- monitoring ------------------------------------------------------------------------------------
+def _outputs_version(path: str) -> str:
+    """Changes whenever an output or a verdict is stored (cheap: two aggregates)."""
+    with get_store(path).read() as cur:
+        a = cur.execute("SELECT count(*), max(updated_at) FROM model_outputs").fetchone()
+        b = cur.execute("SELECT count(*), max(annotation_id) FROM annotations").fetchone()
+    return f"{a[0]}:{a[1]}:{b[0]}:{b[1]}"
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=16, show_spinner="Computing the monitoring figures…")
+def _monitoring(path: str, version: str, outputs_version: str, model_path: str, stamp: float, period: str):
+    from dashboard import monitor
+
+    return monitor.load_monitoring(get_store(path), model_path or None, period)
+
+
+def monitoring_data(period: str):
+    """:class:`dashboard.monitor.MonitoringData` for the Model page, recomputed only when results,
+    outputs, verdicts or the model change."""
+    path = db_path()
+    status = model_status()
+    local = status.path if status.available and Path(status.path).is_dir() else model_dir()
+    return _monitoring(path, data_version(path), _outputs_version(path), local, status.stamp, period)

@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import auth, figures, services, state
+from model import monitoring
 
 user = auth.require_page("model")
 st.title("Forecasting model")
@@ -86,6 +87,58 @@ else:
     st.plotly_chart(figures.make_calibration_plot(card), width="content", key="model_calibration")
 
 st.header("Monitoring")
-st.info("Monitoring appears here once forecasts are stored as model outputs: per analyte and month, the error of "
-        "forecasts against the results that arrived later (with the last-value baseline), drift of each input "
-        "analyte against the training data, and the experts' 'valid' rate with its agreement statistic.")
+st.caption("How the deployed model does on the results that arrived after its forecasts, whether the data it "
+           "sees has moved away from what it was trained on, and what the experts say about its outputs.")
+period = st.selectbox("Period", list(monitoring.PERIODS), format_func=lambda p: monitoring.PERIODS[p].capitalize(),
+                      key="monitor_period")
+mon = state.monitoring_data(period)
+for note in mon.notes:
+    st.info(note)
+names = mon.names
+
+st.subheader("Realised error of forecasts whose targets have arrived")
+if mon.matched.empty:
+    st.caption(f"{len(mon.forecasts)} forecast(s) stored; none scored yet.")
+else:
+    per = mon.errors[mon.errors["analyte_code"] != "all"]
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Forecasts scored", f"{len(mon.matched)} of {len(mon.forecasts)}")
+    c4.metric("Skill vs last value", f"{mon.skill:+.2f}", help="1 − Σ|error model| / Σ|error last value|; "
+              "above 0 the model beats carrying the last result forward")
+    c2.metric("80% interval coverage", f"{mon.matched['in80'].mean():.2f}", help="Target 0.80")
+    sums = mon.matched.groupby("analyte_code")[["abs_error", "abs_error_last_value"]].sum()
+    wins = sums["abs_error"] < sums["abs_error_last_value"]
+    c3.metric("Analytes where the model beats last value", f"{int(wins.sum())} of {len(wins)}")
+    st.plotly_chart(figures.make_monitoring_skill_chart(mon.errors, names), width="stretch", key="monitor_skill")
+    table = per.copy()
+    table.insert(1, "analyte", [names.get(c, c) for c in table["analyte_code"]])
+    st.dataframe(table, hide_index=True, width="stretch", key="monitor_errors", column_config={
+        "analyte_code": "Code", "analyte": "Analyte", "period": "Period", "n": "Forecasts",
+        "mae": st.column_config.NumberColumn("MAE model", format="%.3g", help="canonical unit of the analyte"),
+        "mae_last_value": st.column_config.NumberColumn("MAE last value", format="%.3g"),
+        "skill": st.column_config.NumberColumn("Skill", format="%.2f", help="1 − MAE model / MAE last value"),
+        "coverage80": st.column_config.NumberColumn("80% coverage", format="%.2f"),
+        "coverage95": st.column_config.NumberColumn("95% coverage", format="%.2f"),
+    })
+
+st.subheader("Input drift")
+if mon.drift.empty:
+    st.caption("No analyte has enough results in a period to compare with the training data.")
+else:
+    st.plotly_chart(figures.make_drift_heatmap(mon.drift, names, monitoring.DRIFT_SHIFT_SD), width="stretch",
+                    key="monitor_drift")
+    drifted = mon.drift[mon.drift["drifted"]]
+    st.caption(f"{len(drifted)} analyte-period(s) with the median shifted by at least {monitoring.DRIFT_SHIFT_SD} "
+               "training SDs. Consider re-checking the analyser calibration, the unit mapping of new imports, or "
+               "a change in case mix before trusting the forecasts for those analytes.")
+
+st.subheader("Experts' verdicts")
+if mon.verdicts.empty:
+    st.caption("No verdicts yet: experts review outputs on the Review page.")
+else:
+    st.dataframe(mon.verdicts, hide_index=True, width="stretch", key="monitor_verdicts", column_config={
+        "kind": "Output kind", "period": "Period", "n": "Verdicts",
+        "valid_rate": st.column_config.NumberColumn("Valid", format="%.2f"),
+        "invalid_rate": st.column_config.NumberColumn("Invalid", format="%.2f"),
+        "unsure_rate": st.column_config.NumberColumn("Unsure", format="%.2f"),
+    })
