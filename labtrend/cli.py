@@ -274,6 +274,8 @@ def add_dashboard_args(p):
     _add_db(p)
     p.add_argument("--model", help="model folder (default: $LABTREND_MODEL, else var/model)")
     p.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
+    p.add_argument("--model-url", help="use the model served by 'labtrend serve-model' at this URL instead of "
+                                       "running it in-process (default: $LABTREND_MODEL_URL)")
     p.epilog = "Other options are passed to 'streamlit run', e.g. --server.port 8600 --server.address 0.0.0.0"
 
 
@@ -289,6 +291,9 @@ def cmd_dashboard(args) -> int:
     env["LABTREND_MODEL"] = str(settings.model_dir(args.model).resolve())
     if args.users:
         env["LABTREND_USERS"] = str(Path(args.users).resolve())
+    url = settings.model_url(args.model_url)
+    if url:  # forecasts and explanations from the model server (else the model runs in the dashboard)
+        env["LABTREND_MODEL_URL"] = url
     users = Path(env["LABTREND_USERS"]) if args.users else access.users_path()
     if not access.list_users(users):
         print(f"labtrend dashboard: no user accounts in {users}; create one first with "
@@ -417,6 +422,35 @@ def cmd_forecast(args) -> int:
     return 0
 
 
+# -- serve-model ----------------------------------------------------------------------------
+def add_serve_model_args(p):
+    host, port = settings.MODEL_SERVER_HOST, settings.MODEL_SERVER_PORT
+    p.add_argument("--model", help="ForecastPipeline folder (default: $LABTREND_MODEL, else var/model)")
+    p.add_argument("--host", default=host, help=f"address to listen on (default {host}; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=port, help=f"TCP port (default {port})")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA (bf16 autocast) when present, else CPU")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def cmd_serve_model(args) -> int:
+    """Forecasts and explanations over HTTP (FastAPI + uvicorn) until Ctrl+C; see labtrend/serve_model.py."""
+    from labtrend.serve_model import serve
+
+    model_dir = settings.model_dir(args.model)
+    if not (model_dir / "config.json").is_file():
+        print(f"labtrend serve-model: no trained model in {model_dir} (run `labtrend train`)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        serve(model_dir, host=args.host, port=args.port, device=args.device, log_level=args.log_level)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"labtrend serve-model: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 # -- predict --------------------------------------------------------------------------------
 def add_predict_args(p):
     p.add_argument("--model", help="ForecastPipeline folder (default: $LABTREND_MODEL, else var/model)")
@@ -520,6 +554,7 @@ COMMANDS = {
     "annotations": (add_annotations_args, cmd_annotations, "export expert verdicts; agreement between experts"),
     "evaluate": (add_evaluate_args, cmd_evaluate, "model card: baselines and fine-tuning modes on held-out patients"),
     "forecast": (add_forecast_args, cmd_forecast, "batch forecasts for a CSV of (patient_id, analyte, at)"),
+    "serve-model": (add_serve_model_args, cmd_serve_model, "serve forecasts and explanations over HTTP (GPU machine)"),
 }
 
 

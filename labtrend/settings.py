@@ -13,6 +13,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VAR_DIR = PROJECT_ROOT / "var"
 
 MIMIC_DEMO_URL = "https://physionet.org/content/mimic-iv-demo/2.2/"
+MODEL_SERVER_HOST = "127.0.0.1"  # labtrend serve-model listens here unless --host says otherwise
+MODEL_SERVER_PORT = 8700
 
 
 def db_path(explicit: str | os.PathLike | None = None) -> Path:
@@ -61,6 +63,17 @@ def model_dir(explicit: str | os.PathLike | None = None) -> Path:
         return Path(explicit)
     env = os.environ.get("LABTREND_MODEL")
     return Path(env) if env else VAR_DIR / "model"
+
+
+def model_url(explicit: str | None = None) -> str | None:
+    """Base URL of a ``labtrend serve-model`` server: explicit, else ``$LABTREND_MODEL_URL``, else None.
+
+    None means the dashboard runs the model in-process from :func:`model_dir`. The URL is
+    returned without a trailing slash (``http://gpu-host:8700``).
+    """
+    url = explicit or os.environ.get("LABTREND_MODEL_URL") or ""
+    url = url.strip().rstrip("/")
+    return url or None
 
 
 def pretrained_dir() -> Path:
