@@ -10,7 +10,10 @@ What each plug-in expects (change only the adapter function when the real API di
 ==========================  ===================================================================
 forecasts                   a ``ForecastPipeline`` directory (``model/inference.py``:
                             ``vocab.json``, ``scaler.json``, ``config.json``, weights) in
-                            ``$LABTREND_MODEL``; :func:`load_forecasts` asks it for
+                            ``$LABTREND_MODEL``, run in-process (CUDA when present), or, when
+                            ``$LABTREND_MODEL_URL`` is set, the same pipeline served by
+                            ``labtrend serve-model`` (:class:`labtrend.remote.RemoteForecastPipeline`,
+                            same interface and outputs); :func:`load_forecasts` asks it for
                             :data:`FORECAST_HORIZONS_DAYS` after each analyte's last result.
 anomalies                   ``clinical.anomalies.detect_anomalies(results, patient) ->
                             DataFrame[ANOMALY_COLUMNS]`` (results: TIMELINE_COLUMNS frame);
@@ -42,6 +45,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from labtrend.remote import ModelServerError
+
 __all__ = [
     "ServiceResult",
     "ModelStatus",
@@ -52,6 +57,8 @@ __all__ = [
     "FORECAST_HORIZONS_DAYS",
     "NO_MODEL_MESSAGE",
     "model_status",
+    "is_model_url",
+    "remote_model_status",
     "load_pipeline",
     "load_model_card",
     "patient_history",
@@ -120,8 +127,9 @@ class ModelStatus:
     path: str
     version: str | None
     message: str
-    stamp: float = 0.0  # mtime of the files, so caches reload a retrained model
+    stamp: float = 0.0  # mtime of the files (a number from the version when served), so caches reload a new model
     calibrated: bool = False  # the folder has conformal interval adjustments (calibration.json)
+    remote: bool = False  # ``path`` is the URL of a ``labtrend serve-model`` server
 
 
 def model_status(model_dir: str | Path | None) -> ModelStatus:
@@ -143,11 +151,51 @@ def model_status(model_dir: str | Path | None) -> ModelStatus:
                        stamp, calibrated)
 
 
+def is_model_url(path: str | Path | None) -> bool:
+    """Whether ``path`` is a model server URL (http:// or https://) rather than a model folder."""
+    return isinstance(path, str) and path.startswith(("http://", "https://"))
+
+
+def _version_stamp(version: str) -> float:
+    """A float that changes with ``version`` (48 bits of its SHA-256: exact in a float)."""
+    import hashlib
+
+    return float(int.from_bytes(hashlib.sha256(version.encode()).digest()[:6], "big"))
+
+
+def remote_model_status(url: str, transport=None) -> ModelStatus:
+    """Whether the model server at ``url`` answers ``GET /health``; the message names the URL either way.
+
+    ``transport``: an ``httpx`` transport (tests). Never raises for an unreachable server.
+    """
+    from labtrend.remote import RemoteForecastPipeline
+
+    try:
+        with RemoteForecastPipeline(url, transport=transport) as client:
+            health = client.health()
+    except (ModelServerError, ValueError) as exc:
+        return ModelStatus(False, url, None, f"{NO_MODEL_MESSAGE}: {exc}.", remote=True)
+    version, calibrated = str(health["model_version"]), bool(health["calibrated"])
+    return ModelStatus(True, url, version,
+                       f"Model {version} served by {url} on {health['device']} ({health['dtype']})"
+                       + (" (intervals conformal-calibrated)." if calibrated else " (intervals not calibrated)."),
+                       _version_stamp(version), calibrated, remote=True)
+
+
 def load_pipeline(status: ModelStatus):
-    """The ForecastPipeline for an available :class:`ModelStatus` (CPU; imports torch)."""
+    """The pipeline for an available :class:`ModelStatus`.
+
+    A served model (``status.remote``): a :class:`labtrend.remote.RemoteForecastPipeline` on
+    ``status.path``. Otherwise the ForecastPipeline in the folder, on CUDA when present
+    (bf16 autocast) else CPU; this imports torch.
+    """
+    if status.remote:
+        from labtrend.remote import RemoteForecastPipeline
+
+        return RemoteForecastPipeline(status.path)
     from model.inference import ForecastPipeline
 
-    return ForecastPipeline.from_pretrained(status.path, device="cpu")
+    return ForecastPipeline.from_pretrained(status.path, device="auto")
 
 
 def load_model_card(model_dir: str | Path | None) -> dict | None:
@@ -286,9 +334,11 @@ def load_forecasts(pipeline, results: pd.DataFrame, patient: dict | None, analyt
                    ) -> ServiceResult:
     """Forecasts for ``analytes`` of one patient, or an empty frame and why there are none.
 
-    ``pipeline`` is a loaded ForecastPipeline or None (then the message is
-    :data:`NO_MODEL_MESSAGE`). Analytes with too little history come back with their
-    ``status`` ('Not enough measurements to forecast (1; minimum 2)') and no numbers.
+    ``pipeline`` is a loaded ForecastPipeline (in-process or served) or None (then the
+    message is :data:`NO_MODEL_MESSAGE`). Analytes with too little history come back with
+    their ``status`` ('Not enough measurements to forecast (1; minimum 2)') and no numbers.
+    When the model server cannot be reached the frame is empty, the message names the URL
+    and ``extra['retry']`` is True (a cache should not keep that answer).
     """
     if pipeline is None:
         return ServiceResult(_empty(FORECAST_COLUMNS), False, status.message if status else NO_MODEL_MESSAGE)
@@ -300,24 +350,37 @@ def load_forecasts(pipeline, results: pd.DataFrame, patient: dict | None, analyt
         frame = pipeline.forecast(history, queries)
     except ValueError as exc:  # the model's input checks name what is wrong
         return ServiceResult(_empty(FORECAST_COLUMNS), False, f"Forecast not available: {exc}")
+    except ModelServerError as exc:
+        return ServiceResult(_empty(FORECAST_COLUMNS), False, f"Forecast not available: {exc}", extra={"retry": True})
     return ServiceResult(_conform(frame, FORECAST_COLUMNS), True, "")
 
 
 # =============================================================================================
 # Clinical outputs (colleague's clinical/ package)
 # =============================================================================================
-def load_anomalies(results: pd.DataFrame, patient: dict | None, forecaster=None) -> ServiceResult:
+def load_anomalies(results: pd.DataFrame, patient: dict | None, forecaster=None,
+                   model_rules_since=None) -> ServiceResult:
     """Anomaly flags (reference interval, critical value, delta check/RCV, pre-analytical
-    patterns; model surprise when ``forecaster`` is given) for one patient's results.
+    patterns; model surprise when ``forecaster`` is given, on results collected at or after
+    ``model_rules_since`` when that is given) for one patient's results.
 
     ``extra['notes']`` carries the detector's notes (rules that could not run, and why).
+    When the forecaster is a model server that cannot be reached, the other rules still
+    run, a note names the URL and ``extra['retry']`` is True.
     """
     mod = _optional("clinical.anomalies", "detect_anomalies")
     if mod is None:
         return ServiceResult(_empty(ANOMALY_COLUMNS), False,
                              "Anomaly detection is not installed yet: no anomaly flags are shown.")
-    frame = mod.detect_anomalies(results, patient, forecaster=forecaster)
-    return ServiceResult(_conform(frame, ANOMALY_COLUMNS), True, "", extra={"notes": list(frame.attrs.get("notes", []))})
+    extra: dict = {}
+    try:
+        frame = mod.detect_anomalies(results, patient, forecaster=forecaster, model_rules_since=model_rules_since)
+    except ModelServerError as exc:
+        frame = mod.detect_anomalies(results, patient)
+        frame.attrs["notes"] = [*frame.attrs.get("notes", []), f"model_surprise not evaluated: {exc}"]
+        extra["retry"] = True
+    return ServiceResult(_conform(frame, ANOMALY_COLUMNS), True, "",
+                         extra={"notes": list(frame.attrs.get("notes", [])), **extra})
 
 
 def load_recommendations(results: pd.DataFrame, forecasts: pd.DataFrame, anomalies: pd.DataFrame,
@@ -340,6 +403,8 @@ def load_explanation(pipeline, results: pd.DataFrame, patient: dict | None, quer
     ``extra['explanation']`` holds the dict for :func:`dashboard.figures.make_shap_bar`
     (``features``, ``base_value``, ``output``, ``unit``, ``model_version``). An explanation
     whose attributions do not add up is not returned (XAI-15): the message says so.
+    A served pipeline (one with an ``explain`` method) computes the explanation on the
+    server; when it cannot be reached the message names the URL and ``extra['retry']`` is True.
     """
     empty = _empty(["feature", "value"])
     if pipeline is None:
@@ -349,8 +414,16 @@ def load_explanation(pipeline, results: pd.DataFrame, patient: dict | None, quer
         return ServiceResult(empty, False, "Explanations are not available for this model yet.")
     from dashboard.figures import explanation_difference
 
-    ex = mod.explain_forecast(pipeline, patient_history(results, patient), str(query["patient_id"]),
-                              str(query["analyte_code"]), query["at"], forecast_median=forecast_median)
+    args = (patient_history(results, patient), str(query["patient_id"]), str(query["analyte_code"]), query["at"])
+    if hasattr(pipeline, "explain"):  # served: the server runs explain_forecast
+        try:
+            ex = pipeline.explain(*args, forecast_median=forecast_median)
+        except ValueError as exc:
+            return ServiceResult(empty, False, f"Explanation not available: {exc}")
+        except ModelServerError as exc:
+            return ServiceResult(empty, False, f"Explanation not available: {exc}", extra={"retry": True})
+    else:
+        ex = mod.explain_forecast(pipeline, *args, forecast_median=forecast_median)
     if not ex.ok:
         return ServiceResult(empty, False, ex.message or f"Explanation not available ({ex.status}).")
     expl = {"features": [{"feature": g["label"], "value": g["value"]} for g in ex.groups],

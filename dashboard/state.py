@@ -1,7 +1,10 @@
 """Streamlit-side resources: the cached store and model, cached queries, the busy notice.
 
 * The :class:`data.db.Store` and the forecasting pipeline are ``st.cache_resource`` (one per
-  process, shared by every session; never mutated).
+  process, shared by every session; never mutated). The pipeline runs in this process, or
+  is the client of a ``labtrend serve-model`` server when ``$LABTREND_MODEL_URL`` is set;
+  then :func:`model_status` asks the server (cached :data:`VERSION_TTL_S` seconds), and an
+  answer spoiled by an unreachable server is shown but not cached.
 * Query results are ``st.cache_data`` keyed by their inputs plus the store's
   :func:`data_version` (number and last id of import batches), so an import from this
   dashboard or from the CLI is visible within :data:`VERSION_TTL_S` seconds.
@@ -26,12 +29,13 @@ from labtrend import settings
 
 __all__ = [
     "db_path", "model_dir", "get_store", "data_version", "set_busy_slot", "clear_busy_slot",
-    "patients", "timeline", "patient_info", "batches", "model_status", "get_pipeline", "forecasts", "anomalies",
-    "explanation",
+    "patients", "timeline", "patient_info", "batches", "model_url", "model_status", "get_pipeline", "forecasts",
+    "anomalies", "explanation",
 ]
 
 VERSION_TTL_S = 5
 QUERY_TTL_S = 15 * 60
+MODEL_RULES_WINDOW_DAYS = 30.0  # model surprise runs on the last 30 days of results (as `labtrend predict`)
 BUSY_MESSAGE = "Database busy, retrying…"
 
 _local = threading.local()  # the busy slot of the script run on this thread
@@ -45,6 +49,11 @@ def db_path() -> str:
 def model_dir() -> str:
     """The model folder (``$LABTREND_MODEL``, else ``var/model``)."""
     return str(settings.model_dir())
+
+
+def model_url() -> str | None:
+    """The model server (``$LABTREND_MODEL_URL``), or None: the model runs in this process."""
+    return settings.model_url()
 
 
 # -- database busy notice ----------------------------------------------------------------------
@@ -133,41 +142,110 @@ def batches(path: str, version: str) -> pd.DataFrame:
 
 
 # -- model ---------------------------------------------------------------------------------------
+class _NotCached(Exception):
+    """Carries a result out of a cached function without caching it (the model server was unreachable)."""
+
+    def __init__(self, result: services.ServiceResult):
+        super().__init__(result.message)
+        self.result = result
+
+
+def _keep_unless_retry(result: services.ServiceResult) -> services.ServiceResult:
+    if result.extra.get("retry"):
+        raise _NotCached(result)
+    return result
+
+
+@st.cache_data(ttl=VERSION_TTL_S, show_spinner=False, max_entries=4)
+def _remote_status(url: str) -> services.ModelStatus:
+    return services.remote_model_status(url)
+
+
+def _status_for(model_path: str) -> services.ModelStatus:
+    """The status of a model folder or of a model server URL."""
+    return _remote_status(model_path) if services.is_model_url(model_path) else services.model_status(model_path)
+
+
 def model_status() -> services.ModelStatus:
-    return services.model_status(model_dir())
+    """The model the pages use: the server at :func:`model_url` when set, else the folder :func:`model_dir`.
+
+    ``path`` and ``stamp`` of the result are what :func:`forecasts` and :func:`explanation` take.
+    """
+    url = model_url()
+    return _remote_status(url) if url else services.model_status(model_dir())
 
 
 @st.cache_resource(show_spinner="Loading the forecasting model…", max_entries=2)
 def get_pipeline(path: str, stamp: float):
-    """The ForecastPipeline in ``path`` (``stamp``: file times, so a retrained model reloads)."""
-    return services.load_pipeline(services.model_status(path))
+    """The pipeline for ``path``: a model folder (loaded here) or a server URL (its client).
+
+    ``stamp``: file times or the served version, so a retrained model reloads.
+    """
+    return services.load_pipeline(_status_for(path))
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=128, show_spinner="Forecasting…")
-def forecasts(path: str, version: str, model_path: str, stamp: float, patient_id: str,
-              analytes: tuple[str, ...]) -> services.ServiceResult:
-    status = services.model_status(model_path)
+def _forecasts(path: str, version: str, model_path: str, stamp: float, patient_id: str,
+               analytes: tuple[str, ...]) -> services.ServiceResult:
+    status = _status_for(model_path)
     pipe = get_pipeline(model_path, stamp) if status.available else None
     results = timeline(path, version, patient_id)
     info = patient_info(path, version, patient_id)
-    return services.load_forecasts(pipe, results, info, list(analytes), status)
+    return _keep_unless_retry(services.load_forecasts(pipe, results, info, list(analytes), status))
+
+
+def forecasts(path: str, version: str, model_path: str, stamp: float, patient_id: str,
+              analytes: tuple[str, ...]) -> services.ServiceResult:
+    """Forecasts of ``analytes`` (cached; not when the model server could not be reached)."""
+    try:
+        return _forecasts(path, version, model_path, stamp, patient_id, analytes)
+    except _NotCached as exc:
+        return exc.result
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=128, show_spinner="Checking for anomalies…")
+def _anomalies(path: str, version: str, patient_id: str, model_path: str | None, stamp: float
+               ) -> services.ServiceResult:
+    pipe = get_pipeline(model_path, stamp) if model_path else None
+    results = timeline(path, version, patient_id)
+    since = None
+    if pipe is not None and len(results):
+        since = pd.Timestamp(results["collected_at"].max()) - pd.Timedelta(days=MODEL_RULES_WINDOW_DAYS)
+    return _keep_unless_retry(services.load_anomalies(results, patient_info(path, version, patient_id),
+                                                      forecaster=pipe, model_rules_since=since))
+
+
 def anomalies(path: str, version: str, patient_id: str) -> services.ServiceResult:
-    """Rule-based anomaly flags of one patient (``clinical.anomalies``; model rules not run here)."""
-    return services.load_anomalies(timeline(path, version, patient_id), patient_info(path, version, patient_id))
+    """Anomaly flags of one patient (``clinical.anomalies``): the rule-based rules, and model surprise
+    over the last :data:`MODEL_RULES_WINDOW_DAYS` days when a model (in-process or served) is available.
+    """
+    status = model_status()
+    try:
+        if status.available:
+            return _anomalies(path, version, patient_id, status.path, status.stamp)
+        return _anomalies(path, version, patient_id, None, 0.0)
+    except _NotCached as exc:
+        return exc.result
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
-def explanation(path: str, version: str, model_path: str, stamp: float, patient_id: str, analyte_code: str,
-                at: str, forecast_median: float) -> services.ServiceResult:
-    """SHAP attribution of one forecast (seconds of model calls: cached)."""
-    status = services.model_status(model_path)
+def _explanation(path: str, version: str, model_path: str, stamp: float, patient_id: str, analyte_code: str,
+                 at: str, forecast_median: float) -> services.ServiceResult:
+    status = _status_for(model_path)
     pipe = get_pipeline(model_path, stamp) if status.available else None
     query = {"patient_id": patient_id, "analyte_code": analyte_code, "at": pd.Timestamp(at)}
-    return services.load_explanation(pipe, timeline(path, version, patient_id), patient_info(path, version, patient_id),
-                                     query, forecast_median=forecast_median)
+    return _keep_unless_retry(services.load_explanation(
+        pipe, timeline(path, version, patient_id), patient_info(path, version, patient_id), query,
+        forecast_median=forecast_median))
+
+
+def explanation(path: str, version: str, model_path: str, stamp: float, patient_id: str, analyte_code: str,
+                at: str, forecast_median: float) -> services.ServiceResult:
+    """SHAP attribution of one forecast (seconds of model calls: cached; not when the server was unreachable)."""
+    try:
+        return _explanation(path, version, model_path, stamp, patient_id, analyte_code, at, forecast_median)
+    except _NotCached as exc:
+        return exc.result
 
 
 # -- monitoring ------------------------------------------------------------------------------------
