@@ -61,6 +61,7 @@ __all__ = [
     "record_verdict",
     "annotation_log",
     "current_verdicts",
+    "PRIORITY_TIERS",
     "pending_outputs",
     "gwet_ac1",
     "agreement_stats",
@@ -73,7 +74,17 @@ OUTPUT_KINDS = ("forecast", "anomaly", "explanation", "recommendation")
 VERDICTS = ("valid", "invalid", "unsure")
 # what pending_outputs returns (the review page's columns first)
 OUTPUT_COLUMNS = ["output_id", "patient_id", "analyte_code", "analyte_name", "kind", "forecast_for", "predicted_value",
-                  "unit", "model_version", "status", "output_time", "rule", "summary", "payload"]
+                  "unit", "model_version", "status", "output_time", "rule", "summary", "priority", "priority_reason",
+                  "payload"]
+# Review priority tiers (1 is reviewed first); see pending_outputs for the order within a tier.
+PRIORITY_TIERS = {
+    1: "critical value, or a recommendation of high urgency",
+    2: "pre-analytical pattern, model surprise, multivariate inconsistency, or a recommendation of medium urgency",
+    3: "forecast or explanation to validate (and any other output)",
+    4: "recommendation of low urgency",
+    5: "delta check",
+    6: "outside the reference interval",
+}
 
 
 def _utcnow() -> datetime:
@@ -377,13 +388,71 @@ def _summary(kind: str, p: dict) -> tuple[str | None, float | None, str | None, 
     return p.get("text"), None, None, "pending"
 
 
+_PRIORITY_SQL = """
+    CASE
+        WHEN o.kind = 'anomaly' AND o.rule = 'critical_value' THEN 1
+        WHEN o.kind = 'recommendation' AND json_extract_string(o.payload, '$.urgency') = 'high' THEN 1
+        WHEN o.kind = 'anomaly' AND (o.rule LIKE 'preanalytical:%'
+                                     OR o.rule IN ('model_surprise', 'multivariate_inconsistency')) THEN 2
+        WHEN o.kind = 'recommendation' AND json_extract_string(o.payload, '$.urgency') = 'medium' THEN 2
+        WHEN o.kind = 'recommendation' AND json_extract_string(o.payload, '$.urgency') = 'low' THEN 4
+        WHEN o.kind = 'anomaly' AND o.rule = 'delta_check' THEN 5
+        WHEN o.kind = 'anomaly' AND o.rule = 'reference_interval' THEN 6
+        ELSE 3
+    END"""
+_REASON_SQL = """
+    CASE
+        WHEN o.kind = 'anomaly' AND o.rule = 'critical_value'
+            THEN 'critical value (' || coalesce(json_extract_string(o.payload, '$.flag'), '?') || ')'
+        WHEN o.kind = 'recommendation'
+            THEN 'recommendation, ' || coalesce(json_extract_string(o.payload, '$.urgency'), 'unknown') || ' urgency'
+        WHEN o.kind = 'anomaly' AND o.rule LIKE 'preanalytical:%'
+            THEN 'pre-analytical pattern: ' || replace(substr(o.rule, 15), '_', ' ')
+        WHEN o.kind = 'anomaly' AND o.rule = 'model_surprise' THEN 'model surprise'
+        WHEN o.kind = 'anomaly' AND o.rule = 'multivariate_inconsistency' THEN 'multivariate inconsistency'
+        WHEN o.kind = 'anomaly' AND o.rule = 'delta_check' THEN 'delta check'
+        WHEN o.kind = 'anomaly' AND o.rule = 'reference_interval' THEN 'outside the reference interval'
+        WHEN o.kind IN ('forecast', 'explanation') THEN o.kind || ' to validate'
+        ELSE coalesce(o.kind, 'output') || coalesce(' ' || o.rule, '')
+    END"""
+
+
 def pending_outputs(store: Store, annotator: str, kind: str | None = None, patient_id: str | None = None,
-                    limit: int = 500) -> pd.DataFrame:
-    """Outputs on which ``annotator`` has no verdict yet (:data:`OUTPUT_COLUMNS`), oldest first."""
-    sql = """SELECT o.* FROM model_outputs o
-             WHERE NOT EXISTS (SELECT 1 FROM annotations a WHERE a.output_id = o.output_id AND a.annotator = ?)
-               AND (?::VARCHAR IS NULL OR o.kind = ?) AND (?::VARCHAR IS NULL OR o.patient_id = ?)
-             ORDER BY o.created_at, o.output_time NULLS LAST, o.output_id LIMIT ?"""
+                    limit: int | None = 500) -> pd.DataFrame:
+    """Outputs on which ``annotator`` has no verdict yet (:data:`OUTPUT_COLUMNS`), most important first.
+
+    ``priority`` (int, 1 first; :data:`PRIORITY_TIERS`) and ``priority_reason`` (text, e.g.
+    ``'critical value (HH)'``, ``'pre-analytical pattern: haemolysis'``) are computed in the
+    query, so ``limit`` (None: no limit) keeps the most important outputs, not the oldest:
+
+    1. critical values; recommendations of high urgency
+    2. pre-analytical patterns, model surprise, multivariate inconsistency; recommendations of
+       medium urgency
+    3. forecasts and their explanations (and any output kind or rule not listed here)
+    4. recommendations of low urgency
+    5. delta checks
+    6. results outside the reference interval
+
+    Within a tier: newest first (``output_time``: the result's collection time, the
+    recommendation's evaluation time), then the larger ``|score|``; forecasts and explanations
+    soonest forecast time first (the forecast that can be checked against a result first; a
+    forecast comes before its explanation). Ties: ``output_id``.
+    """
+    sql = f"""
+        WITH p AS (
+            SELECT o.*, {_PRIORITY_SQL} AS priority, {_REASON_SQL} AS priority_reason
+            FROM model_outputs o
+            WHERE NOT EXISTS (SELECT 1 FROM annotations a WHERE a.output_id = o.output_id AND a.annotator = ?)
+              AND (?::VARCHAR IS NULL OR o.kind = ?) AND (?::VARCHAR IS NULL OR o.patient_id = ?)
+        )
+        SELECT * FROM p
+        ORDER BY priority,
+                 CASE WHEN kind IN ('forecast', 'explanation') THEN epoch_us(output_time)
+                      ELSE -epoch_us(output_time) END NULLS LAST,
+                 CASE kind WHEN 'forecast' THEN 0 WHEN 'explanation' THEN 1 ELSE 2 END,
+                 abs(TRY_CAST(json_extract_string(payload, '$.score') AS DOUBLE)) DESC NULLS LAST,
+                 output_id
+        LIMIT ?"""
     with store.read() as cur:
         df = cur.execute(sql, [annotator, kind, kind, patient_id, patient_id, limit]).df()
     from data.catalogue import load_catalogue
@@ -398,7 +467,8 @@ def pending_outputs(store: Store, annotator: str, kind: str | None = None, patie
         "forecast_for": [t if k == "forecast" else pd.NaT for k, t in zip(df["kind"], df["output_time"])],
         "predicted_value": [i[1] for i in info], "unit": [i[2] for i in info], "model_version": df["model_version"],
         "status": [i[3] for i in info], "output_time": df["output_time"], "rule": df["rule"],
-        "summary": [i[0] for i in info], "payload": payloads,
+        "summary": [i[0] for i in info], "priority": df["priority"].astype("int64"),
+        "priority_reason": df["priority_reason"], "payload": payloads,
     })
     return out[OUTPUT_COLUMNS]
 

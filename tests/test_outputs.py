@@ -304,3 +304,56 @@ def test_cli_predict_and_export(tmp_path, cases, capsys):
     assert main(["annotations", "export", "--db", str(db), "--out", str(tmp_path / "e.parquet")]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == len(items)
     assert main(["annotations", "agreement", "--db", str(db)]) == 0
+
+
+# --- review priority ------------------------------------------------------------------------------
+
+
+def _anomaly(patient: str, code: str, at: str, rule: str, flag: str, score: float | None, key: int) -> dict:
+    return O._record("anomaly", patient, code, pd.Timestamp(at), "rules-t", rule,
+                     {"rule": rule, "flag": flag, "score": score, "text": f"{rule} {flag}", "value": 1.0}, key=key)
+
+
+def _recommendation(patient: str, rule_id: str, at: str, urgency: str) -> dict:
+    return O._record("recommendation", patient, None, pd.Timestamp(at), "recommendations-t", rule_id,
+                     {"rule_id": rule_id, "urgency": urgency, "text": f"{rule_id} text", "title": rule_id})
+
+
+def test_pending_outputs_most_important_first(store):
+    """Critical values and high-urgency recommendations first, then patterns / model surprise, then
+    forecasts (soonest first), low-urgency recommendations, delta checks, reference-interval flags;
+    newest first within a tier, larger |score| first at one time."""
+    recs = [
+        _anomaly("P1", "2951-2", "2024-01-05 08:00", "reference_interval", "H", 0.3, 1),
+        _anomaly("P1", "2951-2", "2024-01-07 08:00", "reference_interval", "H", 0.1, 2),
+        _anomaly("P1", "2823-3", "2024-01-07 08:00", "reference_interval", "H", 0.9, 3),
+        _anomaly("P1", "2160-0", "2024-01-07 08:00", "delta_check", "UP", 2.0, 4),
+        _forecast("F-late", "P1", "2160-0", "2024-01-09", 1.1, "mg/dL"),
+        _forecast("F-soon", "P1", "2823-3", "2024-01-08", 4.1, "mmol/L"),
+        _recommendation("P1", "REC-LOW", "2024-01-08 08:00", "low"),
+        _anomaly("P1", "2823-3", "2024-01-02 08:00", "preanalytical:haemolysis", "SUSPECT", None, 5),
+        _anomaly("P1", "2823-3", "2024-01-06 08:00", "model_surprise", "ABOVE", 0.99, 6),
+        _recommendation("P1", "REC-MED", "2024-01-08 08:00", "medium"),
+        _anomaly("P1", "2823-3", "2024-01-01 08:00", "critical_value", "HH", 0.5, 7),
+        _recommendation("P1", "REC-HIGH", "2024-01-08 08:00", "high"),
+    ]
+    O.store_outputs(store, recs)
+    got = O.pending_outputs(store, "ann")
+    assert list(got.columns) == O.OUTPUT_COLUMNS
+    reasons = got["priority_reason"].tolist()
+    assert reasons == [
+        "recommendation, high urgency", "critical value (HH)",  # tier 1, newest first
+        "recommendation, medium urgency", "model surprise", "pre-analytical pattern: haemolysis",  # tier 2
+        "forecast to validate", "forecast to validate",  # tier 3
+        "recommendation, low urgency", "delta check",
+        "outside the reference interval", "outside the reference interval", "outside the reference interval",
+    ]
+    assert got["priority"].tolist() == [1, 1, 2, 2, 2, 3, 3, 4, 5, 6, 6, 6]
+    assert got["output_id"].iloc[5:7].tolist() == ["F-soon", "F-late"]  # soonest forecast first
+    ri = got[got["rule"] == "reference_interval"]
+    assert [p["score"] for p in ri["payload"]] == [0.9, 0.1, 0.3]  # newest first, then the larger |score|
+    # the limit keeps the most important outputs, not the oldest ones
+    assert O.pending_outputs(store, "ann", limit=2)["priority"].tolist() == [1, 1]
+    O.record_verdict(store, got["output_id"].iloc[0], "ann", "expert", "valid")
+    assert O.pending_outputs(store, "ann")["priority_reason"].iloc[0] == "critical value (HH)"
+    assert len(O.pending_outputs(store, "ann", limit=None)) == len(recs) - 1
