@@ -341,6 +341,23 @@ def test_review_ui17_saves_each_verdict_once_on_the_output_shown(env):
     assert set(verdicts["detail"].map(lambda d: json.loads(d)["output_id"])) >= {ids["P0022"], ids["P0023"]}
 
 
+def test_review_shows_the_priority_and_keeps_the_service_order(env):
+    """The queue table is clinical.outputs.pending_outputs' order (most important first) with its
+    priority columns; the output on screen is its first row and says why it is there."""
+    outputs = pytest.importorskip("clinical.outputs")
+    ids = _ui17_outputs(env)
+    at = signed_in("expert")
+    at.switch_page("app_pages/review.py").run()
+    assert not at.exception
+    queue = frame_with(at, "priority_reason")
+    expected = outputs.pending_outputs(env.store, "ed")
+    assert queue["priority"].tolist() == expected["priority"].tolist()
+    assert queue["summary"].tolist() == expected["summary"].tolist()
+    assert at.session_state["review_current"]["output"]["output_id"] == expected["output_id"].iloc[0]
+    assert set(expected["output_id"]) <= set(ids.values()) and expected["forecast_for"].is_monotonic_increasing
+    assert "priority 3: forecast to validate" in texts(at)
+
+
 def test_review_without_the_verdict_service_says_so(env, monkeypatch):
     monkeypatch.setitem(sys.modules, "clinical.outputs", None)  # import fails: not installed
     at = signed_in("expert")

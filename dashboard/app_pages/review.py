@@ -52,7 +52,11 @@ if current is None:
 
 out = current["output"]
 oid = str(out["output_id"])
-st.caption(f"{len(pending)} output(s) waiting for your verdict.")
+st.caption(f"{len(pending)} output(s) waiting for your verdict, most important first.")
+queue_cols = [c for c in ("priority", "priority_reason", "patient_id", "analyte_name", "kind", "rule", "output_time",
+                          "summary") if c in pending]
+with st.expander("Review queue (priority 1 first: critical values and urgent recommendations)"):
+    st.dataframe(pending[queue_cols], hide_index=True, width="stretch", key="review_queue")  # the service's order
 with st.container(border=True):
     kind = out.get("kind") or "output"
     st.markdown(f"**{str(kind).capitalize()}** `{oid}`")
@@ -67,7 +71,8 @@ with st.container(border=True):
     st.markdown(line)
     if out.get("summary"):
         st.markdown(str(out["summary"]))
-    facts = [f"rule {out['rule']}" if out.get("rule") else "", f"model {out['model_version']}" if out.get("model_version") else ""]
+    facts = [f"priority {out['priority']}: {out['priority_reason']}" if out.get("priority_reason") else "",
+             f"rule {out['rule']}" if out.get("rule") else "", f"model {out['model_version']}" if out.get("model_version") else ""]
     if any(facts):
         st.caption(" · ".join(f for f in facts if f))
 
