@@ -417,6 +417,7 @@ def encode_queries(
     max_events: int,
     max_queries: int,
     min_history: int = MIN_HISTORY,
+    validated: bool = False,
 ) -> EncodedQueries:
     """Encode ``queries`` against ``history`` (see the module docstring for every rule).
 
@@ -425,9 +426,14 @@ def encode_queries(
     :func:`status_too_few` when fewer than ``min_history`` results of its analyte precede
     ``at``; such queries get no row. When ``queries`` has a ``value`` column (and optionally
     ``censor``), rows carry normalised ``target_value`` / ``target_censor``.
+    ``validated=True`` says both frames already come from :func:`validate_history` /
+    :func:`validate_queries` (the pipeline checks them once).
     """
-    h = validate_history(history)
-    q = validate_queries(queries)
+    h = history if validated else validate_history(history)
+    q = queries if validated else validate_queries(queries)
+    wanted = pd.unique(q["patient_id"])
+    if h["patient_id"].nunique() > len(wanted):  # only the queried patients' histories are encoded
+        h = h[h["patient_id"].isin(wanted)]
     patients = _patient_arrays(h, vocab, scaler)
     at_us = q["at"].to_numpy().astype("datetime64[us]").astype(np.int64)
     n_history = np.zeros(len(q), dtype=np.int64)

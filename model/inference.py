@@ -157,7 +157,7 @@ class ForecastPipeline:
         config = self.model.config
         enc = encode_queries(
             history, queries, self.vocab, self.scaler,
-            max_events=config.max_events, max_queries=config.max_queries, min_history=MIN_HISTORY,
+            max_events=config.max_events, max_queries=config.max_queries, min_history=MIN_HISTORY, validated=True,
         )
         z = np.full((len(enc.status), len(QUANTILES)), np.nan, dtype=np.float64)
         device = self.device
@@ -178,14 +178,12 @@ class ForecastPipeline:
     def _check_units(self, h: pd.DataFrame) -> None:
         if "unit_canonical" not in h:
             return
-        for code, units in h.dropna(subset=["unit_canonical"]).groupby("analyte_code")["unit_canonical"]:
+        pairs = h[["analyte_code", "unit_canonical"]].dropna().drop_duplicates()
+        for code, unit in zip(pairs["analyte_code"], pairs["unit_canonical"].astype(str)):
             stats = self.scaler.stats.get(code)
-            if stats is None or stats.unit is None:
-                continue
-            other = sorted(set(units.astype(str)) - {stats.unit})
-            if other:
+            if stats is not None and stats.unit is not None and unit != stats.unit:
                 raise ValueError(
-                    f"analyte {code!r} has unit {other[0]!r} in the history but the model was trained in {stats.unit!r}"
+                    f"analyte {code!r} has unit {unit!r} in the history but the model was trained in {stats.unit!r}"
                 )
 
     def forecast(self, history: pd.DataFrame, queries: pd.DataFrame, batch_size: int = 256) -> pd.DataFrame:
