@@ -169,13 +169,16 @@ def forecast_outputs(forecasts: pd.DataFrame, history: pd.DataFrame | None = Non
     and whether the interval is calibrated.
     """
     recs = []
-    last = {}
+    times: dict = {}
     if history is not None and len(history):
-        last = history.groupby(["patient_id", "analyte_code"])["collected_at"].max().to_dict()
+        h = history.assign(patient_id=history["patient_id"].astype(str), analyte_code=history["analyte_code"].astype(str))
+        times = {k: np.sort(g.to_numpy(dtype="datetime64[ns]"))
+                 for k, g in h.groupby(["patient_id", "analyte_code"])["collected_at"]}
     for r in forecasts.to_dict("records"):
         at = pd.Timestamp(r["at"])
-        prev = [t for t in [last.get((str(r["patient_id"]), str(r["analyte_code"])))] if t is not None]
-        prev_at = max([p for p in prev if pd.Timestamp(p) < at], default=None)
+        t = times.get((str(r["patient_id"]), str(r["analyte_code"])))
+        i = int(np.searchsorted(t, at.to_datetime64(), side="left")) if t is not None else 0
+        prev_at = pd.Timestamp(t[i - 1]) if i > 0 else None  # the last result strictly before the forecast time
         payload = {
             "quantiles": {c: r.get(c) for c in ("q05", "q10", "q25", "q50", "q75", "q90", "q95")},
             "interval95": ([r.get("lo95"), r.get("hi95")]

@@ -27,7 +27,7 @@ from data import queries
 from data.db import Store
 from model import MIN_HISTORY
 
-__all__ = ["default_at", "top_analytes_for", "predict_patient", "PatientNotFound"]
+__all__ = ["default_at", "top_analytes_for", "predict_patient", "replay_forecasts", "PatientNotFound"]
 
 
 class PatientNotFound(LookupError):
@@ -136,3 +136,48 @@ def predict_patient(
         "notes": notes,
         "stored": stored,
     }
+
+
+def replay_forecasts(
+    store: Store,
+    pipeline,
+    patient_id: str,
+    *,
+    n_times: int = 10,
+    top_n: int = 5,
+    save: bool = True,
+) -> list[dict]:
+    """Forecasts the model would have made at the patient's last ``n_times`` collection times.
+
+    Each forecast time is the collection time of one of the patient's specimens; the forecast
+    for each of the ``top_n`` analytes uses only the results collected strictly before it,
+    exactly as :func:`predict_patient` does, so the result collected at that time is its
+    realised target. Used to give model monitoring forecasts whose targets have arrived from a
+    retrospective export (and to let experts review forecasts against what happened). The
+    payload carries ``"retrospective": true``.
+
+    Returns the stored forecast records. Raises :class:`PatientNotFound` for an unknown patient.
+    """
+    info = queries.patient_info(store, patient_id)
+    if info is None:
+        raise PatientNotFound(f"no patient {patient_id!r} in the store")
+    timeline = queries.timeline(store, patient_id)
+    history = history_from_timeline(timeline, info)
+    codes = top_analytes_for(history, pipeline.vocab, top_n)
+    if not codes:
+        return []
+    # times at which at least one of these analytes was measured, after enough history
+    h = history[history["analyte_code"].isin(codes)]
+    rank = h.groupby("analyte_code").cumcount()
+    times = sorted(set(h.loc[rank >= MIN_HISTORY, "collected_at"]))[-n_times:]
+    rows = [(str(patient_id), c, t) for t in times for c in codes]
+    if not rows:
+        return []
+    q = pd.DataFrame(rows, columns=["patient_id", "analyte_code", "at"])
+    forecasts = pipeline.forecast(history, q)
+    recs = out_mod.forecast_outputs(forecasts, history, calibrated=pipeline.conformal is not None)
+    for r in recs:
+        r["payload"]["retrospective"] = True  # the output id does not depend on the payload
+    if save:
+        out_mod.store_outputs(store, recs)
+    return recs

@@ -151,8 +151,32 @@ def add_demo_args(p):
     p.add_argument("--retrain", action="store_true", help="fine-tune again even if a model exists")
     p.add_argument("--predict-patients", type=int, default=3,
                    help="patients whose outputs are computed and stored for expert review")
+    p.add_argument("--holdout", type=int, default=10,
+                   help="patients kept out of training (every n-th by id); the review and monitoring patients "
+                        "are taken from them, so what the dashboard shows is out of sample")
     p.add_argument("--no-serve", action="store_true", help="prepare everything but do not start the dashboard")
     p.epilog = "Other options are passed to 'streamlit run', e.g. --server.port 8600"
+
+
+def _demo_holdout(patients, n: int) -> list[str]:
+    """``n`` patients spread over the id order (every k-th), never used to train the demo model."""
+    ids = sorted(patients["patient_id"].astype(str))
+    if n <= 0 or not ids:
+        return []
+    step = max(1, len(ids) // n)
+    return ids[step // 2 :: step][:n]
+
+
+def _model_excludes(model_dir: Path, holdout: list[str]) -> bool:
+    """True when ``model_dir`` holds a model trained without exactly these patients."""
+    import hashlib
+    import json
+
+    f = model_dir / "patients.json"
+    if not (model_dir / "config.json").is_file() or not f.is_file():
+        return False
+    want = hashlib.sha256("\n".join(holdout).encode()).hexdigest() if holdout else None
+    return json.loads(f.read_text()).get("excluded_sha256") == want
 
 
 def _demo_source(work: Path) -> tuple[Path, str]:
@@ -210,11 +234,18 @@ def cmd_demo(args) -> int:
     print(f"[1/4] importing {label} into {db}", flush=True)
     print(summary_json(run_import(store, src)), flush=True)
 
-    if args.retrain or not (model_dir / "config.json").is_file():
-        print(f"[2/4] training the forecaster into {model_dir} (pretrains once if no checkpoint is cached)", flush=True)
+    from data import queries
+
+    pats = queries.patients(store)
+    holdout = _demo_holdout(pats, args.holdout)
+    holdout_file = settings.VAR_DIR / "demo-holdout.txt"
+    holdout_file.write_text("".join(f"{p}\n" for p in holdout))
+    if args.retrain or not _model_excludes(model_dir, holdout):
+        print(f"[2/4] training the forecaster into {model_dir}, {len(holdout)} patients held out "
+              "(pretrains once if no checkpoint is cached)", flush=True)
         import train
 
-        rc = train.main(["--db", str(db), "--out", str(model_dir)])
+        rc = train.main(["--db", str(db), "--out", str(model_dir), "--exclude-patients", str(holdout_file)])
         if rc != 0:
             print("labtrend demo: training failed; see the messages above", file=sys.stderr)
             return rc
@@ -223,16 +254,18 @@ def cmd_demo(args) -> int:
 
     print(f"[3/4] computing forecasts, anomalies, explanations and recommendations for "
           f"{args.predict_patients} patients (stored for expert review)", flush=True)
-    from clinical.predict import predict_patient
-    from data import queries
+    from clinical.predict import predict_patient, replay_forecasts
     from model.inference import ForecastPipeline
 
     pipe = ForecastPipeline.from_pretrained(model_dir)
-    pats = queries.patients(store).sort_values("n_results", ascending=False)
-    for pid in pats["patient_id"].head(args.predict_patients):
+    held = pats[pats["patient_id"].isin(holdout)].sort_values(["n_results", "patient_id"], ascending=[False, True])
+    for pid in held["patient_id"].head(args.predict_patients):
         out = predict_patient(store, pipe, pid)
         print(f"      patient {pid}: {len(out['forecasts'])} forecasts, {len(out['anomalies'])} anomalies, "
               f"{len(out['explanations'])} explanations, {len(out['recommendations'])} recommendations", flush=True)
+    n_replayed = sum(len(replay_forecasts(store, pipe, pid)) for pid in held["patient_id"])
+    print(f"      {n_replayed} forecasts replayed at past collection times of the {len(held)} held-out patients "
+          "(their targets have arrived: the Model page's monitoring scores them)", flush=True)
 
     from dashboard import access
 

@@ -9,6 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from clinical import outputs as out_mod
+from clinical.predict import replay_forecasts
 from dashboard import access
 from data import queries
 from data.db import open_store
@@ -35,11 +36,9 @@ def monitored(tmp_path_factory, cases):
     pipe = ForecastPipeline(LabTrendForForecasting(config_preset("tiny", n_analytes=len(vocab))), vocab,
                             AnalyteScaler.fit(history))
     pipe.save_pretrained(root / "model")
+    recs = replay_forecasts(store, pipe, "P0020")
     times = history["collected_at"].sort_values().iloc[2:]
-    q = pd.DataFrame({"patient_id": "P0020", "analyte_code": "2823-3", "at": times.to_numpy()})
-    fc = pipe.forecast(history, q)
-    recs = out_mod.forecast_outputs(fc, history, calibrated=False)
-    out_mod.store_outputs(store, recs)
+    fc = pipe.forecast(history, pd.DataFrame({"patient_id": "P0020", "analyte_code": "2823-3", "at": times.to_numpy()}))
     out_mod.record_verdict(store, recs[0]["output_id"], "ed", "expert", "valid")
     out_mod.record_verdict(store, recs[1]["output_id"], "ed", "expert", "invalid", comment="too low")
     users = root / "users.yaml"
@@ -52,6 +51,24 @@ def monitored(tmp_path_factory, cases):
     mp.delenv("LABTREND_MODEL_URL", raising=False)
     yield fc, history
     mp.undo()
+
+
+def test_replayed_forecasts_are_made_at_past_collection_times_from_earlier_results(monitored):
+    """Each replayed forecast's time is a potassium collection time; its history ends strictly before it."""
+    fc, history = monitored
+    stored = out_mod.load_outputs(_store(), kind="forecast")
+    assert len(stored) == 6 and all(p["retrospective"] for p in stored["payload"])
+    k_times = sorted(history.loc[history["analyte_code"] == "2823-3", "collected_at"])
+    for (at, p), prev in zip(zip(stored["output_time"], stored["payload"]), k_times[1:-1]):
+        assert at in k_times
+        assert pd.Timestamp(p["based_on"]["last_result_at"]) == prev < at
+        assert p["median"] == pytest.approx(float(fc.loc[fc["at"] == at, "q50"].iloc[0]), rel=1e-6)
+
+
+def _store():
+    import os
+
+    return open_store(os.environ["LABTREND_DB"])
 
 
 def test_model_page_scores_arrived_forecasts_against_last_value(monitored):
