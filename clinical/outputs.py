@@ -440,6 +440,14 @@ def pending_outputs(store: Store, annotator: str, kind: str | None = None, patie
     recommendation's evaluation time), then the larger ``|score|``; forecasts and explanations
     soonest forecast time first (the forecast that can be checked against a result first; a
     forecast comes before its explanation). Ties: ``output_id``.
+
+    Repeated reference-interval flags of one analyte are not collapsed into one output per
+    analyte and day: an anomaly's id is keyed on its result (:func:`output_id`), verdicts and
+    the timeline's markers refer to that id, and a group output would either orphan the
+    verdicts already given or need one verdict row per member for one submission (UI-17 keeps
+    one row per submission). On MIMIC-IV demo the collapse would remove about a fifth of the
+    flags (``benchmarks/results/clinical.json``, ``collapse_reference_interval_per_analyte_day``);
+    ranking them last does more for the reviewer.
     """
     sql = f"""
         WITH p AS (
