@@ -1,5 +1,7 @@
 """Model: the model card (evaluation, methods side by side, baselines, subgroups, calibration) and monitoring."""
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -15,7 +17,8 @@ if status.available:
 else:
     st.info(status.message)
 
-card = services.load_model_card(status.path or state.model_dir())
+# with a model server the card is read from the local model folder ($LABTREND_MODEL), when there is one
+card = services.load_model_card(status.path if status.path and Path(status.path).is_dir() else state.model_dir())
 st.header("Model card")
 if card is None:
     st.info("No model card yet: `model_card.json` is written into the model folder by the evaluation "
