@@ -327,6 +327,10 @@ def test_review_ui17_saves_each_verdict_once_on_the_output_shown(env):
     rows = _annotations(env, ids.values())
     assert sorted(rows) == sorted([(ids["P0022"], "ed", "invalid", "baseline wrong"), (ids["P0023"], "ed", "valid", None)])
     assert ids["P0024"] in texts(at)  # the third stays pending and is shown next
+    mine = frame_with(at, "verdict")  # "Your verdicts": one row per output judged, newest first, read from the store
+    assert sorted(zip(mine["output_id"], mine["verdict"], mine["comment"].fillna(""))) == sorted(
+        [(ids["P0022"], "invalid", "baseline wrong"), (ids["P0023"], "valid", "")])
+    assert "Your verdicts" in texts(at)
 
     # the same form sent again (a double click arriving after the rerun): one row per submission
     at.session_state["review_current"] = last_shown

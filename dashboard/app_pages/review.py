@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import auth, services, state
+from data.catalogue import load_catalogue
 
 CURRENT = "review_current"  # {"output": snapshot of the row on screen, "submission_id": ...}
 SAVED = "review_saved"  # output ids this session has saved
@@ -32,6 +33,31 @@ if backend is None:
         st.dataframe(queue.frame, hide_index=True, width="stretch", key="review_readonly")
     st.stop()
 
+
+def _my_verdicts() -> None:
+    """This expert's current verdict on each output they judged, newest first (read from the store on every run)."""
+    current_verdicts = getattr(backend, "current_verdicts", None)
+    if current_verdicts is None:
+        return
+    st.subheader("Your verdicts")
+    mine = current_verdicts(store)
+    mine = mine[mine["annotator"] == user.username].sort_values("created_at", ascending=False)
+    if mine.empty:
+        st.caption("You have not given a verdict yet.")
+        return
+    names = {a.code: a.name for a in load_catalogue()}
+    mine = mine.assign(analyte=[names.get(c, c) if isinstance(c, str) else "" for c in mine["analyte_code"]])
+    st.caption(f"{len(mine)} output(s) judged: your latest verdict on each (earlier ones are kept). Times in UTC.")
+    box = st.container(key="review_mine_box")  # keyed: a stable hook for the browser test
+    box.dataframe(mine[["created_at", "patient_id", "kind", "analyte", "verdict", "comment", "n_verdicts", "output_id"]],
+                  hide_index=True, width="stretch", key="review_mine", column_config={
+                      "created_at": st.column_config.DatetimeColumn("When (UTC)", format="YYYY-MM-DD HH:mm"),
+                      "patient_id": "Patient", "kind": "Output", "analyte": "Analyte", "verdict": "Verdict",
+                      "comment": st.column_config.TextColumn("Comment", width="large"),
+                      "n_verdicts": st.column_config.NumberColumn("Verdicts given", help="Including earlier ones"),
+                      "output_id": "Output id"})
+
+
 saved: set = st.session_state.setdefault(SAVED, set())
 pending = queue.frame[~queue.frame["output_id"].astype(str).isin(saved)]
 current = st.session_state.get(CURRENT)
@@ -48,6 +74,7 @@ if flash:
 
 if current is None:
     st.info("Nothing left to review. Thank you.")
+    _my_verdicts()
     st.stop()
 
 out = current["output"]
@@ -91,6 +118,7 @@ if submitted:
                                             comment=comment.strip() or None, submission_id=current["submission_id"])
         except ValueError as exc:
             st.error(f"Not saved: {exc}")
+            _my_verdicts()
             st.stop()
         saved.add(oid)
         if result:
@@ -100,3 +128,5 @@ if submitted:
         st.session_state["review_flash"] = (f"Saved: {oid} is {verdict}." if result
                                             else f"{oid}: this submission was already saved; nothing added.")
         st.rerun()
+
+_my_verdicts()
