@@ -447,3 +447,22 @@ def test_mimic_demo_patients(mimic_store):
         assert a["source"].str.len().gt(0).all() and a["text"].str.contains("consider").all()
         seen_rules |= set(a["rule"])
     assert {"reference_interval", "delta_check"} <= seen_rules
+
+
+def test_mimic_demo_haemolysis_comments_and_negations(mimic_store):
+    """MIMIC-IV has no haemolysis-index item: its haemolysis notes are comments. 'NOT HEMOLYZED' is
+    not a haemolysis report; 'HEMOLYSIS FALSELY ELEVATES K' is."""
+    with mimic_store.read() as cur:
+        pids = [r[0] for r in cur.execute(
+            "SELECT DISTINCT patient_id FROM lab_results WHERE lower(comment) LIKE '%hemoly%'").fetchall()]
+    assert pids
+    negated, reported, flagged = set(), set(), set()
+    for pid in pids:
+        t = queries.timeline(mimic_store, pid)
+        a = detect_anomalies(t, queries.patient_info(mimic_store, pid), rules=["preanalytical"])
+        flagged |= set(a.loc[a["rule"] == "preanalytical:haemolysis_reported", "result_id"])
+        c = t["comment"].fillna("").str.lower()
+        negated |= set(t.loc[c.str.contains(r"not hemoly|no hemoly"), "result_id"])
+        reported |= set(t.loc[c.str.contains("falsely elevates"), "result_id"])
+    assert len(negated) >= 5 and not negated & flagged
+    assert reported and reported <= flagged
