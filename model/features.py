@@ -279,7 +279,8 @@ def validate_history(history: pd.DataFrame) -> pd.DataFrame:
         if h[col].isna().any():
             i = h[col].isna().to_numpy().nonzero()[0][0]
             raise ValueError(f"history column '{col}' has a missing value (row {i})")
-        h[col] = h[col].astype(str)
+        if not pd.api.types.is_string_dtype(h[col].dtype):
+            h[col] = h[col].astype(str)
     h["collected_at"] = _parse_times(h["collected_at"], "collected_at", "history")
     h["value"] = _numeric(h["value"], "value", "history", frame=h)
     censor = _numeric(h["censor"], "censor", "history")
@@ -293,8 +294,10 @@ def validate_history(history: pd.DataFrame) -> pd.DataFrame:
     if "age_years" in h:
         h["age_years"] = pd.to_numeric(h["age_years"], errors="coerce").astype(np.float64)
     if "sex" in h:
-        sex = h["sex"].astype(object).where(h["sex"].notna(), None)
-        sex = sex.map(lambda v: (v.strip().upper() or None) if isinstance(v, str) else v)
+        raw = h["sex"].astype(object).where(h["sex"].notna(), None)
+        # one conversion per distinct value, not per row
+        norm = {v: ((v.strip().upper() or None) if isinstance(v, str) else v) for v in pd.unique(raw)}
+        sex = raw.map(norm) if len(norm) > 1 or any(k is not v for k, v in norm.items()) else raw
         bad = sex.notna() & ~sex.isin(list(SEX_IDS))
         if bad.any():
             i = bad.to_numpy().nonzero()[0][0]
@@ -369,38 +372,58 @@ class EncodedQueries:
 
 
 def _patient_arrays(h: pd.DataFrame, vocab: AnalyteVocab, scaler: AnalyteScaler) -> dict[str, dict]:
-    """Per patient: sorted event arrays of in-vocabulary analytes, per-analyte times, demographics."""
-    h = h.assign(
-        analyte_id=vocab.encode(h["analyte_code"]),
-        t_us=h["collected_at"].to_numpy().astype("datetime64[us]").astype(np.int64),
-    )
-    h = h.sort_values(["patient_id", "t_us", "analyte_id", "analyte_code"], kind="stable")
-    known = (h["analyte_id"] >= N_SPECIAL).to_numpy()
-    z = np.zeros(len(h), dtype=np.float32)
+    """Per patient: sorted event arrays of in-vocabulary analytes, per-analyte times, demographics.
+
+    Events are ordered by (time, analyte id, analyte code), ties kept in input order; numpy
+    only (one sort for the whole frame), since this runs on every forecast call.
+    """
+    n = len(h)
+    if n == 0:
+        return {}
+    codes = h["analyte_code"].to_numpy(dtype=object)
+    pids = h["patient_id"].to_numpy(dtype=object)
+    analyte_id = vocab.encode(codes)
+    t_us = h["collected_at"].to_numpy().astype("datetime64[us]").astype(np.int64)
+    code_names, code_idx = np.unique(codes.astype(str), return_inverse=True)
+    pid_names, pid_idx = np.unique(pids.astype(str), return_inverse=True)
+    order = np.lexsort((np.arange(n), code_idx, analyte_id, t_us, pid_idx))
+    codes, analyte_id, t_us, code_idx, pid_idx = codes[order], analyte_id[order], t_us[order], code_idx[order], pid_idx[order]
+    value = h["value"].to_numpy(dtype=np.float64)[order]
+    censor = h["censor"].to_numpy(dtype=np.int64)[order]
+    known = analyte_id >= N_SPECIAL
+    z = np.zeros(n, dtype=np.float32)
     if known.any():
-        z[known] = scaler.normalise(h["analyte_code"].to_numpy()[known], h["value"].to_numpy()[known])
-    h = h.assign(z=z, known=known)
+        z[known] = scaler.normalise(codes[known], value[known])
+    age = h["age_years"].to_numpy(dtype=np.float64)[order] if "age_years" in h else None
+    sex_col = h["sex"].to_numpy(dtype=object)[order] if "sex" in h else None
+    bounds = np.r_[0, np.flatnonzero(np.diff(pid_idx)) + 1, n]
     out = {}
-    for pid, g in h.groupby("patient_id", sort=False):
-        k = g[g["known"]]
-        by_analyte = {
-            code: (a["t_us"].to_numpy(), a["z"].to_numpy(), a["censor"].to_numpy())
-            for code, a in g.groupby("analyte_code", sort=False)
-        }
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        sl = slice(a, b)
+        k = known[sl]
+        # per analyte code, its rows in time order (a stable sort by code keeps the time order)
+        by_code = np.argsort(code_idx[sl], kind="stable")
+        cuts = np.r_[0, np.flatnonzero(np.diff(code_idx[sl][by_code])) + 1, b - a]
+        t_p, z_p, c_p = t_us[sl], z[sl], censor[sl]
+        by_analyte = {}
+        for i, j in zip(cuts[:-1], cuts[1:]):
+            rows = by_code[i:j]
+            by_analyte[str(code_names[code_idx[a + rows[0]]])] = (t_p[rows], z_p[rows], c_p[rows])
         age_ref = (np.nan, 0)
-        if "age_years" in g:
-            has_age = g["age_years"].notna().to_numpy()
-            if has_age.any():
-                i = has_age.nonzero()[0][0]
-                age_ref = (float(g["age_years"].iloc[i]), int(g["t_us"].iloc[i]))
+        if age is not None:
+            has_age = np.flatnonzero(~np.isnan(age[sl]))
+            if len(has_age):
+                age_ref = (float(age[a + has_age[0]]), int(t_us[a + has_age[0]]))
         sex = SEX_UNKNOWN
-        if "sex" in g and g["sex"].notna().any():
-            sex = SEX_IDS[g["sex"].dropna().iloc[0]]
-        out[pid] = dict(
-            t_us=k["t_us"].to_numpy(),
-            analyte=k["analyte_id"].to_numpy(np.int64),
-            z=k["z"].to_numpy(np.float32),
-            censor=k["censor"].to_numpy(np.int64),
+        if sex_col is not None:
+            given = [v for v in sex_col[sl] if v is not None and not (isinstance(v, float) and np.isnan(v))]
+            if given:
+                sex = SEX_IDS[given[0]]
+        out[str(pid_names[pid_idx[a]])] = dict(
+            t_us=t_p[k],
+            analyte=analyte_id[sl][k],
+            z=z_p[k],
+            censor=c_p[k],
             by_analyte=by_analyte,
             age_ref=age_ref,
             sex=sex,

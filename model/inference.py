@@ -225,17 +225,15 @@ class ForecastPipeline:
                     wide[ok, 1] = self.scaler.denormalise(codes[ok], ext[:, 1])
             values[ok] = self.scaler.denormalise(codes[ok], z_ok)
 
-        out = q_in.copy()
-        for k, col in enumerate(QUANTILE_COLUMNS):
-            out[col] = values[:, k].astype(np.float32)
-        out["lo95"] = wide[:, 0].astype(np.float32)
-        out["hi95"] = wide[:, 1].astype(np.float32)
         units = {code: self._unit(code, h) for code in set(codes.tolist())}
-        out["unit"] = pd.Series([units[c] for c in codes], dtype=object)
-        out["n_history"] = enc.n_history
-        out["status"] = pd.Series(enc.status, dtype=object)
-        out["model_version"] = self.model_version
-        return out
+        added = {col: values[:, k].astype(np.float32) for k, col in enumerate(QUANTILE_COLUMNS)}
+        added.update({
+            "lo95": wide[:, 0].astype(np.float32), "hi95": wide[:, 1].astype(np.float32),
+            "unit": pd.array([units[c] for c in codes], dtype=object), "n_history": enc.n_history,
+            "status": pd.array(enc.status, dtype=object), "model_version": self.model_version,
+        })
+        out = q_in.drop(columns=[c for c in added if c in q_in.columns])
+        return pd.concat([out, pd.DataFrame(added, index=out.index)], axis=1)
 
     def _unit(self, code: str, h: pd.DataFrame) -> str | None:
         stats = self.scaler.stats.get(code)
