@@ -42,9 +42,17 @@ def default_at(timeline: pd.DataFrame) -> pd.Timestamp:
 
 
 def top_analytes_for(history: pd.DataFrame, vocab, n: int) -> list[str]:
-    """Analytes with the most results in ``history`` that ``vocab`` knows and that have enough history."""
+    """Analytes with the most results in ``history`` that ``vocab`` knows and that have enough history.
+
+    Analyser serum indices (``data/reference/serum_indices.csv``, e.g. the haemolysis index
+    reported with every chemistry specimen) describe the specimen, not the patient, and are
+    never chosen, however often they were reported.
+    """
+    from data.catalogue import load_serum_indices
+
+    indices = {code for code, _ in load_serum_indices()}
     counts = history["analyte_code"].value_counts()
-    known = np.array([c in vocab for c in counts.index], dtype=bool)
+    known = np.array([c in vocab and c not in indices for c in counts.index], dtype=bool)
     counts = counts[known & (counts.to_numpy() >= MIN_HISTORY)]
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return [c for c, _ in ranked[:n]]

@@ -466,3 +466,18 @@ def test_mimic_demo_haemolysis_comments_and_negations(mimic_store):
         reported |= set(t.loc[c.str.contains("falsely elevates"), "result_id"])
     assert len(negated) >= 5 and not negated & flagged
     assert reported and reported <= flagged
+
+
+def test_forecast_targets_skip_the_haemolysis_index():
+    """The index comes with every chemistry specimen, so it is the most frequent code of a synthetic
+    patient; it describes the specimen and is never a forecast target."""
+    from clinical.predict import top_analytes_for
+    from model.synthetic import HAEMOLYSIS_INDEX, generate_cohort
+
+    h, _ = generate_cohort(3, seed=0)
+    h = h[h["patient_id"] == h["patient_id"].iloc[0]]
+    counts = h["analyte_code"].value_counts()
+    assert counts.index[0] == HAEMOLYSIS_INDEX and counts.iloc[0] > counts.iloc[1]
+    codes = top_analytes_for(h, set(h["analyte_code"]), 3)
+    top = counts.drop(HAEMOLYSIS_INDEX)
+    assert len(codes) == 3 and set(codes) <= set(top[top == top.max()].index)  # the most frequent patient analytes
