@@ -398,6 +398,7 @@ def make_timeline_figure(
     height = 90 + ROW_HEIGHT * n
     fig = make_subplots(rows=n, cols=1, shared_xaxes=True, vertical_spacing=min(0.1, 78 / height))
     legend = _Legend()
+    yaxes: dict[str, dict] = {}
 
     # x extent: the data (and forecasts), padded, or the date range asked for
     times = list(df["collected_at"])
@@ -412,12 +413,13 @@ def make_timeline_figure(
         rows = df[df["analyte_code"] == code]
         rc = cats[rows.index]
         name, unit = _analyte_title(df, code)
-        labels = {idx: flag_label(r) for idx, r in rows.iterrows()}
+        recs = dict(zip(rows.index, rows.to_dict("records")))  # plain dicts: much cheaper than iterrows
+        labels = {idx: flag_label(r) for idx, r in recs.items()}
 
         # ---- y range: plotted values + reference band + forecast quantiles, never implausible ones
         in_scale = rows[rc.isin(["numeric", "conflicting", "censored"])]
         scale_vals = [float(v) for v in in_scale["value_canonical"]]
-        intervals = [_interval(r) for _, r in rows.iterrows()]
+        intervals = [_interval(r) for r in recs.values()]
         band_vals = [v for lo_hi in intervals for v in lo_hi if v is not None]
         fc_rows = None
         if fc is not None:
@@ -461,9 +463,9 @@ def make_timeline_figure(
             if sel.empty:
                 return
             colors = [color_of(idx) for idx in sel.index]
-            ys = [y_of(r) for _, r in sel.iterrows()] if y_of else list(sel["value_canonical"].astype(float))
-            texts = [text_of(idx, r) for idx, r in sel.iterrows()] if text_of else [labels[idx] for idx in sel.index]
-            hover = [_hover(r, name, unit, labels[idx], note) for idx, r in sel.iterrows()]
+            ys = [y_of(recs[idx]) for idx in sel.index] if y_of else list(sel["value_canonical"].astype(float))
+            texts = [text_of(idx, recs[idx]) for idx in sel.index] if text_of else [labels[idx] for idx in sel.index]
+            hover = [_hover(recs[idx], name, unit, labels[idx], note) for idx in sel.index]
             fig.add_trace(go.Scatter(
                 x=sel["collected_at"], y=ys, mode="markers+text", name=trace_name, legendgroup=trace_name,
                 showlegend=legend(trace_name),
@@ -527,9 +529,9 @@ def make_timeline_figure(
         if fc_rows is not None and len(fc_rows):
             _add_forecast(fig, fc_rows, trend, i, legend, name, unit)
 
-        fig.update_yaxes(title_text=_axis_title(name, unit), range=[y0, y1], row=i, col=1,
-                         title_font=dict(size=13, color="#1a1a1a"), tickfont=dict(size=12, color="#333"), zeroline=False,
-                         gridcolor="#e6e6e6", automargin=True)
+        yaxes[f"yaxis{i if i > 1 else ''}"] = dict(  # set once after the loop: one layout update, not one per row
+            title=dict(text=_axis_title(name, unit), font=dict(size=13, color="#1a1a1a")), range=[y0, y1],
+            tickfont=dict(size=12, color="#333"), zeroline=False, gridcolor="#e6e6e6", automargin=True)
 
     fig.update_xaxes(type="date", range=[x0, x1], showticklabels=True, tickfont=dict(size=12),
                      gridcolor="#eeeeee", showline=True, linecolor="#999", ticks="outside",
@@ -537,6 +539,7 @@ def make_timeline_figure(
                          dict(dtickrange=[None, 86400000], value="%d %b %Y<br>%H:%M"),
                          dict(dtickrange=[86400000, None], value="%d %b %Y"),
                      ])
+    fig.update_layout(yaxes)
     fig.update_layout(
         template="plotly_white", font=FONT, height=height, hovermode="closest",
         hoverlabel=dict(font_size=14, bgcolor="white", align="left"),
@@ -737,20 +740,25 @@ def make_cumulative_table(results_df: pd.DataFrame) -> pd.DataFrame:
     df = results_df.sort_values(["collected_at", "result_id"])
     codes = panel_analytes(df, None)
     times = sorted(df["collected_at"].unique())
-    columns = [pd.Timestamp(t).strftime(TIME_FMT) for t in times]
+    columns = list(dict.fromkeys(pd.Timestamp(t).strftime(TIME_FMT) for t in times))
+    by_code: dict = {}
+    for r in df.to_dict("records"):  # oldest first; plain dicts: much cheaper than iterrows
+        by_code.setdefault(r["analyte_code"], []).append(r)
     out = []
     for code in codes:
-        rows = df[df["analyte_code"] == code]
+        rows = by_code[code]
         name, unit = _analyte_title(df, code)
-        intervals = {(lo, hi) for lo, hi in (_interval(r) for _, r in rows.iterrows()) if lo is not None or hi is not None}
+        intervals = {(lo, hi) for lo, hi in (_interval(r) for r in rows) if lo is not None or hi is not None}
         if len(intervals) == 1:
             lo, hi = next(iter(intervals))
             ref = f"{fmt_value(lo) if lo is not None else ''}–{fmt_value(hi) if hi is not None else ''}"
         else:
             ref = "varies" if intervals else ""
         rec = {"Analyte": name, "Unit": display_unit(unit), "Reference interval": ref}
-        for t, grp in rows.groupby("collected_at"):
-            rec[pd.Timestamp(t).strftime(TIME_FMT)] = " | ".join(_cell(r, flag_label(r)) for _, r in grp.iterrows())
+        cells: dict[str, list[str]] = {}
+        for r in rows:  # results in the same minute share a column: all shown, oldest first
+            cells.setdefault(pd.Timestamp(r["collected_at"]).strftime(TIME_FMT), []).append(_cell(r, flag_label(r)))
+        rec.update({t: " | ".join(v) for t, v in cells.items()})
         out.append(rec)
     return pd.DataFrame(out, columns=fixed + columns).fillna("")
 

@@ -224,6 +224,11 @@ def _to_canonical(value, unit: str, code: str) -> float | None:
     """A catalogue limit in the analyte's canonical unit (None when it cannot be converted)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
+    return _converted(float(value), str(unit), code)
+
+
+@functools.lru_cache(maxsize=4096)
+def _converted(value: float, unit: str, code: str) -> float | None:
     from data.catalogue import load_catalogue
     from data.units import UnitError, conversion_factor
 
@@ -232,11 +237,44 @@ def _to_canonical(value, unit: str, code: str) -> float | None:
     if a is None:
         return None
     if unit == a.canonical_unit:
-        return float(value)
+        return value
     try:
-        return float(value) * conversion_factor(unit, a)
+        return value * conversion_factor(unit, a)
     except (UnitError, ValueError):
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_by_code() -> tuple[dict, dict]:
+    """The reference files as ``{code: rows}`` (intervals) and ``{code: first row}`` (critical limits)."""
+    ri, cv = _reference_tables()
+    return ({code: rows.reset_index(drop=True) for code, rows in ri.groupby("code")},
+            {code: rows.iloc[0] for code, rows in cv.groupby("code")})
+
+
+@functools.lru_cache(maxsize=8192)
+def _catalogue_limits(code: str, sex: str | None, age_years: float | None) -> tuple[float, float, float, float]:
+    """(reference low, reference high, critical low, critical high) of one analyte in its canonical unit; NaN: none."""
+    nan = float("nan")
+    intervals, critical = _reference_by_code()
+    lo = hi = clo = chi = nan
+    r = intervals.get(code)
+    if r is not None and age_years is not None and not math.isnan(age_years):
+        r = r[(r["age_low_years"].isna() | (r["age_low_years"] <= age_years))
+              & (r["age_high_years"].isna() | (age_years < r["age_high_years"]))]
+    if r is not None and len(r):
+        own = r[(r["sex"] == "any") | (r["sex"] == sex)] if sex else r[r["sex"] == "any"]
+        # sex unknown and only sex-specific intervals: the union of both (as clinical.anomalies does)
+        use = own if len(own) else r
+        lows = [_to_canonical(v, u, code) for v, u in zip(use["low"], use["unit"])]
+        highs = [_to_canonical(v, u, code) for v, u in zip(use["high"], use["unit"])]
+        lows, highs = [v for v in lows if v is not None], [v for v in highs if v is not None]
+        lo, hi = (min(lows) if lows else nan), (max(highs) if highs else nan)
+    row = critical.get(code)
+    if row is not None:
+        clo, chi = _to_canonical(row["low"], row["unit"], code), _to_canonical(row["high"], row["unit"], code)
+        clo, chi = (nan if clo is None else clo), (nan if chi is None else chi)
+    return lo, hi, clo, chi
 
 
 def with_reference_limits(results: pd.DataFrame, sex: str | None = None, age_years: float | None = None) -> pd.DataFrame:
@@ -244,35 +282,21 @@ def with_reference_limits(results: pd.DataFrame, sex: str | None = None, age_yea
     this sex and age) and ``critical_low, critical_high`` (site critical limits), all in the
     canonical unit; NaN where the reference files have nothing for the analyte.
 
-    The figures use a result's own reported interval first and fall back to these.
+    The figures use a result's own reported interval first and fall back to these. The
+    limits are worked out once per (analyte, sex, age) and then looked up.
     """
     out = results.copy()
-    for c in ("ref_low_catalogue", "ref_high_catalogue", "critical_low", "critical_high"):
-        out[c] = float("nan")
+    columns = ("ref_low_catalogue", "ref_high_catalogue", "critical_low", "critical_high")
     if out.empty:
+        for c in columns:
+            out[c] = float("nan")
         return out
-    ri, cv = _reference_tables()
     sex = sex if sex in ("F", "M") else None
-    for code in out["analyte_code"].unique():
-        m = out["analyte_code"] == code
-        r = ri[ri["code"] == code]
-        if len(r) and age_years is not None and not math.isnan(age_years):
-            r = r[(r["age_low_years"].isna() | (r["age_low_years"] <= age_years))
-                  & (r["age_high_years"].isna() | (age_years < r["age_high_years"]))]
-        if len(r):
-            own = r[(r["sex"] == "any") | (r["sex"] == sex)] if sex else r[r["sex"] == "any"]
-            # sex unknown and only sex-specific intervals: the union of both (as clinical.anomalies does)
-            use = own if len(own) else r
-            lows = [_to_canonical(v, u, code) for v, u in zip(use["low"], use["unit"])]
-            highs = [_to_canonical(v, u, code) for v, u in zip(use["high"], use["unit"])]
-            lows, highs = [v for v in lows if v is not None], [v for v in highs if v is not None]
-            out.loc[m, "ref_low_catalogue"] = min(lows) if lows else float("nan")
-            out.loc[m, "ref_high_catalogue"] = max(highs) if highs else float("nan")
-        c = cv[cv["code"] == code]
-        if len(c):
-            row = c.iloc[0]
-            out.loc[m, "critical_low"] = _to_canonical(row["low"], row["unit"], code)
-            out.loc[m, "critical_high"] = _to_canonical(row["high"], row["unit"], code)
+    age = None if age_years is None or (isinstance(age_years, float) and math.isnan(age_years)) else float(age_years)
+    codes = out["analyte_code"].astype(object)
+    limits = {code: _catalogue_limits(str(code), sex, age) for code in codes.unique()}
+    for k, c in enumerate(columns):
+        out[c] = codes.map({code: lim[k] for code, lim in limits.items()}).astype(float)
     return out
 
 

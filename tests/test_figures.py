@@ -201,6 +201,22 @@ def test_cumulative_table(case_store):
     assert figures.COLORS["abnormal"] in styled
 
 
+def test_cumulative_table_keeps_every_result_of_the_same_minute(case_store):
+    """Two results collected within one minute share the minute's column: both shown, oldest first, none dropped."""
+    r = results(case_store, "P0020")
+    k = r[r["analyte_code"] == "2823-3"].sort_values("collected_at")
+    first, second = k.iloc[0], k.iloc[1]
+    twin = second.copy()
+    twin["collected_at"] = first["collected_at"] + pd.Timedelta(seconds=30)
+    twin["result_id"] = int(r["result_id"].max()) + 1
+    t = figures.make_cumulative_table(pd.concat([r, twin.to_frame().T.astype(r.dtypes.to_dict())], ignore_index=True))
+    minute = first["collected_at"].strftime(figures.TIME_FMT)
+    assert list(t.columns).count(minute) == 1
+    cell = t[t["Analyte"] == "Potassium"].iloc[0][minute]
+    assert cell.split(" | ") == [figures._cell(first, figures.flag_label(first)),
+                                 figures._cell(twin, figures.flag_label(twin))]
+
+
 def test_flag_labels():
     base = {"result_kind": "numeric", "comparator": "=", "ref_low_canonical": 3.3, "ref_high_canonical": 5.1,
             "critical_low": 2.8, "critical_high": 6.2, "implausible": False, "unit_missing": False}
