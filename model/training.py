@@ -880,9 +880,14 @@ def _fit(model: nn.Module, *, sample: Callable[[float], tuple[dict, dict]], eval
         runtime.emit({"step": step, "split": split, "metrics": metrics, "lr": lr_now,
                       "elapsed": round(time.monotonic() - t0, 3)})
 
-    initial, eval_s = run_eval()
+    initial, _ = run_eval()  # the first evaluation also pays one-off costs (allocations, lazy initialisation)
     record(0, "val", initial, 0.0)
+    if deadline is not None:
+        _, eval_s = run_eval()  # what an evaluation costs from now on: the step plan is made from it
+    else:
+        eval_s = 0.0
     total = settings.steps
+    lr_cap = math.inf  # set when the plan is extended, so the learning rate never climbs back up
 
     def replan(step: int, step_s: float) -> int:
         """Steps that fit before the deadline at ``step_s`` seconds a step (the recent rate: load changes)."""
@@ -905,7 +910,7 @@ def _fit(model: nn.Module, *, sample: Callable[[float], tuple[dict, dict]], eval
         arrays, stats = sample(progress)
         inputs = _to_tensors(arrays, runtime.device)
         for group in optimizer.param_groups:
-            group["lr"] = lr * _lr_factor(step, total, settings)
+            group["lr"] = lr * min(lr_cap, _lr_factor(step, total, settings))
         with runtime.autocast():
             out = net(**inputs)
         loss = out.loss.float()
@@ -959,6 +964,13 @@ def _fit(model: nn.Module, *, sample: Callable[[float], tuple[dict, dict]], eval
         if late:
             stop_reason = "time"
             break
+        if step >= total and total < settings.steps and deadline is not None and window_steps:
+            # an early plan made while the machine was busy can be too short: use the time left
+            more = replan(step, window_time / window_steps)
+            if more >= step + settings.eval_every:
+                lr_cap = min(lr_cap, _lr_factor(step, total, settings))
+                total = more
+                pbar.total = total
     pbar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
