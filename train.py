@@ -18,7 +18,9 @@ DDP, reading the store and the corpus, checkpoints and logs. The training logic 
 Outputs (written by rank 0 into ``<dir>.partial``, then swapped in whole, so a reader never
 loads half a model; a failed run leaves its ``.partial`` folder with the logs):
 
-* pretrain -> ``--init`` (default ``$LABTREND_PRETRAINED`` or ``var/pretrained``):
+* pretrain -> ``--init`` (default ``$LABTREND_PRETRAINED`` or ``var/pretrained``; fine-tuning
+  starts from that cache when it exists, else from the checkpoint shipped in
+  ``model/checkpoints/pretrained-small``):
   ``config.json``, ``model.safetensors``, ``vocab.json``, ``scaler.json``,
   ``pretraining.json`` (held-out corpus patients, metrics) and ``metrics.jsonl``.
 * finetune -> ``--out`` (default ``$LABTREND_MODEL`` or ``var/model``): the ForecastPipeline
@@ -83,8 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--db", help="the site's lab store (default: $LABTREND_DB, else var/labtrend.duckdb)")
     g.add_argument("--out", help="output directory (finetune default: $LABTREND_MODEL or var/model; "
                                  "pretrain default: the --init location)")
-    g.add_argument("--init", help="pretrained checkpoint (default: $LABTREND_PRETRAINED or var/pretrained, "
-                                  "built once by --stage pretrain when missing)")
+    g.add_argument("--init", help="pretrained checkpoint (default: $LABTREND_PRETRAINED; else var/pretrained when "
+                                  "--stage pretrain built it there; else the shipped "
+                                  "model/checkpoints/pretrained-small; pretraining writes var/pretrained)")
     g.add_argument("--exclude-patients", metavar="FILE",
                    help="patient ids (one per line) never used in training or validation, e.g. a test set")
 
@@ -438,7 +441,9 @@ def run(args: argparse.Namespace) -> int:
 
     runtime = setup_runtime(args)
     seed_everything(args.seed)
-    init = Path(args.init) if args.init else paths.pretrained_dir()
+    # pretraining (--stage pretrain|all) writes the local cache, never the shipped checkpoint
+    init = Path(args.init) if args.init else (
+        paths.pretrained_cache_dir() if args.stage in ("pretrain", "all") else paths.pretrained_dir())
     out_default = init if args.stage == "pretrain" else paths.model_dir()
     out = Path(args.out) if args.out else out_default
     summaries = []

@@ -383,7 +383,8 @@ def cmd_users(args) -> int:
 def add_evaluate_args(p):
     _add_db(p)
     p.add_argument("--model", help="model directory the card is written into (default: $LABTREND_MODEL or var/model)")
-    p.add_argument("--init", help="pretrained checkpoint (default: $LABTREND_PRETRAINED or var/pretrained)")
+    p.add_argument("--init", help="pretrained checkpoint (default: $LABTREND_PRETRAINED, else var/pretrained when "
+                                  "built there, else the shipped model/checkpoints/pretrained-small)")
     p.add_argument("--patients", help="file of test patient ids (one per line) instead of grouped folds")
     p.add_argument("--folds", type=int, default=1, help="how many of the 5 patient-grouped folds to run (1-5)")
     p.add_argument("--modes", default="full,embeddings,lora,scratch", help="fine-tuning modes to compare")

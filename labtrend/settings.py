@@ -76,10 +76,30 @@ def model_url(explicit: str | None = None) -> str | None:
     return url or None
 
 
-def pretrained_dir() -> Path:
-    """Cache of the project's own pretrained checkpoint (built once by ``--stage pretrain``)."""
+#: The pretrained checkpoint shipped with the project (``small`` preset, trained by
+#: ``train.py --stage pretrain``; how, on what and for how long: its ``pretraining.json``).
+SHIPPED_PRETRAINED = PROJECT_ROOT / "model" / "checkpoints" / "pretrained-small"
+_CHECKPOINT_FILES = ("config.json", "model.safetensors", "vocab.json", "scaler.json")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return all((path / f).is_file() for f in _CHECKPOINT_FILES)
+
+
+def pretrained_cache_dir() -> Path:
+    """Where ``--stage pretrain`` writes by default: ``$LABTREND_PRETRAINED``, else ``var/pretrained``."""
     env = os.environ.get("LABTREND_PRETRAINED")
     return Path(env) if env else VAR_DIR / "pretrained"
+
+
+def pretrained_dir() -> Path:
+    """The checkpoint fine-tuning starts from: ``$LABTREND_PRETRAINED``; else one built here by
+    ``--stage pretrain`` (``var/pretrained``); else the shipped one; else ``var/pretrained``
+    (then ``train.py`` builds it once)."""
+    cache = pretrained_cache_dir()
+    if os.environ.get("LABTREND_PRETRAINED") or _is_checkpoint(cache):
+        return cache
+    return SHIPPED_PRETRAINED if _is_checkpoint(SHIPPED_PRETRAINED) else cache
 
 
 def cases_dir() -> Path | None:
