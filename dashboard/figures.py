@@ -231,15 +231,12 @@ def _analyte_title(results: pd.DataFrame, code: str) -> tuple[str, str]:
     """(name, canonical unit) of an analyte: catalogue first, else as stored."""
     cat = _catalogue()
     a = cat.get(code) if code in cat else None
+    if a:
+        return a.name, a.canonical_unit
     rows = results[results["analyte_code"] == code]
     units = rows["unit_canonical"].dropna()
-    unit = a.canonical_unit if a else (units.mode().iloc[0] if len(units) else "")
-    if a:
-        name = a.name
-    else:
-        names = rows["analyte_name"].dropna()
-        name = names.mode().iloc[0] if len(names) else code
-    return name, unit
+    names = rows["analyte_name"].dropna()
+    return (names.mode().iloc[0] if len(names) else code), (units.mode().iloc[0] if len(units) else "")
 
 
 def _axis_title(name: str, unit: str) -> str:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextvars
+import os
 import threading
 from pathlib import Path
 
@@ -29,8 +30,8 @@ from labtrend import settings
 
 __all__ = [
     "db_path", "model_dir", "get_store", "data_version", "set_busy_slot", "clear_busy_slot",
-    "patients", "timeline", "patient_info", "batches", "model_url", "model_status", "get_pipeline", "forecasts",
-    "anomalies", "explanation",
+    "patients", "timeline", "patient_info", "results_with_limits", "batches", "model_url", "model_status",
+    "torch_threads", "get_pipeline", "forecasts", "anomalies", "explanation", "timeline_figure", "recommendations",
 ]
 
 VERSION_TTL_S = 5
@@ -136,6 +137,13 @@ def patient_info(path: str, version: str, patient_id: str) -> dict | None:
     return queries.patient_info(get_store(path), patient_id)
 
 
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner=False)
+def results_with_limits(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None
+                        ) -> pd.DataFrame:
+    """One patient's timeline with the catalogue's reference and critical limits for this sex and age."""
+    return services.with_reference_limits(timeline(path, version, patient_id), sex, age_years)
+
+
 @st.cache_data(ttl=60, max_entries=8, show_spinner=False)
 def batches(path: str, version: str) -> pd.DataFrame:
     return queries.batches(get_store(path))
@@ -175,13 +183,33 @@ def model_status() -> services.ModelStatus:
     return _remote_status(url) if url else services.model_status(model_dir())
 
 
+def torch_threads() -> int:
+    """Intra-op threads torch uses in this process: ``$LABTREND_TORCH_THREADS``, else 1.
+
+    A page asks the model for small batches (one patient's forecasts and model-surprise
+    checks). On a CPU, torch's intra-op threads then cost more in synchronisation than they
+    gain, and far more when the cores are shared with other sessions or processes (one
+    patient's forecasts: 0.06 s with 1 thread, 0.7 s with 2 on a busy 2-core machine;
+    ``benchmarks/page_load.py --torch-threads``). Many sessions still use many cores: each
+    session runs in its own thread.
+    """
+    value = os.environ.get("LABTREND_TORCH_THREADS", "").strip()
+    return max(1, int(value)) if value.isdigit() else 1
+
+
 @st.cache_resource(show_spinner="Loading the forecasting model…", max_entries=2)
 def get_pipeline(path: str, stamp: float):
     """The pipeline for ``path``: a model folder (loaded here) or a server URL (its client).
 
-    ``stamp``: file times or the served version, so a retrained model reloads.
+    ``stamp``: file times or the served version, so a retrained model reloads. A model
+    loaded here runs with :func:`torch_threads` intra-op threads.
     """
-    return services.load_pipeline(_status_for(path))
+    status = _status_for(path)
+    if status.available and not status.remote:
+        import torch
+
+        torch.set_num_threads(torch_threads())
+    return services.load_pipeline(status)
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=128, show_spinner="Forecasting…")
@@ -246,6 +274,63 @@ def explanation(path: str, version: str, model_path: str, stamp: float, patient_
         return _explanation(path, version, model_path, stamp, patient_id, analyte_code, at, forecast_median)
     except _NotCached as exc:
         return exc.result
+
+
+# -- what the timeline page draws (pure builders, cached) ---------------------------------------------
+# The cache key names what the frames are derived from (store and its data version, patient,
+# sex and age, chosen analytes, model path and stamp), so a rerun of the page or a patient opened
+# again takes the figure and the recommendations from the cache without hashing the frames
+# (they carry dicts, which Streamlit would pickle to hash). A forecast or anomaly answer that
+# was not cached (model server unreachable) is drawn afresh and not cached either. The figure is
+# shared by the sessions that show it: the page only passes it to st.plotly_chart, never changes it.
+def _model_key() -> tuple[str, float]:
+    status = model_status()
+    return (status.path, status.stamp) if status.available else ("", 0.0)
+
+
+@st.cache_resource(ttl=QUERY_TTL_S, max_entries=32, show_spinner=False)
+def _timeline_figure(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,
+                     analytes: tuple[str, ...], date_range: tuple | None, model_key: tuple[str, float],
+                     _results: pd.DataFrame, _forecasts: pd.DataFrame, _anomalies: pd.DataFrame):
+    # cache_resource: the figure object itself comes back, where cache_data would unpickle a copy
+    # (a Figure rebuilds and revalidates itself: 0.2 s on a busy 2-core machine)
+    from dashboard import figures
+
+    return figures.make_timeline_figure(_results, list(analytes), forecasts=_forecasts, anomalies=_anomalies,
+                                        date_range=date_range)
+
+
+def timeline_figure(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,
+                    analytes: tuple[str, ...], date_range: tuple | None, results: pd.DataFrame,
+                    forecasts: services.ServiceResult, anomalies: services.ServiceResult):
+    """:func:`dashboard.figures.make_timeline_figure` of ``results_with_limits(path, version, patient_id, sex,
+    age_years)`` with this patient's :func:`forecasts` of ``analytes`` and :func:`anomalies`."""
+    if forecasts.extra.get("retry") or anomalies.extra.get("retry"):
+        from dashboard import figures
+
+        return figures.make_timeline_figure(results, list(analytes), forecasts=forecasts.frame,
+                                            anomalies=anomalies.frame, date_range=date_range)
+    return _timeline_figure(path, version, patient_id, sex, age_years, analytes, date_range, _model_key(),
+                            results, forecasts.frame, anomalies.frame)
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
+def _recommendations(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,
+                     analytes: tuple[str, ...], model_key: tuple[str, float], _results: pd.DataFrame,
+                     _forecasts: pd.DataFrame, _anomalies: pd.DataFrame, _patient: dict | None
+                     ) -> services.ServiceResult:
+    return services.load_recommendations(_results, _forecasts, _anomalies, _patient)
+
+
+def recommendations(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,
+                    analytes: tuple[str, ...], results: pd.DataFrame, forecasts: services.ServiceResult,
+                    anomalies: services.ServiceResult, patient: dict | None) -> services.ServiceResult:
+    """:func:`dashboard.services.load_recommendations` (the site's rule file) for the same inputs as
+    :func:`timeline_figure`."""
+    if forecasts.extra.get("retry") or anomalies.extra.get("retry"):
+        return services.load_recommendations(results, forecasts.frame, anomalies.frame, patient)
+    return _recommendations(path, version, patient_id, sex, age_years, analytes, _model_key(), results,
+                            forecasts.frame, anomalies.frame, patient)
 
 
 # -- monitoring ------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import streamlit as st
 from dashboard import auth, state
 
 user = auth.require_page("patients")
+if st.session_state.pop("_patients_open", False):  # "Open timeline" was clicked: go straight there
+    st.switch_page("app_pages/timeline.py")
 st.title("Patients")
 
 db = state.db_path()
@@ -51,7 +53,13 @@ event = st.dataframe(
 )
 rows = event.selection.rows if event is not None and hasattr(event, "selection") else []
 chosen = table.iloc[rows[0]]["patient_id"] if rows else (table.iloc[0]["patient_id"] if len(table) == 1 else None)
-if chosen is not None:
-    if st.button(f"Open timeline of {chosen}", type="primary", icon=":material/monitoring:", key="patients_open"):
-        st.session_state["timeline_patient"] = chosen
-        st.switch_page("app_pages/timeline.py")
+
+
+def _open_timeline(patient_id: str) -> None:
+    st.session_state["timeline_patient"] = patient_id
+    st.session_state["_patients_open"] = True
+
+
+if chosen is not None:  # the click's rerun switches page before querying and drawing this page again
+    st.button(f"Open timeline of {chosen}", type="primary", icon=":material/monitoring:", key="patients_open",
+              on_click=_open_timeline, args=(chosen,))

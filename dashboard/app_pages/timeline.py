@@ -51,7 +51,7 @@ def _age(info: dict) -> float | None:
 
 
 age = _age(info)
-results = services.with_reference_limits(raw, info.get("sex"), age)
+results = state.results_with_limits(db, version, pid, info.get("sex"), age)
 facts = [f"Sex {info.get('sex') or 'unknown'}"]
 if age is not None:
     ref_date = info.get("ref_date")
@@ -114,8 +114,8 @@ if not mstatus.available:
 elif fc.message:
     st.warning(fc.message)
 if chosen:
-    fig = figures.make_timeline_figure(results, chosen, forecasts=fc.frame, anomalies=anomalies.frame,
-                                       date_range=date_range)
+    fig = state.timeline_figure(db, version, pid, info.get("sex"), age, tuple(chosen),
+                                tuple(date_range) if date_range is not None else None, results, fc, anomalies)
     st.plotly_chart(fig, width="stretch", key="timeline_chart",
                     config={"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"],
                             "toImageButtonOptions": {"filename": f"labtrend_{pid}_{panel}"}})
