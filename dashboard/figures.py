@@ -35,6 +35,7 @@ conflicting (LAB-05)        every value drawn (diamonds); the trend line follows
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
@@ -47,9 +48,12 @@ from plotly.subplots import make_subplots
 __all__ = [
     "COLORS",
     "display_unit",
+    "readable_units",
     "fmt_value",
     "date_bounds",
     "flag_label",
+    "declutter_labels",
+    "rule_label",
     "panel_analytes",
     "PANEL_LABELS",
     "panels_of",
@@ -81,6 +85,7 @@ COLORS = {
 }
 FONT = dict(family="Inter, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif", size=14, color="#1a1a1a")
 ROW_HEIGHT = 220  # px per analyte
+MODEBAR_PX = 30  # Plotly's toolbar over the top right corner of a chart (shown on hover)
 TIME_FMT = "%Y-%m-%d %H:%M"
 
 _UNIT_DISPLAY = {
@@ -102,6 +107,17 @@ def display_unit(ucum: str | None) -> str:
     if ucum is None or (isinstance(ucum, float) and math.isnan(ucum)):
         return ""
     return _UNIT_DISPLAY.get(str(ucum), str(ucum))
+
+
+_UNIT_IN_TEXT = re.compile(
+    r"(?<![\w\[*/])(" + "|".join(re.escape(u) for u in sorted(
+        (u for u in _UNIT_DISPLAY if u not in ("1", "N/A")), key=len, reverse=True)) + r")(?![\w\[\]*/])")
+
+
+def readable_units(text) -> str:
+    """Free text (an anomaly's or output's wording) with UCUM unit codes as clinicians write them
+    ('68 mm[Hg]' -> '68 mmHg', '4.1 10*3/uL' -> '4.1 10³/µL'); other text unchanged."""
+    return _UNIT_IN_TEXT.sub(lambda m: _UNIT_DISPLAY[m.group(1)], _s(text))
 
 
 def fmt_value(v) -> str:
@@ -332,6 +348,33 @@ def _y_range(values: list[float]) -> tuple[float, float]:
     return lo, hi
 
 
+_SEVERITY = {"HH": 0, "LL": 0, "H": 1, "L": 1, "A": 2}
+
+
+def declutter_labels(xs: Sequence, ys: Sequence[float], labels: Sequence[str], x_range: tuple, y_range: tuple,
+                     min_dx: float = 0.025, min_dy: float = 0.12) -> list[bool]:
+    """Which flag labels to print so that no two touch: a list of booleans in the input order.
+
+    Labels are placed most severe first (HH/LL, then H/L, then A), the most recent first within
+    a severity; a label is left off when one already placed is closer than ``min_dx`` of the
+    x-range **and** ``min_dy`` of the y-range (about the size of a label on a 220 px chart in a
+    wide layout). Two adjacent "L" labels would otherwise read as "LL" (critical).
+    """
+    x0, x1 = (pd.Timestamp(v).value for v in x_range)
+    y0, y1 = y_range
+    span_x, span_y = max(x1 - x0, 1), max(y1 - y0, 1e-12)
+    pos = [((pd.Timestamp(x).value - x0) / span_x, (float(y) - y0) / span_y) for x, y in zip(xs, ys)]
+    order = sorted(range(len(labels)), key=lambda k: (_SEVERITY.get(labels[k], 3), -pos[k][0]))
+    placed: list[tuple[float, float]] = []
+    keep = [False] * len(labels)
+    for k in order:
+        px, py = pos[k]
+        if all(abs(px - qx) >= min_dx or abs(py - qy) >= min_dy for qx, qy in placed):
+            keep[k] = True
+            placed.append((px, py))
+    return keep
+
+
 class _Legend:
     """Shows each legend entry once across all small multiples."""
 
@@ -366,7 +409,8 @@ def make_timeline_figure(
 
     Returns:
         A figure whose y-axes are titled with analyte name and unit, oldest result left.
-        ``fig.layout.meta`` holds ``{"analytes": [codes in row order]}``.
+        ``fig.layout.meta`` holds ``{"analytes": [codes in row order], "hidden_flag_labels": n}``
+        (flag labels left off where they would overlap: :func:`declutter_labels`).
     """
     start, end = date_bounds(date_range)
     df = results_df.copy()
@@ -396,6 +440,7 @@ def make_timeline_figure(
     fig = make_subplots(rows=n, cols=1, shared_xaxes=True, vertical_spacing=min(0.1, 78 / height))
     legend = _Legend()
     yaxes: dict[str, dict] = {}
+    n_hidden = 0  # flag labels left off because they would overlap (declutter_labels)
 
     # x extent: the data (and forecasts), padded, or the date range asked for
     times = list(df["collected_at"])
@@ -461,10 +506,12 @@ def make_timeline_figure(
                 return
             colors = [color_of(idx) for idx in sel.index]
             ys = [y_of(recs[idx]) for idx in sel.index] if y_of else list(sel["value_canonical"].astype(float))
-            texts = [text_of(idx, recs[idx]) for idx in sel.index] if text_of else [labels[idx] for idx in sel.index]
+            texts = ([text_of(idx, recs[idx]) for idx in sel.index] if text_of
+                     else ["" if idx in hidden else labels[idx] for idx in sel.index])
             hover = [_hover(recs[idx], name, unit, labels[idx], note) for idx in sel.index]
             fig.add_trace(go.Scatter(
-                x=sel["collected_at"], y=ys, mode="markers+text", name=trace_name, legendgroup=trace_name,
+                x=sel["collected_at"], y=ys, mode="markers+text" if any(texts) else "markers", name=trace_name,
+                legendgroup=trace_name,
                 showlegend=legend(trace_name),
                 marker=dict(symbol=symbol, size=size, color=colors,
                             line=dict(width=1.2, color=line_color or colors)),
@@ -472,6 +519,15 @@ def make_timeline_figure(
                 textfont=dict(size=12, color=colors),
                 customdata=hover, hovertemplate="%{customdata}<extra></extra>", cliponaxis=False,
             ), row=i, col=1)
+
+        # flag labels that would touch a more severe or more recent one are left off (the point stays red and
+        # its hover names the flag): two "L" side by side must never read as "LL"
+        flagged = [idx for idx in rows.index if labels[idx] and rc[idx] in ("numeric", "conflicting")]
+        keep = declutter_labels([pd.Timestamp(recs[idx]["collected_at"]) for idx in flagged],
+                                [float(recs[idx]["value_canonical"]) for idx in flagged],
+                                [labels[idx] for idx in flagged], (x0, x1), (y0, y1))
+        hidden = {idx for idx, k in zip(flagged, keep) if not k}
+        n_hidden += len(hidden)
 
         def color_of(idx):
             lab = labels[idx]
@@ -541,9 +597,10 @@ def make_timeline_figure(
         template="plotly_white", font=FONT, height=height, hovermode="closest",
         hoverlabel=dict(font_size=14, bgcolor="white", align="left"),
         margin=dict(l=10, r=30, t=70, b=40),
-        legend=dict(orientation="h", yref="container", y=1.0, yanchor="top", x=0, xanchor="left",
-                    font=dict(size=12), itemsizing="constant"),
-        meta={"analytes": codes},
+        # the legend starts below the top 30 px, where Plotly's toolbar appears on hover (it hid legend entries)
+        legend=dict(orientation="h", yref="container", y=1 - MODEBAR_PX / height, yanchor="top", x=0,
+                    xanchor="left", font=dict(size=12), itemsizing="constant"),
+        meta={"analytes": codes, "hidden_flag_labels": n_hidden},
     )
     return fig
 
@@ -625,6 +682,27 @@ _ANOMALY_STYLE = {
     "reference_interval": ("outside reference interval", "circle-open"),
     "other": ("other rule", "octagon-open"),
 }
+
+
+_RULE_NAMES = {
+    "reference_interval": "Outside the reference interval",
+    "critical_value": "Critical value",
+    "delta_check": "Delta check: change beyond the reference change value",
+    "model_surprise": "Outside the forecast interval",
+    "multivariate_inconsistency": "Inconsistent with the rest of the specimen",
+}
+_PATTERN_NAMES = {"edta_contamination": "K-EDTA contamination", "haemolysis": "haemolysis",
+                  "haemolysis_reported": "haemolysis reported by the laboratory", "drip_arm": "drip-arm contamination"}
+
+
+def rule_label(rule) -> str:
+    """An anomaly rule as a clinician reads it ('delta_check' -> 'Delta check: change beyond the reference
+    change value'; 'preanalytical:haemolysis' -> 'Pre-analytical pattern: haemolysis'); unknown rules as given."""
+    rule = _s(rule)
+    head, _, tail = rule.partition(":")
+    if head == "preanalytical" and tail:
+        return f"Pre-analytical pattern: {_PATTERN_NAMES.get(tail, tail.replace('_', ' '))}"
+    return _RULE_NAMES.get(rule, rule.replace("_", " ").capitalize() if rule else "")
 
 
 def _rule_group(rule: str) -> str:

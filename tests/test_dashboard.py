@@ -544,3 +544,50 @@ def test_page_waits_while_another_process_writes_and_says_so(env, monkeypatch):
     assert not at.exception
     assert at.title[0].value == "Patients" and frame_with(at, "patient_id").shape[0] > 0
     assert shown and shown[0].startswith("Database busy, retrying")
+
+
+# ---- what a clinician reads (fixes after looking at the pages in a browser) ---------------------------------
+def test_timeline_names_anomaly_rules_and_shows_recommendations_in_full(env, monkeypatch):
+    """Anomaly rules by name (not 'reference_interval'), units as written on the chart, and each
+    recommendation's whole text (a table cell clipped it mid-sentence)."""
+    from dashboard import services, state
+
+    advice = ("Consider repeating potassium on a fresh, non-haemolysed specimen before acting on it; "
+              "haemolysis releases potassium from red cells and can raise the result falsely.")
+    rec = {"rule_id": "k_haemolysis", "rule_version": "t", "patient_id": "P0003", "analyte_code": "2823-3",
+           "at": pd.Timestamp("2024-05-05"), "title": "Potassium in a haemolysed specimen", "text": advice,
+           "urgency": "high", "source": "Site laboratory policy", "triggered_by": "", "result_ids": ""}
+    monkeypatch.setattr(services, "load_recommendations",
+                        lambda *a, **k: services.ServiceResult(pd.DataFrame([rec]), True, ""))
+    state._recommendations.clear()
+    at = signed_in("clinician")
+    at.session_state["timeline_patient"] = "P0003"
+    at.switch_page("app_pages/timeline.py").run()
+    assert not at.exception
+    flags = frame_with(at, "rule")
+    assert "Pre-analytical pattern: haemolysis reported by the laboratory" in set(flags["rule"])
+    assert "Outside the reference interval" in set(flags["rule"])
+    assert not any("_" in r for r in flags["rule"])
+    assert advice in [m.value for m in at.markdown]
+    assert any("Potassium in a haemolysed specimen" in m.value and "urgency high" in m.value for m in at.markdown)
+    assert not [d for d in at.dataframe if "urgency" in getattr(d.value, "columns", [])]
+    state._recommendations.clear()
+
+
+def test_review_card_names_the_rule_and_writes_the_value_as_a_result(env, monkeypatch):
+    from dashboard import services
+
+    row = {"output_id": "ano-0123456789abcdef01234567", "patient_id": "P0020", "analyte_code": "2345-7",
+           "analyte_name": "Glucose", "kind": "anomaly", "forecast_for": pd.NaT, "predicted_value": 159.0,
+           "unit": "mg/dL", "model_version": "rules-2026.11-2+catalogue-2026.11-2", "status": "",
+           "rule": "reference_interval", "summary": "pO2 68 mm[Hg] is above the reference interval 70–105 mm[Hg]"}
+    monkeypatch.setattr(services, "pending_outputs",
+                        lambda store, expert: services.ServiceResult(pd.DataFrame([row]), True, ""))
+    at = signed_in("expert")
+    at.switch_page("app_pages/review.py").run()
+    assert not at.exception
+    shown = texts(at)
+    assert "Glucose: **159 mg/dL**" in shown and "159.0" not in shown
+    assert "rule: Outside the reference interval" in shown and "reference_interval" not in shown
+    assert "rule set rules-2026.11-2+catalogue-2026.11-2" in shown and "model rules-" not in shown
+    assert "pO2 68 mmHg is above the reference interval 70–105 mmHg" in shown and "mm[Hg]" not in shown

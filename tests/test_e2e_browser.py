@@ -63,7 +63,8 @@ def _potassium(store) -> tuple[str, str]:
     """(the potassium code this store uses most, a patient with at least 8 such results and few results overall)."""
     with store.read() as cur:
         code = cur.execute(
-            "SELECT analyte_code FROM lab_results WHERE analyte_code IN (?, ?) GROUP BY 1 ORDER BY count(*) DESC LIMIT 1",
+            """SELECT analyte_code FROM lab_results WHERE analyte_code IN (?, ?)
+               GROUP BY 1 ORDER BY count(*) DESC LIMIT 1""",
             list(POTASSIUM_CODES)).fetchone()
         assert code, "the MIMIC-IV demo store has no potassium results"
         pid = cur.execute(

@@ -60,6 +60,41 @@ def test_abnormal_values_have_text_labels_not_only_colour(case_store):
     assert "Flag: H" in hover and "mmol/L" in hover and "As reported" in hover
 
 
+def test_flag_labels_never_touch_so_two_l_cannot_read_as_ll():
+    t = [pd.Timestamp("2024-01-01") + pd.Timedelta(hours=h) for h in (0, 2, 240, 242)]
+    keep = figures.declutter_labels(t, [2.4, 2.2, 2.3, 6.9], ["L", "L", "L", "HH"],
+                                    (pd.Timestamp("2023-12-31"), pd.Timestamp("2024-01-31")), (0.0, 8.0))
+    assert keep == [False, True, True, True]  # of the two "L" hours apart only the more recent is printed
+    # the more severe label wins over a more recent one; points apart in value both keep theirs
+    keep = figures.declutter_labels(t[:2], [2.4, 2.45], ["LL", "L"], (t[0], t[0] + pd.Timedelta(days=30)), (0.0, 8.0))
+    assert keep == [True, False]
+    assert figures.declutter_labels(t[:2], [1.0, 7.0], ["L", "H"], (t[0], t[0] + pd.Timedelta(days=30)),
+                                    (0.0, 8.0)) == [True, True]
+
+
+def test_crowded_abnormal_results_print_one_label_each_cluster(case_store):
+    """Low potassium results hours apart on a month-long axis: one 'L' printed, the others stay red and say so."""
+    r = results(case_store, "P0020")
+    k = r[r["analyte_code"] == "2823-3"].sort_values("collected_at").head(3).copy()
+    k["collected_at"] = k["collected_at"].iloc[0] + pd.to_timedelta([0, 1, 2], unit="h")
+    k["value_canonical"] = [3.0, 2.95, 3.05]
+    k["ref_low_canonical"], k["ref_high_canonical"] = 3.3, 5.1
+    late = r[r["analyte_code"] == "2823-3"].sort_values("collected_at").tail(1).assign(
+        collected_at=k["collected_at"].iloc[0] + pd.Timedelta(days=30))
+    fig = figures.make_timeline_figure(pd.concat([k, late]), ["2823-3"])
+    low = traces(fig, "outside reference")[0]
+    assert list(low.text) == ["", "", "L", "H"]  # the latest of the cluster keeps its label; 30 days later: apart
+    assert set(low.marker.color) == {figures.COLORS["abnormal"]}  # every abnormal point is still red
+    assert all("Flag: L" in h for h in low.customdata[:3])
+    assert fig.layout.meta["hidden_flag_labels"] == 2
+
+
+def test_legend_starts_below_the_chart_toolbar(case_store):
+    fig = figures.make_timeline_figure(results(case_store, "P0020"), None)
+    assert fig.layout.legend.yref == "container" and fig.layout.legend.yanchor == "top"
+    assert (1 - fig.layout.legend.y) * fig.layout.height >= figures.MODEBAR_PX  # the toolbar hid legend entries
+
+
 def test_censored_results_at_the_limit_with_their_own_markers(case_store):
     """LAB-01: '<10' and '>100' drawn at the limit as triangles, hover shows the comparator."""
     fig = figures.make_timeline_figure(results(case_store, "P0001"), None)
@@ -215,6 +250,21 @@ def test_cumulative_table_keeps_every_result_of_the_same_minute(case_store):
     cell = t[t["Analyte"] == "Potassium"].iloc[0][minute]
     assert cell.split(" | ") == [figures._cell(first, figures.flag_label(first)),
                                  figures._cell(twin, figures.flag_label(twin))]
+
+
+def test_units_in_free_text_as_clinicians_write_them():
+    assert figures.readable_units("pCO2 68 mm[Hg] is above the critical limit 67 mm[Hg] — consider review") == \
+        "pCO2 68 mmHg is above the critical limit 67 mmHg — consider review"
+    assert figures.readable_units("WBC 4.1 10*3/uL (4-10 10*3/uL); creatinine 80 umol/L.") == \
+        "WBC 4.1 10³/µL (4-10 10³/µL); creatinine 80 µmol/L."
+    assert figures.readable_units("Sodium 136 mmol/L fell 1 in 10") == "Sodium 136 mmol/L fell 1 in 10"
+    assert figures.readable_units(None) == ""
+
+
+def test_rule_labels_name_the_rule():
+    assert figures.rule_label("delta_check") == "Delta check: change beyond the reference change value"
+    assert figures.rule_label("preanalytical:edta_contamination") == "Pre-analytical pattern: K-EDTA contamination"
+    assert figures.rule_label("some_new_rule") == "Some new rule"
 
 
 def test_flag_labels():

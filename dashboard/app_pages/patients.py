@@ -41,7 +41,7 @@ table = view[["patient_id", "sex", "age_at_ref", "n_results", "n_abnormal", "n_i
 event = st.dataframe(
     table, key="patients_table", on_select="rerun", selection_mode="single-row", hide_index=True, width="stretch",
     column_config={
-        "patient_id": st.column_config.TextColumn("Patient", pinned=True),
+        "patient_id": st.column_config.TextColumn("Patient"),  # not pinned: pinned columns are drawn faded grey
         "sex": st.column_config.TextColumn("Sex"),
         "age_at_ref": st.column_config.NumberColumn("Age (y)", format="%.0f", help="At the source's reference date"),
         "n_results": st.column_config.NumberColumn("Results"),

@@ -10,7 +10,7 @@ keyed by the output id, so after a save the next output shows with an empty form
 import pandas as pd
 import streamlit as st
 
-from dashboard import auth, services, state
+from dashboard import auth, figures, services, state
 from data.catalogue import load_catalogue
 
 CURRENT = "review_current"  # {"output": snapshot of the row on screen, "submission_id": ...}
@@ -83,7 +83,13 @@ st.caption(f"{len(pending)} output(s) waiting for your verdict, most important f
 queue_cols = [c for c in ("priority", "priority_reason", "patient_id", "analyte_name", "kind", "rule", "output_time",
                           "summary") if c in pending]
 with st.expander("Review queue (priority 1 first: critical values and urgent recommendations)"):
-    st.dataframe(pending[queue_cols], hide_index=True, width="stretch", key="review_queue")  # the service's order
+    queue_view = pending[queue_cols].copy()
+    if "rule" in queue_view:  # anomaly rules by name, not code
+        queue_view["rule"] = [figures.rule_label(r) if k == "anomaly" else r
+                              for k, r in zip(pending["kind"], pending["rule"])]
+    if "summary" in queue_view:
+        queue_view["summary"] = queue_view["summary"].map(figures.readable_units)
+    st.dataframe(queue_view, hide_index=True, width="stretch", key="review_queue")  # the service's order
 with st.container(border=True):
     kind = out.get("kind") or "output"
     st.markdown(f"**{str(kind).capitalize()}** `{oid}`")
@@ -91,15 +97,18 @@ with st.container(border=True):
     line = f"Patient **{out.get('patient_id')}**" + (f" · {what}" if what else "")
     value = out.get("predicted_value")
     if value is not None and not pd.isna(value):
-        line += f": **{value} {out.get('unit') or ''}**"
+        line += f": **{figures.fmt_value(value)} {figures.display_unit(out.get('unit'))}".rstrip() + "**"
     when = out.get("forecast_for")
     if when is not None and not pd.isna(when):
         line += f" for {pd.Timestamp(when):%Y-%m-%d %H:%M}"
     st.markdown(line)
     if out.get("summary"):
-        st.markdown(str(out["summary"]))
+        st.markdown(figures.readable_units(out["summary"]))
+    rule = out.get("rule")
+    version = str(out.get("model_version") or "")
     facts = [f"priority {out['priority']}: {out['priority_reason']}" if out.get("priority_reason") else "",
-             f"rule {out['rule']}" if out.get("rule") else "", f"model {out['model_version']}" if out.get("model_version") else ""]
+             (f"rule: {figures.rule_label(rule)}" if kind == "anomaly" else f"rule {rule}") if rule else "",
+             (f"rule set {version}" if version.startswith("rules-") else f"model {version}") if version else ""]
     if any(facts):
         st.caption(" · ".join(f for f in facts if f))
 

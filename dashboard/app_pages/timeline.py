@@ -130,6 +130,10 @@ if chosen:
     ):
         if int(mask.sum()):
             notes.append(f"{int(mask.sum())} {label}")
+    hidden = (fig.layout.meta or {}).get("hidden_flag_labels", 0)
+    if hidden:
+        notes.append(f"{hidden} H/L label{'s' if hidden > 1 else ''} left off where labels would overlap "
+                     "(those points stay red)")
     if notes:
         st.caption("In this view: " + "; ".join(notes) + ". Hover a point for value, unit, time, flag and the "
                    "result as reported.")
@@ -188,11 +192,14 @@ else:
     if a.empty:
         st.caption("No anomaly flags in this view.")
     else:
-        st.dataframe(a[["collected_at", "analyte_name", "rule", "flag", "value", "unit", "text", "source"]]
+        shown = a.assign(rule=a["rule"].map(figures.rule_label), unit=a["unit"].map(figures.display_unit),
+                         text=a["text"].map(figures.readable_units))
+        st.dataframe(shown[["collected_at", "analyte_name", "rule", "flag", "value", "unit", "text", "source"]]
                      .sort_values("collected_at", ascending=False), hide_index=True, width="stretch",
-                     key="timeline_anomalies", column_config={
+                     key="timeline_anomalies", row_height=72, column_config={  # 72 px: the text wraps over 3 lines
                          "collected_at": st.column_config.DatetimeColumn("Collected", format="YYYY-MM-DD HH:mm"),
-                         "analyte_name": "Analyte", "rule": "Rule", "flag": "Flag", "value": "Value", "unit": "Unit",
+                         "analyte_name": "Analyte", "rule": st.column_config.TextColumn("Rule", width="medium"),
+                         "flag": "Flag", "value": "Value", "unit": "Unit",
                          "text": st.column_config.TextColumn("What it means", width="large"), "source": "Source"})
     for note in anomalies.extra.get("notes", []):
         st.caption(note)
@@ -225,14 +232,16 @@ else:
                 st.info(ex.message)
 
 st.subheader("Recommendations")
-recs = services.load_recommendations(results, fc.frame, anomalies.frame, info)
+recs = state.recommendations(db, version, pid, info.get("sex"), age, tuple(chosen), results, fc, anomalies, info)
 if not recs.available:
     st.info(recs.message)
 elif recs.frame.empty:
     st.caption("No recommendations.")
 else:
-    st.dataframe(recs.frame[["urgency", "title", "text", "source"]], hide_index=True, width="stretch",
-                 key="timeline_recommendations", column_config={
-                     "urgency": "Urgency", "title": "Recommendation",
-                     "text": st.column_config.TextColumn("Details", width="large"), "source": "Source"})
+    order = {"high": 0, "medium": 1, "low": 2}
+    for _, rec in recs.frame.sort_values("urgency", key=lambda u: u.map(order).fillna(3), kind="stable").iterrows():
+        with st.container(border=True):  # in full: a clipped table cell would hide what to consider
+            st.markdown(f"**{rec['title']}** · urgency {rec['urgency']}")
+            st.markdown(figures.readable_units(rec["text"]).replace("$", "\\$"))  # "$" is text here, not LaTeX
+            st.caption(f"Source: {rec['source']}")
     st.caption("Suggestions from the site's rule file for the clinician to consider; not orders.")
