@@ -949,7 +949,8 @@ def make_monitoring_skill_chart(errors: pd.DataFrame, names: dict[str, str] | No
     """Realised skill over time: ``1 - MAE_model / MAE_last_value`` per period (``model.monitoring``).
 
     ``errors`` is :func:`model.monitoring.realised_error_summary`'s frame. One line for all
-    analytes (count-weighted) and one per analyte with at least 5 forecasts in a period;
+    analytes (count-weighted) and one per analyte with at least 5 forecasts in a period
+    (hidden until picked in the legend, so the overall line stays readable);
     above zero the model beat carrying the last value forward. Hover gives n and coverage.
     """
     names = names or {}
@@ -962,7 +963,7 @@ def make_monitoring_skill_chart(errors: pd.DataFrame, names: dict[str, str] | No
         for k, (code, g) in enumerate(per.groupby("analyte_code", sort=True)):
             label = f"{names.get(code, code)}".strip()
             fig.add_trace(go.Scatter(
-                x=g["period"], y=g["skill"], mode="lines+markers", name=label,
+                x=g["period"], y=g["skill"], mode="lines+markers", name=label, visible="legendonly",
                 line=dict(color=palette[k % len(palette)], width=1.5), marker=dict(size=6), opacity=0.8,
                 customdata=np.stack([g["n"], g["coverage80"]], axis=1),
                 hovertemplate=label + " %{x}: skill %{y:.2f} (n %{customdata[0]}, 80% coverage "
@@ -977,7 +978,7 @@ def make_monitoring_skill_chart(errors: pd.DataFrame, names: dict[str, str] | No
     fig.update_layout(
         template="plotly_white", font=FONT, height=380, margin=dict(l=10, r=10, t=50, b=10),
         title=dict(text="Realised forecast skill against the last value", font=dict(size=16)),
-        xaxis=dict(title="Period of the forecast time", type="category"),
+        xaxis=dict(title="Period of the forecast time", type="category", categoryorder="category ascending"),
         yaxis=dict(title="Skill = 1 − MAE model / MAE last value", zeroline=False, automargin=True),
         legend=dict(orientation="v", x=1.02, y=1.0),
     )
@@ -1011,6 +1012,7 @@ def make_drift_heatmap(drift: pd.DataFrame, names: dict[str, str] | None = None,
     fig.update_layout(
         template="plotly_white", font=FONT, height=height, margin=dict(l=10, r=10, t=50, b=10),
         title=dict(text="Input drift against the training data", font=dict(size=16)),
-        xaxis=dict(title="Period of collection", type="category"), yaxis=dict(automargin=True, autorange="reversed"),
+        xaxis=dict(title="Period of collection", type="category", categoryorder="category ascending"),
+        yaxis=dict(automargin=True, autorange="reversed"),
     )
     return fig

@@ -152,8 +152,8 @@ def realised_error_summary(matched: pd.DataFrame, period: str = "M") -> pd.DataF
     return pd.concat([s[cols], pd.DataFrame(overall, columns=cols)], ignore_index=True)
 
 
-def analyte_drift(results: pd.DataFrame, training: Mapping[str, object], period: str = "M", min_n: int = 30
-                  ) -> pd.DataFrame:
+def analyte_drift(results: pd.DataFrame, training: Mapping[str, object], period: str = "M", min_n: int = 30,
+                  min_patients: int = 5) -> pd.DataFrame:
     """Each analyte's distribution per period against the one the model was trained on.
 
     Args:
@@ -164,6 +164,10 @@ def analyte_drift(results: pd.DataFrame, training: Mapping[str, object], period:
             from the model's ``scaler.json``.
         period: 'M', 'Q' or 'Y'.
         min_n: periods with fewer results of the analyte are left out (too few to judge).
+        min_patients: with a ``patient_id`` column, periods whose results come from fewer
+            patients are left out too: they describe those patients, not the population
+            (in an export whose dates are shifted per patient, as MIMIC-IV's, a month is
+            mostly one patient).
 
     Returns:
         ``analyte_code, period, n, median, median_shift_sd, spread_ratio, drifted``: the
@@ -179,7 +183,7 @@ def analyte_drift(results: pd.DataFrame, training: Mapping[str, object], period:
     cols = ["analyte_code", "period", "n", "median", "median_shift_sd", "spread_ratio", "drifted"]
     if results.empty:
         return pd.DataFrame(columns=cols)
-    d = results[["analyte_code", "collected_at", "value"]].copy()
+    d = results[["analyte_code", "collected_at", "value"] + (["patient_id"] if "patient_id" in results else [])].copy()
     d["period"] = _period(d["collected_at"], period)
     d = d[np.isfinite(d["value"].astype(float))]
     rows = []
@@ -194,7 +198,7 @@ def analyte_drift(results: pd.DataFrame, training: Mapping[str, object], period:
         is_log = get("transform") == "log"
         lower = float(get("lower")) if is_log else 0.0
         for p, g in grp.groupby("period", sort=True):
-            if len(g) < min_n:
+            if len(g) < min_n or ("patient_id" in g and g["patient_id"].nunique() < min_patients):
                 continue
             x = g["value"].to_numpy(dtype=float)
             t = np.log(np.maximum(x, lower)) if is_log else x

@@ -31,3 +31,15 @@ def test_a_model_is_reused_only_when_trained_without_exactly_the_holdout(tmp_pat
     assert not _model_excludes(tmp_path, ["a"])
     (tmp_path / "patients.json").write_text(json.dumps({"excluded_sha256": None}))  # trained on everyone
     assert not _model_excludes(tmp_path, holdout) and _model_excludes(tmp_path, [])
+
+
+def test_demo_model_gets_the_committed_card_with_a_note_and_keeps_its_own(tmp_path):
+    from labtrend.cli import _demo_model_card
+
+    assert _demo_model_card(tmp_path)
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    assert "held-out patients" in card["meta"]["note"] and card["methods"]
+    assert (tmp_path / "model_card.md").is_file()
+    (tmp_path / "model_card.json").write_text('{"mine": true}')
+    assert not _demo_model_card(tmp_path)  # a card of the model's own is never replaced
+    assert json.loads((tmp_path / "model_card.json").read_text()) == {"mine": True}

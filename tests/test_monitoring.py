@@ -98,6 +98,11 @@ def test_drift_is_measured_against_the_training_statistics():
     # an analyte the model has no statistics for, and a period with too few results, are left out
     few = pd.DataFrame({"analyte_code": ["K"] * 5 + ["X"] * 50, "collected_at": T0, "value": 4.0})
     assert analyte_drift(few, training, "M").empty
+    # a period whose results all come from one patient describes that patient, not drift
+    one = res.assign(patient_id="P1")
+    assert analyte_drift(one, training, "M").empty
+    many = res.assign(patient_id=[f"P{i % 7}" for i in range(len(res))])
+    assert len(analyte_drift(many, training, "M")) == 2
 
 
 def test_verdict_rates_per_kind_and_period():

@@ -29,7 +29,7 @@ else:
     methods = card.get("methods") or {}
     ranking = card.get("ranking") or list(methods)
     meta = card.get("meta") or {}
-    facts = [f"{k.capitalize()}: {meta[k]}" for k in ("dataset", "split", "date") if meta.get(k)]
+    facts = [f"{k.capitalize()}: {meta[k]}" for k in ("dataset", "split", "date", "note") if meta.get(k)]
     if facts:
         st.caption(" · ".join(facts))
 
@@ -126,7 +126,9 @@ else:
 
 st.subheader("Input drift")
 if mon.drift.empty:
-    st.caption("No analyte has enough results in a period to compare with the training data.")
+    st.caption("No analyte has enough results in a period to compare with the training data (at least 30 results "
+               "from at least 5 patients; in an export whose dates are shifted per patient, such as MIMIC-IV, a "
+               "period mostly holds one patient and says nothing about drift).")
 else:
     st.plotly_chart(figures.make_drift_heatmap(mon.drift, names, monitoring.DRIFT_SHIFT_SD), width="stretch",
                     key="monitor_drift")
