@@ -49,6 +49,20 @@ def env(tmp_path_factory, cases):
     mp.undo()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads_restored():
+    """The dashboard sets torch's thread count for its whole process (``state.torch_threads``); AppTest runs
+    it inside pytest, so the count is put back for the test modules that run after this one."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def signed_in(role: str) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
     name = USERS[role]
