@@ -342,14 +342,21 @@ def patient_history(results: pd.DataFrame, patient: dict | None) -> pd.DataFrame
 
 
 def forecast_queries(history: pd.DataFrame, analytes, horizons_days=FORECAST_HORIZONS_DAYS) -> pd.DataFrame:
-    """Queries ``(patient_id, analyte_code, at)``: each horizon after each analyte's last result."""
+    """Queries ``(patient_id, analyte_code, at)``: each horizon (days) after the patient's latest result.
+
+    The forecast times are the same for every analyte - the days after the newest result of
+    any analyte, the timeline's "now" - so an analyte last measured weeks earlier is forecast
+    for those days (a longer horizon), never for a date the timeline has already passed.
+    """
     rows = []
+    if history.empty:
+        return pd.DataFrame(rows, columns=["patient_id", "analyte_code", "at"])
+    now = pd.Timestamp(history["collected_at"].max())
     for code in analytes:
         h = history[history["analyte_code"] == code]
         if h.empty:
             continue
-        last = pd.Timestamp(h["collected_at"].max())
-        rows += [{"patient_id": h["patient_id"].iloc[0], "analyte_code": code, "at": last + pd.Timedelta(days=d)}
+        rows += [{"patient_id": h["patient_id"].iloc[0], "analyte_code": code, "at": now + pd.Timedelta(days=d)}
                  for d in horizons_days]
     return pd.DataFrame(rows, columns=["patient_id", "analyte_code", "at"])
 

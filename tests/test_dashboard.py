@@ -605,3 +605,17 @@ def test_review_card_names_the_rule_and_writes_the_value_as_a_result(env, monkey
     assert "rule: Outside the reference interval" in shown and "reference_interval" not in shown
     assert "rule set rules-2026.11-2+catalogue-2026.11-2" in shown and "model rules-" not in shown
     assert "pO2 68 mmHg is above the reference interval 70–105 mmHg" in shown and "mm[Hg]" not in shown
+
+
+def test_forecast_times_are_the_days_after_the_patients_latest_result():
+    """An analyte last measured weeks ago is forecast for the days after the timeline's newest result."""
+    from dashboard import services
+
+    t0 = pd.Timestamp("2024-03-01 08:00")
+    h = pd.DataFrame({"patient_id": "P1", "analyte_code": ["K", "K", "NA", "NA"],
+                      "collected_at": [t0, t0 + pd.Timedelta(days=1), t0, t0 + pd.Timedelta(days=40)]})
+    q = services.forecast_queries(h, ["K", "NA", "NOT_MEASURED"])
+    newest = t0 + pd.Timedelta(days=40)
+    assert list(q["analyte_code"]) == ["K"] * 3 + ["NA"] * 3
+    assert list(q["at"]) == [newest + pd.Timedelta(days=d) for d in services.FORECAST_HORIZONS_DAYS] * 2
+    assert services.forecast_queries(h.iloc[:0], ["K"]).empty
