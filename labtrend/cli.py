@@ -263,8 +263,9 @@ def cmd_demo(args) -> int:
     holdout_file = settings.VAR_DIR / "demo-holdout.txt"
     holdout_file.write_text("".join(f"{p}\n" for p in holdout))
     if args.retrain or not _model_excludes(model_dir, holdout):
-        print(f"[2/4] training the forecaster into {model_dir}, {len(holdout)} patients held out "
-              "(pretrains once if no checkpoint is cached)", flush=True)
+        print(f"[2/4] fine-tuning the forecaster into {model_dir} from the pretrained checkpoint "
+              f"{settings.pretrained_dir()}, {len(holdout)} patients held out (about 5 minutes on 2 CPU cores)",
+              flush=True)
         import train
 
         rc = train.main(["--db", str(db), "--out", str(model_dir), "--exclude-patients", str(holdout_file)])

@@ -79,7 +79,9 @@ if current is None:
 
 out = current["output"]
 oid = str(out["output_id"])
-st.caption(f"{len(pending)} output(s) waiting for your verdict, most important first.")
+st.caption((f"{len(pending)} or more outputs waiting for your verdict; the {len(pending)} most important are listed"
+            if len(pending) >= 500 else f"{len(pending)} output(s) waiting for your verdict")
+           + ", most important first.")
 queue_cols = [c for c in ("priority", "priority_reason", "patient_id", "analyte_name", "kind", "rule", "output_time",
                           "summary") if c in pending]
 with st.expander("Review queue (priority 1 first: critical values and urgent recommendations)"):

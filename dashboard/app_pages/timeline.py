@@ -83,8 +83,11 @@ chosen = c2.multiselect("Analytes", codes, default=codes[:8], format_func=labels
                         help="Up to 8 are preselected; each gets its own chart on the shared time axis.")
 
 PERIODS = {"7 d": 7, "30 d": 30, "6 mo": 182, "1 y": 365, "All": None, "Custom": "custom"}
-period = c3.segmented_control("Period before the last result", list(PERIODS), default="All", key="timeline_period")
-last_t = raw["collected_at"].max()
+period = c3.segmented_control("Period before the last result", list(PERIODS), default="All", key="timeline_period",
+                              help="Counted back from the newest result of the chosen analytes (of any analyte "
+                                   "when none is chosen).")
+chosen_rows = raw[raw["analyte_code"].isin(chosen)] if chosen else raw
+last_t = (chosen_rows if len(chosen_rows) else raw)["collected_at"].max()
 first_t = raw["collected_at"].min()
 date_range = None
 if period == "Custom":
