@@ -282,10 +282,6 @@ def load_corpus(args: argparse.Namespace):
     return corpus
 
 
-def is_checkpoint(path: Path) -> bool:
-    return all((path / f).is_file() for f in ("config.json", "model.safetensors", "vocab.json", "scaler.json"))
-
-
 def checkpoint_size(path: Path) -> dict:
     """The architecture fields of a checkpoint's config.json (to compare with a preset)."""
     config = json.loads((path / "config.json").read_text())
@@ -454,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
             summaries.append(run_pretrain(args, out, runtime))
         else:
             needs_init = args.mode != "scratch"
-            if needs_init and (args.stage == "all" or not is_checkpoint(init)):
+            if needs_init and (args.stage == "all" or not paths.is_checkpoint(init)):
                 if args.stage == "finetune" and args.init:
                     raise UsageError(f"--init {init}: not a pretraining checkpoint (run --stage pretrain --init {init})")
                 if runtime.is_main and args.stage == "finetune":

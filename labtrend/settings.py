@@ -82,8 +82,9 @@ SHIPPED_PRETRAINED = PROJECT_ROOT / "model" / "checkpoints" / "pretrained-small"
 _CHECKPOINT_FILES = ("config.json", "model.safetensors", "vocab.json", "scaler.json")
 
 
-def _is_checkpoint(path: Path) -> bool:
-    return all((path / f).is_file() for f in _CHECKPOINT_FILES)
+def is_checkpoint(path: Path) -> bool:
+    """True when ``path`` holds a pretraining checkpoint (config, weights, vocabulary, scaler)."""
+    return all((Path(path) / f).is_file() for f in _CHECKPOINT_FILES)
 
 
 def pretrained_cache_dir() -> Path:
@@ -97,9 +98,9 @@ def pretrained_dir() -> Path:
     ``--stage pretrain`` (``var/pretrained``); else the shipped one; else ``var/pretrained``
     (then ``train.py`` builds it once)."""
     cache = pretrained_cache_dir()
-    if os.environ.get("LABTREND_PRETRAINED") or _is_checkpoint(cache):
+    if os.environ.get("LABTREND_PRETRAINED") or is_checkpoint(cache):
         return cache
-    return SHIPPED_PRETRAINED if _is_checkpoint(SHIPPED_PRETRAINED) else cache
+    return SHIPPED_PRETRAINED if is_checkpoint(SHIPPED_PRETRAINED) else cache
 
 
 def cases_dir() -> Path | None:

@@ -24,7 +24,7 @@ def test_shipped_checkpoint_is_a_complete_small_checkpoint():
     import json
 
     d = settings.SHIPPED_PRETRAINED
-    assert settings._is_checkpoint(d)
+    assert settings.is_checkpoint(d)
     config = json.loads((d / "config.json").read_text())
     assert (config["d_model"], config["n_layers"]) == (96, 3)  # the 'small' preset
     report = json.loads((d / "pretraining.json").read_text())
