@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import app_helpers
 from dashboard import access, audit
 from data.db import open_store
 from data.importers import run_import
@@ -64,13 +65,7 @@ def _torch_threads_restored():
 
 
 def signed_in(role: str) -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    name = USERS[role]
-    at.session_state["authentication_status"] = True
-    at.session_state["username"] = name
-    at.session_state["name"] = f"Dr {name.title()}"
-    at.session_state["roles"] = [role]
-    return at.run()
+    return app_helpers.signed_in(USERS[role], role, TIMEOUT)
 
 
 def texts(at: AppTest) -> str:

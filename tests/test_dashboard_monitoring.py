@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
-from streamlit.testing.v1 import AppTest
 
+from app_helpers import signed_in
 from clinical import outputs as out_mod
 from clinical.predict import replay_forecasts
 from dashboard import access
 from data import queries
 from data.db import open_store
 from data.importers import run_import
-
-APP = Path(__file__).resolve().parent.parent / "dashboard" / "streamlit_app.py"
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +69,7 @@ def _store():
 
 def test_model_page_scores_arrived_forecasts_against_last_value(monitored):
     fc, history = monitored
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.session_state["authentication_status"] = True
-    at.session_state["username"] = "ana"
-    at.session_state["name"] = "Dr Ana"
-    at.session_state["roles"] = ["analyst"]
-    at.run()
+    at = signed_in("ana", "analyst")
     at.switch_page("app_pages/model.py").run()
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}

@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 import types
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 import uvicorn
 from streamlit.testing.v1 import AppTest
 
+from app_helpers import signed_in
 from dashboard import access, services
 from data import queries
 from data.db import open_store
@@ -36,7 +36,6 @@ from model.features import AnalyteScaler, AnalyteVocab
 from model.inference import ForecastPipeline
 from model.modeling import LabTrendForForecasting
 
-APP = Path(__file__).resolve().parent.parent / "dashboard" / "streamlit_app.py"
 HBA1C = "4548-4"
 TOO_FEW = "Not enough measurements to forecast (1; minimum 2)"
 
@@ -390,12 +389,7 @@ def dashboard_env(case_store, tmp_path, monkeypatch):
 
 
 def timeline_of(patient_id: str) -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.session_state["authentication_status"] = True
-    at.session_state["username"] = "carla"
-    at.session_state["name"] = "Dr Carla"
-    at.session_state["roles"] = ["clinician"]
-    at.run()
+    at = signed_in("carla", "clinician", timeout=120)
     at.session_state["timeline_patient"] = patient_id
     return at.switch_page("app_pages/timeline.py").run()
 
