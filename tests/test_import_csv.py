@@ -194,3 +194,75 @@ def test_utc_offsets_converted_and_unsorted_file_grouped(store, tmp_path):
     with store.read() as cur:
         order = [r[0] for r in cur.execute("SELECT patient_id FROM lab_results").fetchall()]
     assert order == sorted(order)  # stored grouped by patient
+
+
+@pytest.mark.parametrize("reject_at", [None, 150_001])
+def test_source_rows_follow_the_file_across_row_groups(store, tmp_path, reject_at):
+    """300,000 rows (three DuckDB row groups): every stored row keeps its own file row, and
+    quarantined rows theirs, with and without a line DuckDB cannot split in the middle."""
+    n = 300_000
+    bad_time, bad_unit = {7, 123_457, 299_999}, {250_000}
+    lines = []
+    for i in range(1, n + 1):
+        if i == reject_at:
+            lines.append(f"P{i // 500:04d},2024-01-01 08:00,2823-3,Potassium,{i},mmol/L,extra\n")
+        elif i in bad_time:
+            lines.append(f"P{i // 500:04d},not a time,2823-3,Potassium,{i},mmol/L\n")
+        else:
+            minute = i % 1440
+            unit = "parsecs" if i in bad_unit else "mmol/L"
+            lines.append(f"P{i // 500:04d},2024-01-{1 + i % 28:02d} {minute // 60:02d}:{minute % 60:02d},2823-3,Potassium,{i},{unit}\n")
+    p = tmp_path / "big.csv"
+    p.write_text(HEADER + "".join(lines), encoding="utf-8")
+    s = run_import(store, p)
+    rejected = {reject_at} if reject_at else set()
+    assert (s.rows_read, s.rows_quarantined) == (n, len(bad_time | bad_unit | rejected))
+    with store.read() as cur:
+        mismatched = cur.execute("SELECT count(*) FROM lab_results WHERE value_num <> source_row").fetchone()[0]
+        loaded = cur.execute("SELECT count(*) FROM lab_results").fetchone()[0]
+        q = dict(cur.execute("SELECT source_row, column_name FROM quarantine").fetchall())
+    assert loaded == n - len(bad_time | bad_unit | rejected) and mismatched == 0
+    assert q == {**{r: "collected_at" for r in bad_time}, **{r: "unit" for r in bad_unit}, **{r: None for r in rejected}}
+
+
+def test_store_written_before_the_narrow_results_table_migrates_unchanged(tmp_path):
+    """A store created by migrations 001-003 (one wide lab_results table) opens with every
+    result, canonical value and flag as it was."""
+    from data.db import _migration_files, open_store
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)")
+    for version, name, sql in _migration_files():
+        if version <= 3:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_migrations VALUES (?, ?, now()::TIMESTAMP)", [version, name])
+    old_rows = [
+        # creatinine in umol/L -> mg/dL, with a reference interval; potassium censored; a text
+        # result; a dimensioned result with the unit missing; two conflicting values
+        ((1 << 32) + 1, "A", "S1", "2024-01-01 08:00", None, "2160-0", "2160-0", "Creatinine", "88.4", "=", 88.4, "umol/L",
+         1.0, "mg/dL", 62.0, 106.0, 62.0 / 88.4, 106.0 / 88.4, None, None, "numeric", False, False, False, 1, 1),
+        ((1 << 32) + 2, "A", None, "2024-01-01 08:00", None, "2823-3", "2823-3", "Potassium", "<2.0", "<", 2.0, "mmol/L",
+         2.0, "mmol/L", None, None, None, None, "L", None, "censored", False, False, True, 1, 2),
+        ((1 << 32) + 3, "A", None, "2024-01-01 08:00", None, "2823-3", "2823-3", "Potassium", "4.1", "=", 4.1, "mmol/L",
+         4.1, "mmol/L", None, None, None, None, None, None, "numeric", False, False, True, 1, 3),
+        ((1 << 32) + 4, "B", None, "2024-01-02 09:00", "2024-01-02 10:00", "2823-3", "2823-3", "Potassium", "HEMOLYZED",
+         None, None, "mmol/L", None, "mmol/L", None, None, None, None, None, "see note", "text", False, False, False, 1, 4),
+        ((1 << 32) + 5, "B", None, "2024-01-03 09:00", None, "2951-2", "2951-2", "Sodium", "140", "=", 140.0, None,
+         None, "mmol/L", None, None, None, None, None, None, "numeric", False, True, False, 1, 5),
+    ]
+    con.executemany("INSERT INTO lab_results VALUES (" + ", ".join(["?"] * 26) + ")", old_rows)
+    con.close()
+    store = open_store(path)
+    got = queries.timeline(store, "A")
+    assert got["result_id"].tolist() == [(1 << 32) + 1, (1 << 32) + 2, (1 << 32) + 3]
+    assert got["value_canonical"].tolist() == pytest.approx([1.0, 2.0, 4.1], rel=1e-12)
+    assert got["ref_low_canonical"].iloc[0] == pytest.approx(62.0 / 88.4, rel=1e-12)
+    assert got["comparator"].tolist() == ["=", "<", "="] and got["conflicting"].tolist() == [False, True, True]
+    b = queries.timeline(store, "B")
+    assert b["result_kind"].tolist() == ["text", "numeric"] and b["unit_missing"].tolist() == [False, True]
+    assert pd.isna(b["value_canonical"]).all() and b["comment"].iloc[0] == "see note"
+    with store.read() as cur:
+        assert cur.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] >= 4
+        assert cur.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'lab_results'"
+                           ).fetchone()[0] == "VIEW"

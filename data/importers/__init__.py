@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.importers.base import ImportFileError, ImportOptions, Staged
-from data.importers.pipeline import ImportSummary, load_staged, summary_json
+from data.importers.pipeline import ImportSummary, drop_temp, load_staged, summary_json
 
 __all__ = ["run_import", "detect_format", "ImportFileError", "ImportOptions", "ImportSummary", "summary_json", "FORMATS"]
 
@@ -136,8 +136,9 @@ def run_import(store, path, fmt: str | None = None, options: ImportOptions | Non
              summary.rows_conflicting, summary.rows_censored, summary.rows_text, summary.rows_implausible,
              summary.rows_unit_missing, summary.patients, json.dumps(summary.skipped_reasons), started, _now()],
         )
-        for t in ("stg", "stg_patients", "csv_rejects", "fhir_rejects", "mimic_map", "reject_errors", "reject_scans"):
-            cur.execute(f"DROP TABLE IF EXISTS {t}")
+        for t in ("stg", "stg_file", "stg_patients", "csv_rejects", "fhir_rejects", "mimic_map", "reject_errors",
+                  "reject_scans"):
+            drop_temp(cur, t)
     return summary
 
 

@@ -77,7 +77,7 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
 
     extras = [f"{_q(cols[c])} AS {c}" for c in ("sex", "birth_date") if c in cols]
     select_sql = "SELECT " + ", ".join([sel(c) for c in STAGING_COLUMNS] + extras) + " FROM raw"
-    encoding = read_csv_varchar(cur, dialect, "stg", select_sql)
+    encoding = read_csv_varchar(cur, dialect, "stg", select_sql, as_view=True)
     staged = Staged(format=FORMAT, files=[path])
     n_rej = cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
     if n_rej:

@@ -103,7 +103,9 @@ def _is_encoding_error(exc: Exception) -> bool:
     return "utf-8" in t or "unicode" in t or "encoding" in t
 
 
-def read_csv_varchar(cur, dialect: CsvDialect, table: str, select_sql: str, workdir: Path | None = None) -> str:
+def read_csv_varchar(
+    cur, dialect: CsvDialect, table: str, select_sql: str, workdir: Path | None = None, as_view: bool = False
+) -> str:
     """Create temp ``table`` from the file in one pass, every column VARCHAR.
 
     ``select_sql`` selects the staged columns from a relation named ``raw``: the file's
@@ -112,15 +114,22 @@ def read_csv_varchar(cur, dialect: CsvDialect, table: str, select_sql: str, work
     table ``csv_rejects`` (source_row, reason, line), and the rows after them keep their
     own row numbers. Returns the encoding used: UTF-8 (BOM or not), else the file is
     transcoded from cp1252 / latin-1. Raises :class:`ImportFileError` when unreadable.
+
+    With ``as_view`` (``select_sql`` must keep every row, in file order) the rows go to
+    ``{table}_file`` and ``table`` is a view adding ``source_row`` from the table's row
+    ids: numbering rows with a window over the reader costs as much as reading the file.
     """
+
+    target = f"{table}_file" if as_view else table
+    numbering = "NULL::BIGINT" if as_view else "row_number() OVER ()"
 
     def attempt(path: Path) -> int:
         cur.execute("DROP TABLE IF EXISTS reject_errors; DROP TABLE IF EXISTS reject_scans")
         cur.execute(
             f"""
-            CREATE OR REPLACE TEMP TABLE {table} AS
+            CREATE OR REPLACE TEMP TABLE {target} AS
             WITH raw AS (
-                SELECT row_number() OVER () AS source_row, *
+                SELECT {numbering} AS source_row, *
                 FROM read_csv(?, delim = ?, header = true, all_varchar = true, quote = '"', escape = '"',
                               auto_detect = false, columns = {_columns_struct(dialect.header)},
                               store_rejects = true, null_padding = false, strict_mode = true)
@@ -152,7 +161,23 @@ def read_csv_varchar(cur, dialect: CsvDialect, table: str, select_sql: str, work
         FROM reject_errors ORDER BY line
         """
     )
-    if cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]:
+    n_rejects = cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
+    if as_view:
+        # Row ids follow the file's order (the CREATE above preserves insertion order) and
+        # are contiguous for one bulk append; anything else is numbered by sorting on them.
+        lo, hi, n = cur.execute(f"SELECT min(rowid), max(rowid), count(*) FROM {target}").fetchone()
+        if n and hi - lo + 1 == n and not n_rejects:
+            cur.execute(
+                f"CREATE OR REPLACE TEMP VIEW {table} AS "
+                f"SELECT rowid - {int(lo)} + 1 AS source_row, * EXCLUDE (source_row) FROM {target}"
+            )
+        else:  # rare: numbered into a table (renumbered below when lines were rejected)
+            cur.execute(
+                f"CREATE OR REPLACE TEMP TABLE {table} AS "
+                f"SELECT row_number() OVER (ORDER BY rowid) AS source_row, * EXCLUDE (source_row) FROM {target}"
+            )
+            cur.execute(f"DROP TABLE {target}")
+    if n_rejects:
         # the k-th accepted row comes after every rejected row r_i with r_i - i < k
         cur.execute(
             f"""

@@ -1,4 +1,4 @@
-"""The common load pipeline: from the staged rows of any importer to ``lab_results``.
+"""The common load pipeline: from the staged rows of any importer to the stored results.
 
 Runs inside the import's single transaction (see :func:`data.importers.run_import`), in
 DuckDB SQL so that ten million rows load at bulk speed. Per row it decides, in order:
@@ -29,7 +29,7 @@ from data.importers.base import ImportFileError, Staged
 from data.units import UnitError, conversion_factor, normalise_unit, parse_ucum
 from data.values import plain_number_sql, value_select_sql
 
-__all__ = ["ImportSummary", "load_staged", "loinc_check_digit_ok", "timestamp_sql"]
+__all__ = ["ImportSummary", "drop_temp", "load_staged", "loinc_check_digit_ok", "timestamp_sql"]
 
 
 @dataclass
@@ -120,8 +120,8 @@ def _file_profile(
     n_comma, n_dot, n_dmy, max_a, max_b = cur.execute(
         r"""
         SELECT count(*) FILTER (WHERE contains(value, ',') AND regexp_full_match(trim(value), '[<>≤≥]?=?\s*[+-]?[0-9]*,[0-9]+')),
-               count(*) FILTER (WHERE contains(value, '.') AND regexp_full_match(trim(value), '[<>≤≥]?=?\s*[+-]?[0-9]*\.[0-9]+')
-                                AND {check_dots}),
+               count(*) FILTER (WHERE {check_dots} AND contains(value, '.')
+                                AND regexp_full_match(trim(value), '[<>≤≥]?=?\s*[+-]?[0-9]*\.[0-9]+')),
                count(*) FILTER (WHERE g.a <> ''),
                max(TRY_CAST(NULLIF(g.a, '') AS INTEGER)),
                max(TRY_CAST(NULLIF(g.b, '') AS INTEGER))
@@ -199,7 +199,7 @@ def _unit_map(cur, pairs: pd.DataFrame) -> pd.DataFrame:
     local_codes = sorted({c for c in pairs["analyte_code"] if c not in cat})
     existing = dict(
         cur.execute(
-            "SELECT analyte_code, any_value(unit_canonical) FROM lab_results "
+            "SELECT analyte_code, any_value(unit_canonical) FROM result_keys "
             "WHERE unit_canonical IS NOT NULL AND list_contains(?::VARCHAR[], analyte_code) GROUP BY analyte_code",
             [local_codes],
         ).fetchall()
@@ -266,55 +266,114 @@ def _register_table(cur, name: str, frame: pd.DataFrame, sql_select: str = "*") 
     cur.unregister(f"{name}_df")
 
 
-# Every row parsed once and its quarantine decided; stored sorted by patient so that the
-# insert into lab_results keeps each patient's results together (DuckDB zone maps then
-# answer one patient's timeline without scanning the table).
-_P_SQL = """
-CREATE OR REPLACE TEMP TABLE p AS
-SELECT s.source_row,
-       {patient_id} AS patient_id,
-       {ts} AS collected_at,
-       {rts} AS reported_at,
-       {specimen_id} AS specimen_id,
-       k.analyte_code,
-       NULLIF(trim(s.loinc), '') AS loinc,
-       NULLIF(trim(s.test_name), '') AS analyte_name,
-       s.value AS value_text,
-       s.value_kind AS result_kind,
-       s.value_comparator AS comparator,
-       s.value_number AS value_num,
-       s.unit,
-       {ref_low} AS ref_low,
-       {ref_high} AS ref_high,
-       NULLIF(trim(s.flag), '') AS flag,
-       s.comment,
-       k.factor, k.unit_canonical, k.unit_missing,
-       a.plausible_low, a.plausible_high,
-       CASE
-         WHEN {patient_id} IS NULL THEN 'patient_id'
-         WHEN {ts} IS NULL THEN 'collected_at'
-         WHEN k.analyte_code IS NULL THEN 'loinc'
-         WHEN k.bad_loinc THEN 'loinc'
-         WHEN s.value_kind IN ('numeric', 'censored') AND k.unit_error IS NOT NULL THEN 'unit'
-       END AS q_column,
-       CASE
-         WHEN {patient_id} IS NULL THEN 'patient id is missing'
-         WHEN NULLIF(trim(s.collected_at), '') IS NULL THEN 'collection time is missing'
-         WHEN {ts} IS NULL THEN 'cannot read collection time ''' || s.collected_at || ''''
-         WHEN k.analyte_code IS NULL THEN 'neither a LOINC code nor a test name'
-         WHEN k.bad_loinc THEN 'LOINC code ''' || trim(s.loinc) || ''' fails its check digit'
-         WHEN s.value_kind IN ('numeric', 'censored') AND k.unit_error IS NOT NULL THEN k.unit_error
-       END AS q_reason
+# The quarantine rule, one SQL expression per output, over ``s`` (a staged row with its
+# parsed value: value_kind) joined to ``k`` (its key_map row). A row is loaded exactly
+# when q_reason is NULL.
+_Q_COLUMN = """CASE
+    WHEN {patient_id} IS NULL THEN 'patient_id'
+    WHEN {ts} IS NULL THEN 'collected_at'
+    WHEN k.analyte_code IS NULL THEN 'loinc'
+    WHEN k.bad_loinc THEN 'loinc'
+    WHEN s.value_kind IN ('numeric', 'censored') AND k.unit_error IS NOT NULL THEN 'unit'
+END"""
+# q_reason IS NULL, written without building the reason (the insert's filter).
+_LOADED = """{patient_id} IS NOT NULL AND {ts} IS NOT NULL AND k.analyte_code IS NOT NULL AND NOT k.bad_loinc
+    AND (k.unit_error IS NULL OR s.value_kind NOT IN ('numeric', 'censored'))"""
+_Q_REASON = """CASE
+    WHEN {patient_id} IS NULL THEN 'patient id is missing'
+    WHEN NULLIF(trim(s.collected_at), '') IS NULL THEN 'collection time is missing'
+    WHEN {ts} IS NULL THEN 'cannot read collection time ''' || s.collected_at || ''''
+    WHEN k.analyte_code IS NULL THEN 'neither a LOINC code nor a test name'
+    WHEN k.bad_loinc THEN 'LOINC code ''' || trim(s.loinc) || ''' fails its check digit'
+    WHEN s.value_kind IN ('numeric', 'censored') AND k.unit_error IS NOT NULL THEN k.unit_error
+END"""
+_KEY_JOIN = """LEFT JOIN key_map k ON k.loinc IS NOT DISTINCT FROM s.loinc AND k.local_code IS NOT DISTINCT FROM s.local_code
+     AND k.test_name IS NOT DISTINCT FROM s.test_name AND k.unit IS NOT DISTINCT FROM s.unit"""
+
+# Every accepted row parsed and written once, straight from the staged rows; sorted by
+# patient unless the file already keeps each patient's rows together, so that DuckDB's
+# zone maps answer one patient's timeline without scanning the table.
+_INSERT_SQL = """
+INSERT INTO results
+SELECT {patient_id}, {ts}, k.key_id, s.value_kind::result_kind, s.value_comparator::result_comparator,
+       s.value_number, s.value, {specimen_id}, {rts}, {ref_low}, {ref_high}, NULLIF(trim(s.flag), ''), s.comment,
+       COALESCE(s.value_kind IN ('numeric', 'censored') AND NOT k.unit_missing AND (
+           s.value_number * k.factor < k.plausible_low OR s.value_number * k.factor > k.plausible_high), false),
+       false, {batch_id}, s.source_row
 FROM ({values}) s
-LEFT JOIN key_map k ON k.loinc IS NOT DISTINCT FROM s.loinc AND k.local_code IS NOT DISTINCT FROM s.local_code
-     AND k.test_name IS NOT DISTINCT FROM s.test_name AND k.unit IS NOT DISTINCT FROM s.unit
-LEFT JOIN analytes a ON a.code = k.analyte_code
+{key_join}
+WHERE {loaded}
 {order_by}
 """
 
+# Quarantined rows. Only rows that fail a cheap test (no patient, no time, no analyte,
+# bad LOINC, a unit that cannot be converted) have their value parsed again; the test is
+# implied by q_reason being non-NULL, so the two statements split the rows exactly.
+_QUARANTINE_SQL = """
+INSERT INTO quarantine
+SELECT {batch_id}, s.source_row, {q_column}, {q_reason}, to_json(s.raw_row)
+FROM ({values}) s
+{key_join}
+WHERE {q_reason} IS NOT NULL
+ORDER BY s.source_row
+"""
+_QUARANTINE_CANDIDATES = """(
+SELECT s.*, s AS raw_row FROM stg s
+{key_join}
+WHERE {patient_id} IS NULL OR {ts} IS NULL OR k.analyte_code IS NULL OR k.bad_loinc OR k.unit_error IS NOT NULL
+) c"""
+
+_TEMP_TABLES = ("key_map", "multi_hash", "multi", "dup", "conflict_rows")
+
+
+def _assign_key_ids(cur, keys: pd.DataFrame) -> pd.DataFrame:
+    """``keys`` plus ``key_id``: the ``result_keys`` row of each (analyte code, LOINC, name,
+    unit, canonical unit, factor, unit missing), created when new. Keys without an analyte
+    code (their rows are quarantined) get none."""
+    keys = keys.copy()
+    keys["loinc_given"] = [v.strip() if isinstance(v, str) and v.strip() else None for v in keys["loinc"]]
+    keys["analyte_name"] = [v.strip() if isinstance(v, str) and v.strip() else None for v in keys["test_name"]]
+    ident = ["analyte_code", "loinc_given", "analyte_name", "unit", "unit_canonical", "factor", "unit_missing"]
+    wanted = keys.loc[keys["analyte_code"].notna(), ident].drop_duplicates().reset_index(drop=True)
+    wanted["wanted_id"] = range(len(wanted))
+    _register_table(
+        cur, "wanted_keys", wanted,
+        "wanted_id, analyte_code::VARCHAR AS analyte_code, loinc_given::VARCHAR AS loinc_given, "
+        "analyte_name::VARCHAR AS analyte_name, unit::VARCHAR AS unit, unit_canonical::VARCHAR AS unit_canonical, "
+        "factor::DOUBLE AS factor, unit_missing::BOOLEAN AS unit_missing",
+    )
+    same = """r.analyte_code = w.analyte_code AND r.loinc IS NOT DISTINCT FROM w.loinc_given
+              AND r.analyte_name IS NOT DISTINCT FROM w.analyte_name AND r.unit IS NOT DISTINCT FROM w.unit
+              AND r.unit_canonical IS NOT DISTINCT FROM w.unit_canonical AND r.factor IS NOT DISTINCT FROM w.factor
+              AND r.unit_missing = w.unit_missing"""
+    cur.execute(
+        f"""
+        INSERT INTO result_keys
+        SELECT (SELECT COALESCE(max(key_id), 0) FROM result_keys) + row_number() OVER (ORDER BY w.wanted_id),
+               w.analyte_code, w.loinc_given, w.analyte_name, w.unit, w.unit_canonical, w.factor, w.unit_missing
+        FROM wanted_keys w
+        WHERE NOT EXISTS (SELECT 1 FROM result_keys r WHERE {same})
+        """
+    )
+    ids = dict(cur.execute(f"SELECT w.wanted_id, r.key_id FROM wanted_keys w JOIN result_keys r ON {same}").fetchall())
+    cur.execute("DROP TABLE wanted_keys")
+    wanted["key_id"] = wanted["wanted_id"].map(ids)
+    out = keys.merge(wanted.drop(columns=["wanted_id"]), on=ident, how="left")
+    out["key_id"] = out["key_id"].astype("Int64")
+    return out.drop(columns=["loinc_given", "analyte_name"])
+
+
+def drop_temp(cur, name: str) -> None:
+    """Drop the import's temp table or view ``name``, whichever exists."""
+    kind = cur.execute(
+        "SELECT table_type FROM information_schema.tables WHERE table_catalog = 'temp' AND table_name = ?", [name]
+    ).fetchone()
+    if kind is not None:
+        cur.execute(f"DROP {'VIEW' if kind[0] == 'VIEW' else 'TABLE'} {name}")
+
 
 def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSummary:
-    """Move ``stg`` into ``lab_results`` / ``quarantine`` / ``patients``; return the counts.
+    """Move ``stg`` into ``results`` / ``quarantine`` / ``patients``; return the counts.
 
     Must run inside the caller's transaction; raises :class:`ImportFileError` for a file
     whose dates or decimal mark cannot be read without a choice from the user.
@@ -328,160 +387,74 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     staged.decimal = decimal
     staged.options["date_order"] = date_order
     staged.options["decimal"] = decimal
+    b = int(batch_id)
 
     # 1. analyte codes, units and LOINC check digits: decided once per distinct key
-    _register_table(cur, "key_map", _key_map(cur))
-    # 2. one pass: parse every row and decide its quarantine; sort by patient unless the
-    #    file already keeps each patient's rows together (checked cheaply by aggregation)
+    _register_table(cur, "key_map", _assign_key_ids(cur, _key_map(cur)))
+    cur.execute(
+        "CREATE OR REPLACE TEMP TABLE key_map AS SELECT k.*, a.plausible_low, a.plausible_high "
+        "FROM key_map k LEFT JOIN analytes a ON a.code = k.analyte_code"
+    )
+    has_existing = cur.execute("SELECT EXISTS (SELECT 1 FROM results)").fetchone()[0]
+    # 2. one pass: parse and write every accepted row, sorted by patient unless the file
+    #    already keeps each patient's rows together (checked cheaply by aggregation)
     grouped = cur.execute(
         "SELECT COALESCE(bool_and(mx - mn + 1 = n), true) FROM "
         "(SELECT min(source_row) AS mn, max(source_row) AS mx, count(*) AS n FROM stg GROUP BY patient_id)"
     ).fetchone()[0]
-    cur.execute(_P_SQL.format(
-        order_by="" if grouped else "ORDER BY patient_id",
+    parts = dict(
         patient_id=_blank_to_null("s.patient_id"),
         ts=timestamp_sql("s.collected_at", date_order),
         rts=timestamp_sql("s.reported_at", date_order),
         specimen_id=_blank_to_null("s.specimen_id"),
         ref_low=plain_number_sql("s.ref_low", decimal),
         ref_high=plain_number_sql("s.ref_high", decimal),
-        values=value_select_sql("stg", "value", decimal),
+        batch_id=b,
+        key_join=_KEY_JOIN,
+    )
+    parts["q_reason"] = _Q_REASON.format(**parts)
+    parts["q_column"] = _Q_COLUMN.format(**parts)
+    parts["loaded"] = _LOADED.format(**parts)
+    cur.execute(_INSERT_SQL.format(
+        **parts, values=value_select_sql("stg", "value", decimal), order_by="" if grouped else "ORDER BY 1, 2",
     ))
-    has_existing = cur.execute("SELECT EXISTS (SELECT 1 FROM lab_results)").fetchone()[0]
+    # 3. quarantine, each row with its column, reason and the row as read (the rows the
+    #    insert left out: none in a clean file, which is then not read again)
+    n_stg, n_inserted = cur.execute(
+        f"SELECT (SELECT count(*) FROM stg), (SELECT count(*) FROM results WHERE batch_id = {b})"
+    ).fetchone()
+    if n_inserted < n_stg:
+        candidates = _QUARANTINE_CANDIDATES.format(**parts)
+        cur.execute(_QUARANTINE_SQL.format(**parts, values=value_select_sql(candidates, "value", decimal)))
+    # 4. exact duplicates removed, conflicting results flagged
+    n_dup = _duplicates_and_conflicts(cur, b, has_existing)
 
-    # 3. exact duplicates and conflicts: only keys that occur more than once can hold one
-    #    (found by a hash of the key; the full key is compared afterwards)
-    cur.execute(
-        "CREATE OR REPLACE TEMP TABLE multi_hash AS SELECT hash(patient_id, analyte_code, collected_at) AS key_hash "
-        "FROM p WHERE q_reason IS NULL GROUP BY key_hash HAVING count(*) > 1"
-    )
-    existing_keys = (
-        """UNION
-        SELECT DISTINCT p.patient_id, p.analyte_code, p.collected_at FROM p
-        JOIN lab_results l ON l.patient_id = p.patient_id AND l.analyte_code = p.analyte_code
-             AND l.collected_at = p.collected_at
-        WHERE p.q_reason IS NULL"""
-        if has_existing
-        else ""
-    )
-    cur.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE multi AS
-        SELECT DISTINCT p.patient_id, p.analyte_code, p.collected_at FROM p
-        SEMI JOIN multi_hash h ON h.key_hash = hash(p.patient_id, p.analyte_code, p.collected_at)
-        WHERE p.q_reason IS NULL
-        {existing_keys}
-        """
-    )
-    cur.execute(
-        """
-        CREATE OR REPLACE TEMP TABLE dup AS
-        WITH cand AS (
-            SELECT p.* FROM p SEMI JOIN multi m
-              ON m.patient_id = p.patient_id AND m.analyte_code = p.analyte_code AND m.collected_at = p.collected_at
-            WHERE p.q_reason IS NULL
-        ),
-        within_file AS (
-            SELECT source_row, row_number() OVER (
-                PARTITION BY patient_id, analyte_code, collected_at, specimen_id, reported_at, value_text,
-                             unit, flag, comment, ref_low, ref_high
-                ORDER BY source_row) AS rn
-            FROM cand
-        )
-        SELECT source_row FROM within_file WHERE rn > 1
-        UNION
-        SELECT c.source_row FROM cand c JOIN lab_results l
-          ON l.patient_id = c.patient_id AND l.analyte_code = c.analyte_code AND l.collected_at = c.collected_at
-         AND l.specimen_id IS NOT DISTINCT FROM c.specimen_id AND l.reported_at IS NOT DISTINCT FROM c.reported_at
-         AND l.value_text IS NOT DISTINCT FROM c.value_text AND l.unit IS NOT DISTINCT FROM c.unit
-         AND l.flag IS NOT DISTINCT FROM c.flag AND l.comment IS NOT DISTINCT FROM c.comment
-         AND l.ref_low IS NOT DISTINCT FROM c.ref_low AND l.ref_high IS NOT DISTINCT FROM c.ref_high
-        """
-    )
-    cur.execute(
-        """
-        CREATE OR REPLACE TEMP TABLE conflict_keys AS
-        WITH vals AS (
-            SELECT p.patient_id, p.analyte_code, p.collected_at, p.value_text FROM p
-            SEMI JOIN multi m ON m.patient_id = p.patient_id AND m.analyte_code = p.analyte_code AND m.collected_at = p.collected_at
-            ANTI JOIN dup d ON d.source_row = p.source_row
-            WHERE p.q_reason IS NULL
-            UNION ALL
-            SELECT l.patient_id, l.analyte_code, l.collected_at, l.value_text FROM lab_results l
-            SEMI JOIN multi m ON m.patient_id = l.patient_id AND m.analyte_code = l.analyte_code AND m.collected_at = l.collected_at
-        )
-        SELECT patient_id, analyte_code, collected_at FROM vals GROUP BY ALL
-        HAVING count(DISTINCT COALESCE(value_text, '')) > 1
-        """
-    )
-    cur.execute(
-        """
-        UPDATE lab_results SET conflicting = true
-        FROM conflict_keys k
-        WHERE lab_results.patient_id = k.patient_id AND lab_results.analyte_code = k.analyte_code
-          AND lab_results.collected_at = k.collected_at AND NOT lab_results.conflicting
-        """
-    )
-    cur.execute(
-        f"""
-        INSERT INTO lab_results
-        SELECT ({batch_id}::BIGINT << 32) + p.source_row AS result_id,
-               p.patient_id, p.specimen_id, p.collected_at, p.reported_at, p.analyte_code, p.loinc,
-               p.analyte_name, p.value_text, p.comparator, p.value_num, p.unit,
-               CASE WHEN p.result_kind IN ('numeric', 'censored') AND NOT p.unit_missing THEN p.value_num * p.factor END,
-               p.unit_canonical, p.ref_low, p.ref_high,
-               CASE WHEN NOT p.unit_missing THEN p.ref_low * p.factor END,
-               CASE WHEN NOT p.unit_missing THEN p.ref_high * p.factor END,
-               p.flag, p.comment, p.result_kind,
-               COALESCE(p.result_kind IN ('numeric', 'censored') AND NOT p.unit_missing AND (
-                   p.value_num * p.factor < p.plausible_low OR p.value_num * p.factor > p.plausible_high), false),
-               p.unit_missing AND p.result_kind IN ('numeric', 'censored'),
-               k.patient_id IS NOT NULL,
-               {batch_id}, p.source_row
-        FROM p
-        LEFT JOIN conflict_keys k ON k.patient_id = p.patient_id AND k.analyte_code = p.analyte_code
-             AND k.collected_at = p.collected_at
-        ANTI JOIN dup d ON d.source_row = p.source_row
-        WHERE p.q_reason IS NULL
-        """
-    )
-    cur.execute(
-        f"""
-        INSERT INTO quarantine
-        SELECT {batch_id}, p.source_row, p.q_column, p.q_reason, to_json(s)
-        FROM p JOIN stg s ON s.source_row = p.source_row
-        WHERE p.q_reason IS NOT NULL
-        ORDER BY p.source_row
-        """
-    )
     n_rejected = 0
     if staged.rejects_table:
         cur.execute(
-            f"INSERT INTO quarantine SELECT {batch_id}, source_row, NULL, ? || ' cannot be read: ' || reason, "
+            f"INSERT INTO quarantine SELECT {b}, source_row, NULL, ? || ' cannot be read: ' || reason, "
             f"to_json({{'line': line}}) FROM {staged.rejects_table} ORDER BY source_row",
             [staged.rejects_label.split(" cannot")[0]],
         )
         n_rejected = cur.execute(f"SELECT count(*) FROM {staged.rejects_table}").fetchone()[0]
-    _upsert_patients(cur, staged, batch_id)
+    _upsert_patients(cur, staged, b)
 
     counts = cur.execute(
         f"""
         SELECT count(*),
-               count(*) FILTER (WHERE result_kind = 'censored'),
-               count(*) FILTER (WHERE result_kind IN ('text')),
-               count(*) FILTER (WHERE implausible),
-               count(*) FILTER (WHERE conflicting),
-               count(*) FILTER (WHERE unit_missing),
-               count(DISTINCT patient_id)
-        FROM lab_results WHERE batch_id = {batch_id}
+               count(*) FILTER (WHERE r.result_kind = 'censored'),
+               count(*) FILTER (WHERE r.result_kind = 'text'),
+               count(*) FILTER (WHERE r.implausible),
+               count(*) FILTER (WHERE r.conflicting),
+               count(*) FILTER (WHERE k.unit_missing AND r.comparator IS NOT NULL),
+               count(DISTINCT r.patient_id)
+        FROM results r JOIN result_keys k ON k.key_id = r.key_id WHERE r.batch_id = {b}
         """
     ).fetchone()
-    n_stg = cur.execute("SELECT count(*) FROM stg").fetchone()[0]
-    n_dup = cur.execute("SELECT count(*) FROM dup").fetchone()[0]
     q_reasons = dict(
         cur.execute(
-            "SELECT CASE WHEN q_column = 'unit' THEN 'unit unknown or not convertible' ELSE q_reason END AS r, count(*) "
-            "FROM p WHERE q_reason IS NOT NULL GROUP BY r ORDER BY 2 DESC"
+            "SELECT CASE WHEN column_name = 'unit' THEN 'unit unknown or not convertible' ELSE reason END AS r, count(*) "
+            f"FROM quarantine WHERE batch_id = {b} AND column_name IS NOT NULL GROUP BY r ORDER BY 2 DESC, 1"
         ).fetchall()
     )
     if n_rejected:
@@ -490,7 +463,7 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     if n_dup:
         skipped["exact duplicate of a row already kept"] += n_dup
     s = ImportSummary(
-        batch_id=batch_id,
+        batch_id=b,
         file=file_label,
         format=staged.format,
         rows_read=int(n_stg + n_rejected + sum(staged.skipped.values())),
@@ -509,9 +482,93 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     )
     if s.rows_loaded + s.rows_quarantined + s.rows_skipped != s.rows_read:
         raise RuntimeError(f"internal accounting error for {file_label}: {s.to_dict()}")
-    for t in ("p", "multi_hash", "multi", "dup", "conflict_keys", "key_map"):
-        cur.execute(f"DROP TABLE IF EXISTS {t}")
+    for t in _TEMP_TABLES:
+        drop_temp(cur, t)
     return s
+
+
+# What makes two results at the same patient, analyte and time exact copies of each other.
+_IDENTITY = ("specimen_id", "reported_at", "value_text", "unit", "flag", "comment", "ref_low", "ref_high")
+
+
+def _duplicates_and_conflicts(cur, b: int, has_existing: bool) -> int:
+    """Remove batch ``b``'s exact duplicates and flag conflicting results; return the number removed.
+
+    A row of the batch is an exact duplicate when an earlier row (of an earlier batch, or
+    earlier in this file) has the same patient, analyte, collection time and
+    :data:`_IDENTITY`: the first is kept. A (patient, analyte, time) left with more than
+    one distinct value is marked ``conflicting`` on every row, old and new. Only keys that
+    occur more than once can hold either; they are found by a hash of the key, and the
+    full key is compared afterwards.
+    """
+    cur.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE multi_hash AS
+        SELECT hash(r.patient_id, k.analyte_code, r.collected_at) AS key_hash
+        FROM results r JOIN result_keys k ON k.key_id = r.key_id
+        WHERE r.batch_id = {b}
+        GROUP BY key_hash HAVING count(*) > 1
+        """
+    )
+    existing = (
+        f"""UNION
+        SELECT DISTINCT n.patient_id, n.analyte_code, n.collected_at
+        FROM lab_results n JOIN lab_results o
+          ON o.patient_id = n.patient_id AND o.analyte_code = n.analyte_code AND o.collected_at = n.collected_at
+        WHERE n.batch_id = {b} AND o.batch_id <> {b}"""
+        if has_existing
+        else ""
+    )
+    cur.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE multi AS
+        SELECT DISTINCT l.patient_id, l.analyte_code, l.collected_at FROM lab_results l
+        SEMI JOIN multi_hash h ON h.key_hash = hash(l.patient_id, l.analyte_code, l.collected_at)
+        WHERE l.batch_id = {b}
+        {existing}
+        """
+    )
+    if not cur.execute("SELECT count(*) FROM multi").fetchone()[0]:
+        return 0
+    cur.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE dup AS
+        SELECT source_row FROM (
+            SELECT l.batch_id, l.source_row, row_number() OVER (
+                PARTITION BY l.patient_id, l.analyte_code, l.collected_at, {', '.join('l.' + c for c in _IDENTITY)}
+                ORDER BY l.batch_id, l.source_row) AS rn
+            FROM lab_results l SEMI JOIN multi m
+              ON m.patient_id = l.patient_id AND m.analyte_code = l.analyte_code AND m.collected_at = l.collected_at
+        ) WHERE rn > 1 AND batch_id = {b}
+        """
+    )
+    n_dup = cur.execute("SELECT count(*) FROM dup").fetchone()[0]
+    if n_dup:
+        cur.execute(f"DELETE FROM results WHERE batch_id = {b} AND source_row IN (SELECT source_row FROM dup)")
+    cur.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE conflict_rows AS
+        WITH kept AS (
+            SELECT l.patient_id, l.analyte_code, l.collected_at, l.value_text, l.batch_id, l.source_row
+            FROM lab_results l SEMI JOIN multi m
+              ON m.patient_id = l.patient_id AND m.analyte_code = l.analyte_code AND m.collected_at = l.collected_at
+        ),
+        conflicting AS (
+            SELECT patient_id, analyte_code, collected_at FROM kept GROUP BY ALL
+            HAVING count(DISTINCT COALESCE(value_text, '')) > 1
+        )
+        SELECT kept.batch_id, kept.source_row FROM kept SEMI JOIN conflicting c
+          ON c.patient_id = kept.patient_id AND c.analyte_code = kept.analyte_code AND c.collected_at = kept.collected_at
+        """
+    )
+    cur.execute(
+        """
+        UPDATE results SET conflicting = true FROM conflict_rows c
+        WHERE results.batch_id = c.batch_id AND results.source_row = c.source_row AND NOT results.conflicting
+        """
+    )
+    return int(n_dup)
+
 
 
 _SEX_SQL = """CASE
@@ -536,7 +593,7 @@ def _upsert_patients(cur, staged: Staged, batch_id: int) -> None:
         f"""
         INSERT INTO patients (patient_id, sex, birth_date, age_at_ref, ref_date, source, batch_id)
         SELECT ids.patient_id, src.sex, src.birth_date, src.age_at_ref, src.ref_date, ?, {batch_id}
-        FROM (SELECT DISTINCT patient_id FROM lab_results WHERE batch_id = {batch_id}
+        FROM (SELECT DISTINCT patient_id FROM results WHERE batch_id = {batch_id}
               UNION SELECT patient_id FROM ({src})) ids
         LEFT JOIN ({src}) src ON src.patient_id = ids.patient_id
         ON CONFLICT (patient_id) DO UPDATE SET
