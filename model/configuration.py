@@ -58,6 +58,11 @@ class LabTrendConfig(PretrainedConfig):
         max_queries (`int`, *optional*, defaults to 16):
             Most queries one row may hold; the feature builder splits larger groups over
             several rows with the same events.
+        query_summary_features (`int`, *optional*, defaults to 6):
+            Width of the summary of a query analyte's prior results added to its query token
+            (``model.features.QUERY_SUMMARY``: mean, previous, minimum, maximum relative to
+            the anchor, standard deviation, log count). It covers every prior result, also
+            those older than the ``max_events`` window. 0 leaves it out.
 
         > Time encoding
 
@@ -138,6 +143,7 @@ class LabTrendConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         max_events: int = 256,
         max_queries: int = 16,
+        query_summary_features: int = 6,
         # time encoding
         time_fourier_features: int = 16,
         time_min_period_days: float = 0.25,
@@ -165,6 +171,7 @@ class LabTrendConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.max_events = max_events
         self.max_queries = max_queries
+        self.query_summary_features = query_summary_features
         self.time_fourier_features = time_fourier_features
         self.time_min_period_days = time_min_period_days
         self.time_max_period_days = time_max_period_days
@@ -193,6 +200,9 @@ class LabTrendConfig(PretrainedConfig):
                 f"time periods must satisfy 0 < time_min_period_days ({self.time_min_period_days}) "
                 f"<= time_max_period_days ({self.time_max_period_days})"
             )
+        if self.query_summary_features not in (0, 6):
+            raise ValueError(f"query_summary_features ({self.query_summary_features}) must be 0 or 6 "
+                             "(model.features.QUERY_SUMMARY)")
         for name in ("n_layers", "n_decoder_layers", "d_ff", "max_events", "max_queries", "time_fourier_features"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")

@@ -195,6 +195,8 @@ class _ValueFunction:
             arr["query_anchor_value"] = np.where(k_anchor, r.query_anchor_value[0], 0.0).astype(np.float32)[:, None]
             arr["query_anchor_censor"] = np.where(k_anchor, r.query_anchor_censor[0], 0).astype(np.int64)[:, None]
             arr["query_mask"] = np.ones((b, 1), np.int64)
+            # the summary of the analyte's prior results goes with the anchor (its last result)
+            arr["query_summary"] = np.where(k_anchor[:, None], r.query_summary[:1], 0.0).astype(np.float32)[:, None, :]
             inputs = {k: torch.from_numpy(v).to(device) for k, v in arr.items()}
             with torch.inference_mode(), autocast:
                 z = self.pipeline.model(**inputs).quantiles.float().cpu().numpy()[:, 0, :]  # [batch x n_quantiles]

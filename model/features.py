@@ -17,7 +17,9 @@ Encoding rules (the same in pretraining, fine-tuning and inference — FC-12):
 * **Patient.** Age in years at ``at`` (NaN when unknown) and sex (0 unknown, 1 F, 2 M).
 * **Queries.** ``analyte id``, ``horizon`` = days from the analyte's last prior result to
   ``at``, and that last result as the **anchor** (normalised value and censor flag): the
-  forecasting head predicts quantiles relative to it.
+  forecasting head predicts quantiles relative to it. Each query also carries a
+  **summary** of every prior result of its analyte (not only those among the ``max_events``
+  events): :data:`QUERY_SUMMARY`, computed by :func:`summary_from_sums`.
 * **Padding.** Rows are right-padded to the longest row of the batch. ``event_mask`` and
   ``query_mask`` are 1 for a real event/query and 0 for padding; padded slots hold analyte
   id 0 (PAD), value 0, censor 0 and time 0, and the network never lets them influence real
@@ -42,6 +44,7 @@ __all__ = [
     "AnalyteVocab", "AnalyteStats", "AnalyteScaler",
     "validate_history", "validate_queries",
     "ContextRow", "EncodedQueries", "encode_queries", "collate",
+    "QUERY_SUMMARY", "summary_from_sums",
 ]
 
 PAD_ID, UNK_ID, MASK_ID = 0, 1, 2
@@ -54,6 +57,30 @@ STATUS_OK = "ok"
 STATUS_UNKNOWN_ANALYTE = "analyte not in model vocabulary"
 
 _US_PER_DAY = 86_400 * 1_000_000
+
+# Summary of a query analyte's prior results, normalised units relative to the anchor a (the
+# last prior result): mean - a, previous result - a (0 with one result), min - a, max - a,
+# standard deviation (population), log1p(number of prior results) / 5. Clipped to +-10.
+QUERY_SUMMARY = ("mean_d", "prev_d", "min_d", "max_d", "std", "log_n")
+_SUMMARY_CLIP = 10.0
+
+
+def summary_from_sums(n, s, ss, lo, hi, anchor, prev) -> np.ndarray:
+    """:data:`QUERY_SUMMARY` from running statistics of the analyte's prior results.
+
+    Arguments are arrays of shape ``(queries,)`` in normalised units (float64 sums): ``n``
+    count (>= 1), ``s`` sum, ``ss`` sum of squares, ``lo``/``hi`` minimum/maximum,
+    ``anchor`` the last result, ``prev`` the one before it (NaN when there is none).
+    Returns ``(queries, len(QUERY_SUMMARY))`` float32. Training (``ExampleBuilder``) and
+    inference (:func:`encode_queries`) both call it with sums accumulated oldest first, so a
+    query gets the same features in both.
+    """
+    n = np.asarray(n, dtype=np.float64)
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
+    prev_d = np.where(np.isnan(prev), 0.0, prev - anchor)
+    out = np.stack([mean - anchor, prev_d, lo - anchor, hi - anchor, std, np.log1p(n) / 5.0], axis=-1)
+    return np.clip(out, -_SUMMARY_CLIP, _SUMMARY_CLIP).astype(np.float32)
 
 
 def status_too_few(n: int, minimum: int = MIN_HISTORY) -> str:
@@ -352,6 +379,7 @@ class ContextRow:
     query_horizon: np.ndarray  # float32, days from the analyte's last prior result to ``at``
     query_anchor_value: np.ndarray  # float32, that last result, normalised units
     query_anchor_censor: np.ndarray  # int64 in {-1, 0, +1}
+    query_summary: np.ndarray  # float32 (queries, len(QUERY_SUMMARY)), the analyte's prior results
     query_index: np.ndarray  # int64, positions of the queries in the caller's queries frame
     target_value: np.ndarray | None = None  # float32, normalised true value at ``at``
     target_censor: np.ndarray | None = None  # int64 censor flag of the true value
@@ -474,7 +502,7 @@ def encode_queries(
     groups = pd.DataFrame({"pid": q["patient_id"], "at": at_us}).groupby(["pid", "at"], sort=False).indices
     for (pid, t), idx in groups.items():
         p = patients.get(pid)
-        ok_idx, horizon, anchor_z, anchor_c = [], [], [], []
+        ok_idx, horizon, anchor_z, anchor_c, summary = [], [], [], [], []
         for i in idx:
             series = p["by_analyte"].get(codes[i]) if p else None
             n = int(np.searchsorted(series[0], t, side="left")) if series is not None else 0
@@ -488,6 +516,7 @@ def encode_queries(
                 horizon.append((t - series[0][n - 1]) / _US_PER_DAY)
                 anchor_z.append(series[1][n - 1])
                 anchor_c.append(series[2][n - 1])
+                summary.append(_series_summary(series[1], n))
         if not ok_idx:
             continue
         end = int(np.searchsorted(p["t_us"], t, side="left"))  # strictly before ``at``
@@ -510,6 +539,7 @@ def encode_queries(
                     query_horizon=np.asarray(horizon[s : s + max_queries], dtype=np.float32),
                     query_anchor_value=np.asarray(anchor_z[s : s + max_queries], dtype=np.float32),
                     query_anchor_censor=np.asarray(anchor_c[s : s + max_queries], dtype=np.int64),
+                    query_summary=np.concatenate(summary[s : s + max_queries], axis=0),
                     query_index=qi,
                     target_value=target_z[qi] if has_target else None,
                     target_censor=target_c[qi] if has_target else None,
@@ -518,13 +548,21 @@ def encode_queries(
     return EncodedQueries(rows=rows, n_history=n_history, status=status)
 
 
+def _series_summary(z: np.ndarray, n: int) -> np.ndarray:
+    """:data:`QUERY_SUMMARY` of the first ``n`` results of one analyte series ``z``: ``(1, k)``."""
+    x = z[:n].astype(np.float64)
+    s, ss = np.cumsum(x)[-1:], np.cumsum(x * x)[-1:]
+    prev = x[-2:-1] if n >= 2 else np.array([np.nan])
+    return summary_from_sums(np.array([n]), s, ss, x.min(keepdims=True), x.max(keepdims=True), x[-1:], prev)
+
+
 def collate(rows: Sequence[ContextRow]) -> dict[str, np.ndarray]:
     """Right-pad ``rows`` into the model's keyword arguments (numpy; the caller makes tensors).
 
     Returns ``event_analyte, event_value, event_censor, event_time, event_mask`` of shape
     ``(batch, events)``; ``patient_age, patient_sex`` of shape ``(batch,)``;
     ``query_analyte, query_horizon, query_anchor_value, query_anchor_censor, query_mask`` of
-    shape ``(batch, queries)``; and ``target_value, target_censor`` when every row has
+    shape ``(batch, queries)``; ``query_summary`` of shape ``(batch, queries, k)``; and ``target_value, target_censor`` when every row has
     targets. Masks are int64, 1 = real, 0 = padding. ``events`` and ``queries`` are the
     longest row's counts (at least 1).
     """
@@ -546,6 +584,7 @@ def collate(rows: Sequence[ContextRow]) -> dict[str, np.ndarray]:
         "query_anchor_value": np.zeros((b, nq), dtype=np.float32),
         "query_anchor_censor": np.zeros((b, nq), dtype=np.int64),
         "query_mask": np.zeros((b, nq), dtype=np.int64),
+        "query_summary": np.zeros((b, nq, len(QUERY_SUMMARY)), dtype=np.float32),
     }
     with_targets = all(r.target_value is not None for r in rows)
     if with_targets:
@@ -564,6 +603,7 @@ def collate(rows: Sequence[ContextRow]) -> dict[str, np.ndarray]:
         out["query_anchor_value"][i, :m] = r.query_anchor_value
         out["query_anchor_censor"][i, :m] = r.query_anchor_censor
         out["query_mask"][i, :m] = 1
+        out["query_summary"][i, :m] = r.query_summary
         if with_targets:
             out["target_value"][i, :m] = r.target_value
             out["target_censor"][i, :m] = r.target_censor

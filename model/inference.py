@@ -47,7 +47,7 @@ CALIBRATION_FILE = "calibration.json"
 VERSION_FILE = "model_version"
 _MODEL_INPUTS = (
     "event_analyte", "event_value", "event_censor", "event_time", "event_mask", "patient_age", "patient_sex",
-    "query_analyte", "query_horizon", "query_anchor_value", "query_anchor_censor", "query_mask",
+    "query_analyte", "query_horizon", "query_anchor_value", "query_anchor_censor", "query_mask", "query_summary",
 )
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
 

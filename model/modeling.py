@@ -138,6 +138,8 @@ class LabTrendEmbeddings(nn.Module):
         self.patient_sex = nn.Embedding(3, d)  # 0 unknown, 1 F, 2 M
         self.patient_age = nn.Linear(2, d)  # [age / 100, age known]
         self.query_anchor = nn.Linear(4, d)  # [anchor value, anchor censor one-hot (3)]
+        # summary of the analyte's prior results (model.features.QUERY_SUMMARY); zero at initialisation
+        self.query_summary = LabTrendQuerySummary(config.query_summary_features, d) if config.query_summary_features else None
         self.query_horizon = LabTrendTimeEncoding(config)
         self.event_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.patient_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
@@ -158,11 +160,18 @@ class LabTrendEmbeddings(nn.Module):
         x = self.patient_sex(sex.long().clamp(0, 2)) + self.patient_age(torch.stack([age, known.float()], dim=-1))
         return self.dropout(self.patient_norm(x)).unsqueeze(1)  # [batch x 1 x d_model]
 
-    def queries(self, analyte, horizon, anchor_value, anchor_censor) -> torch.Tensor:
-        """All ``(batch, queries)`` -> ``(batch, queries, d_model)``."""
+    def queries(self, analyte, horizon, anchor_value, anchor_censor, summary=None) -> torch.Tensor:
+        """All ``(batch, queries)`` (``summary``: ``(batch, queries, k)`` or None) -> ``(batch, queries, d_model)``."""
         anchor = torch.cat([anchor_value.float().unsqueeze(-1), _censor_one_hot(anchor_censor)], dim=-1)
         x = self.analyte(analyte) + self.query_anchor(anchor) + self.query_horizon(horizon)
+        if self.query_summary is not None and summary is not None:
+            x = x + self.query_summary(summary.float())
         return self.dropout(self.query_norm(x))  # [batch x queries x d_model]
+
+
+class LabTrendQuerySummary(nn.Linear):
+    """Summary of a query analyte's prior results -> ``d_model``; zero-initialised, so a
+    checkpoint trained without it (or a fresh model) starts exactly where it was."""
 
 
 class LabTrendAttention(nn.Module):
@@ -355,6 +364,9 @@ _INPUTS_DOC = r"""
         query_anchor_value (`torch.FloatTensor` of shape `(batch, queries)`): that last result, normalised.
         query_anchor_censor (`torch.LongTensor` of shape `(batch, queries)`): its censor flag.
         query_mask (`torch.LongTensor` of shape `(batch, queries)`): 1 for a real query, 0 for padding.
+        query_summary (`torch.FloatTensor` of shape `(batch, queries, query_summary_features)`, *optional*):
+            summary of each query analyte's prior results (``model.features.QUERY_SUMMARY``);
+            None reads as zeros.
 """
 
 
@@ -370,9 +382,32 @@ class LabTrendPreTrainedModel(PreTrainedModel):
         if isinstance(module, LabTrendTimeEncoding):
             init.copy_(module.log_frequency, LabTrendTimeEncoding.initial_log_frequency(self.config))
             init.zeros_(module.phase)
+        elif isinstance(module, LabTrendQuerySummary):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, LabTrendQuantileHead):
             init.zeros_(module.weight)
             init.copy_(module.bias, LabTrendQuantileHead.initial_bias(self.config))
+        if isinstance(getattr(module, "analyte_step_scale", None), torch.Tensor):
+            init.ones_(module.analyte_step_scale)  # a checkpoint without step scales: normalised units
+
+    def _register_step_scale(self) -> None:
+        """``analyte_step_scale`` (``(n_analytes,)``, saved with the weights): per analyte, the
+        unit of the forecasting head's change from the anchor, in normalised units.
+
+        Fine-tuning sets it to the typical change between consecutive results of the analyte
+        in the training patients (:func:`model.training.step_scales`), so the head predicts
+        changes in units of each analyte's own variation: a slowly moving analyte (MCV, RDW,
+        creatinine) is not forecast with the spread of a fast one (potassium, glucose), and
+        every analyte weighs alike in the loss. Ones (the initial value, and checkpoints made
+        before it existed) mean plain normalised units.
+        """
+        self.register_buffer("analyte_step_scale", torch.ones(self.config.n_analytes), persistent=True)
+
+    def _forecast_quantiles(self, query_analyte, query_anchor_value, query_hidden) -> torch.Tensor:
+        """``anchor + step_scale[analyte] * head(query)``: ``(batch, queries, n_quantiles)``, normalised units."""
+        step = self.analyte_step_scale.to(query_hidden.device)[query_analyte].float().unsqueeze(-1)
+        return query_anchor_value.float().unsqueeze(-1) + step * self.quantile_head(query_hidden)
 
     def _quantile_levels(self, like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(self.config.quantiles, dtype=torch.float32, device=like.device)
@@ -432,6 +467,7 @@ class LabTrendModel(LabTrendPreTrainedModel):
         query_mask: torch.Tensor | None = None,
         value_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        query_summary: torch.Tensor | None = None,
     ) -> LabTrendModelOutput:
         _check_lengths(self.config, event_analyte, query_analyte)
         real = event_mask.bool()  # [batch x events]
@@ -452,7 +488,7 @@ class LabTrendModel(LabTrendPreTrainedModel):
         query_hidden = None
         if query_analyte is not None:
             query_hidden = self.embeddings.queries(
-                query_analyte, query_horizon, query_anchor_value, query_anchor_censor
+                query_analyte, query_horizon, query_anchor_value, query_anchor_censor, query_summary
             )  # [batch x queries x d_model]
             for layer in self.decoder_layers:
                 query_hidden = self._run(layer, query_hidden, hidden, key_mask)
@@ -492,6 +528,7 @@ class LabTrendForPretraining(LabTrendPreTrainedModel):
         self.model = LabTrendModel(config)
         self.masked_value_head = LabTrendQuantileHead(config)
         self.quantile_head = LabTrendQuantileHead(config)
+        self._register_step_scale()
         self.post_init()
 
     def forward(
@@ -511,6 +548,7 @@ class LabTrendForPretraining(LabTrendPreTrainedModel):
         value_mask: torch.Tensor | None = None,
         target_value: torch.Tensor | None = None,
         target_censor: torch.Tensor | None = None,
+        query_summary: torch.Tensor | None = None,
     ) -> LabTrendForPretrainingOutput:
         real = event_mask.bool()
         if value_mask is None:
@@ -519,6 +557,7 @@ class LabTrendForPretraining(LabTrendPreTrainedModel):
         out = self.model(
             event_analyte, event_value, event_censor, event_time, event_mask, patient_age, patient_sex,
             query_analyte, query_horizon, query_anchor_value, query_anchor_censor, query_mask, value_mask=value_mask,
+            query_summary=query_summary,
         )
         levels = self._quantile_levels(event_value)
         masked_quantiles = self.masked_value_head(out.last_hidden_state)  # [batch x events x n_quantiles]
@@ -527,7 +566,7 @@ class LabTrendForPretraining(LabTrendPreTrainedModel):
 
         quantiles = forecast_loss = None
         if out.query_hidden_state is not None:
-            quantiles = query_anchor_value.float().unsqueeze(-1) + self.quantile_head(out.query_hidden_state)
+            quantiles = self._forecast_quantiles(query_analyte, query_anchor_value, out.query_hidden_state)
             if target_value is not None:
                 forecast_loss = _forecast_loss(self.config, quantiles, target_value, target_censor, query_mask, levels)
         loss = masked_loss
@@ -561,9 +600,10 @@ class LabTrendForPretraining(LabTrendPreTrainedModel):
 class LabTrendForForecasting(LabTrendPreTrainedModel):
     __doc__ = r"""Backbone + forecasting head, for fine-tuning and inference.
 
-    Each query's quantiles are ``anchor + head(query)``: the monotone head predicts the
-    change from the analyte's last result (all normalised units), so an untrained head is a
-    persistence forecast. The loss is the mean pinball loss over real queries
+    Each query's quantiles are ``anchor + step_scale[analyte] * head(query)``: the monotone
+    head predicts the change from the analyte's last result, in units of that analyte's
+    typical change (``analyte_step_scale``; all normalised units), so an untrained head is
+    a persistence forecast. The loss is the mean pinball loss over real queries
     (``query_mask``) and quantile levels; padded queries are ignored.
     """ + _INPUTS_DOC + r"""
         target_value (`torch.FloatTensor` of shape `(batch, queries)`, *optional*): true values,
@@ -578,6 +618,7 @@ class LabTrendForForecasting(LabTrendPreTrainedModel):
         super().__init__(config)
         self.model = LabTrendModel(config)
         self.quantile_head = LabTrendQuantileHead(config)
+        self._register_step_scale()
         self.post_init()
 
     def forward(
@@ -596,12 +637,14 @@ class LabTrendForForecasting(LabTrendPreTrainedModel):
         query_mask: torch.Tensor | None = None,
         target_value: torch.Tensor | None = None,
         target_censor: torch.Tensor | None = None,
+        query_summary: torch.Tensor | None = None,
     ) -> LabTrendForForecastingOutput:
         out = self.model(
             event_analyte, event_value, event_censor, event_time, event_mask, patient_age, patient_sex,
             query_analyte, query_horizon, query_anchor_value, query_anchor_censor, query_mask,
+            query_summary=query_summary,
         )
-        quantiles = query_anchor_value.float().unsqueeze(-1) + self.quantile_head(out.query_hidden_state)
+        quantiles = self._forecast_quantiles(query_analyte, query_anchor_value, out.query_hidden_state)
         loss = None
         if target_value is not None:
             levels = self._quantile_levels(quantiles)

@@ -83,6 +83,16 @@ Pretrained analytes the site lacks keep their corpus statistics. Analytes with n
 the training patients fall back to the corpus statistics, or else to the validation patients'
 results; these are counted in the report.
 
+Step scale
+----------
+Before training, each analyte's ``analyte_step_scale`` (a model buffer, saved with the
+weights) is set from the training patients (:func:`step_scales`): the robust spread of the
+change between consecutive results of that analyte, in normalised units. The forecasting
+head predicts changes from the anchor in these units, so slowly moving analytes (MCV, RDW,
+creatinine) are not forecast with the spread learnt on fast ones (potassium, glucose), and
+every analyte weighs alike in the pinball loss. Pretraining sets it from the corpus the same
+way; a checkpoint made before it existed loads with ones (plain normalised units).
+
 Forgetting
 ----------
 L2-SP adds ``l2sp * sum ||theta - theta_pretrained||^2`` over the trainable parameters of
@@ -138,6 +148,7 @@ from model.features import (
     AnalyteVocab,
     ContextRow,
     collate,
+    summary_from_sums,
     validate_history,
 )
 from model.inference import SCALER_FILE, VOCAB_FILE, ForecastPipeline
@@ -158,6 +169,7 @@ __all__ = [
     "forecast_metrics",
     "extend_vocabulary",
     "resize_analyte_embeddings",
+    "step_scales",
     "configure_mode",
     "save_pretraining_checkpoint",
     "load_pretraining_checkpoint",
@@ -179,7 +191,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out")
 _DAY_US = 86_400 * 1_000_000
 _MODEL_INPUTS = (
     "event_analyte", "event_value", "event_censor", "event_time", "event_mask", "patient_age", "patient_sex",
-    "query_analyte", "query_horizon", "query_anchor_value", "query_anchor_censor", "query_mask",
+    "query_analyte", "query_horizon", "query_anchor_value", "query_anchor_censor", "query_mask", "query_summary",
 )
 _LEVELS = np.asarray(QUANTILES, dtype=np.float64)
 _I10, _I50, _I90 = QUANTILES.index(0.1), QUANTILES.index(0.5), QUANTILES.index(0.9)
@@ -380,6 +392,8 @@ class ExampleBuilder:
         run_start = np.maximum.accumulate(np.where(~same, np.arange(n), 0)) if n else np.zeros(0, np.int64)
         self.n_prior = np.empty(n, dtype=np.int64)
         self.n_prior[o2] = np.arange(n) - run_start
+        self._series_order, self._series_id = o2, (np.cumsum(~same) if n else np.zeros(0, np.int64))
+        self._running_stats()
 
         # groups: distinct (patient, time)
         new = np.ones(n, dtype=bool)
@@ -404,6 +418,20 @@ class ExampleBuilder:
         self.g_horizon = np.expm1(log_h / np.maximum(self.g_tend - self.g_tstart, 1))
         self.g_events = np.minimum(self.g_start - self.p_start[self.g_pid], self.max_events)
 
+    def _running_stats(self) -> None:
+        """Running statistics of each (patient, analyte) series up to and including each result
+        (normalised units), accumulated oldest first as ``model.features`` does at inference."""
+        o2, n = self._series_order, len(self._series_order)
+        series = pd.DataFrame({"k": self._series_id, "z": self.z[o2].astype(np.float64)})
+        series["zz"] = series["z"] * series["z"]
+        g = series.groupby("k", sort=False)
+        self._run = {}
+        for name, values in (("s", g["z"].cumsum()), ("ss", g["zz"].cumsum()), ("lo", g["z"].cummin()),
+                             ("hi", g["z"].cummax())):
+            arr = np.empty(n, dtype=np.float64)
+            arr[o2] = values.to_numpy(np.float64)
+            self._run[name] = arr
+
     def _demographics(self, h: pd.DataFrame, n_pat: int) -> None:
         """Per patient: first known age with its time (age at another time is extrapolated), first known sex."""
         self.age = np.full(n_pat, np.nan)
@@ -427,6 +455,7 @@ class ExampleBuilder:
         other = copy.copy(self)
         other.scaler = scaler
         other.z = scaler.normalise(self.codes, self.value) if len(self.t) else self.z
+        other._running_stats()
         return other
 
     def groups_of(self, patient_ids: Sequence[str]) -> np.ndarray:
@@ -475,10 +504,20 @@ class ExampleBuilder:
             query_horizon=((at - self.t[prev]) / _DAY_US).astype(np.float32),
             query_anchor_value=self.z[prev],
             query_anchor_censor=self.censor[prev],
+            query_summary=self.query_summary(queries),
             query_index=queries,
             target_value=self.z[queries],
             target_censor=self.censor[queries],
         )
+
+    def query_summary(self, targets: np.ndarray) -> np.ndarray:
+        """:data:`model.features.QUERY_SUMMARY` of each target's prior results: ``(targets, k)``."""
+        p = self.prev[targets]
+        pp = self.prev[p]
+        before = np.where(pp >= 0, self.z[np.maximum(pp, 0)].astype(np.float64), np.nan)
+        r = self._run
+        return summary_from_sums(self.n_prior[targets], r["s"][p], r["ss"][p], r["lo"][p], r["hi"][p],
+                                 self.z[p].astype(np.float64), before)
 
     def _queries(self, g: int, min_prior: int) -> np.ndarray:
         q = self.targets[self.g_tstart[g] : self.g_tend[g]]
@@ -713,7 +752,35 @@ def resize_analyte_embeddings(model: LabTrendForForecasting, n_analytes: int) ->
         new.weight[:n_old] = old.weight
         new.weight[n_old:] = old.weight[N_SPECIAL:].mean(dim=0)
     model.model.embeddings.analyte = new
+    step = model.analyte_step_scale
+    model.analyte_step_scale = torch.cat([step, torch.ones(n_analytes - n_old, dtype=step.dtype, device=step.device)])
     model.config.n_analytes = n_analytes
+
+
+def step_scales(builder: ExampleBuilder, groups: np.ndarray, *, min_targets: int = 30, floor: float = 0.05,
+                cap: float = 2.0) -> np.ndarray:
+    """Per vocabulary id (``(n_analytes,)``), the typical change between consecutive results of
+    the analyte in ``groups``, in normalised units: the robust spread (IQR / 1.349) of
+    ``z[target] - z[previous result]``, or the mean absolute change when that spread is 0
+    (values reported in coarse steps), clipped to ``[floor, cap]``.
+
+    Analytes with fewer than ``min_targets`` targets get the median of the others (a typical
+    analyte); with none measured at all, every entry is 1 (plain normalised units).
+    """
+    out = np.full(len(builder.vocab), np.nan)
+    in_groups = np.zeros(len(builder.g_start), dtype=bool)
+    in_groups[np.asarray(groups, dtype=np.int64)] = True
+    t = builder.targets[in_groups[builder.row_group[builder.targets]]]
+    if len(t):
+        frame = pd.DataFrame({"aid": builder.aid[t], "d": builder.z[t].astype(np.float64) - builder.z[builder.prev[t]]})
+        for aid, d in frame.groupby("aid")["d"]:
+            if len(d) < min_targets:
+                continue
+            q25, q75 = np.quantile(d.to_numpy(), [0.25, 0.75])
+            spread = (q75 - q25) / 1.349
+            out[int(aid)] = np.clip(spread if spread > 0 else float(np.abs(d).mean()), floor, cap)
+    fitted = out[np.isfinite(out)]
+    return np.where(np.isfinite(out), out, float(np.median(fitted)) if len(fitted) else 1.0)
 
 
 def _fit_scaler(site_train: pd.DataFrame, site_all: pd.DataFrame, vocab: AnalyteVocab,
@@ -1039,6 +1106,9 @@ def pretrain(corpus_history: pd.DataFrame, config: str | LabTrendConfig, steps: 
     builder = ExampleBuilder(h, vocab, scaler, max_events=config.max_events, max_queries=config.max_queries)
     ranges = builder.nmae_ranges()
     rng = np.random.default_rng(settings.seed + runtime.rank)
+    with torch.no_grad():  # the forecasting head's unit of change per analyte (training patients)
+        model.analyte_step_scale.copy_(torch.as_tensor(step_scales(builder, builder.groups_of(train_ids)),
+                                                       dtype=model.analyte_step_scale.dtype))
     shard = _shard(train_ids, runtime)
     train_groups = builder.groups_of(shard)
     fc_groups = train_groups[builder.target_counts(1)[train_groups] > 0]
@@ -1176,6 +1246,9 @@ def finetune(init_dir: str | os.PathLike | None, site_history: pd.DataFrame, mod
     horizon, events = builder.group_stats(train_groups)
     sampler = CurriculumSampler(train_groups, horizon, events, fraction=settings.curriculum_fraction,
                                 strength=settings.curriculum_strength)
+    with torch.no_grad():  # the head's unit of change per analyte, from the training patients only
+        step = step_scales(builder, builder.groups_of(train_ids))
+        base_model.analyte_step_scale.copy_(torch.as_tensor(step, dtype=base_model.analyte_step_scale.dtype))
     val_groups = builder.groups_of(val_ids)
     all_val_rows = _fixed_subset(builder.eval_rows(val_groups), settings.final_eval_rows, settings.seed)
     val_rows = _fixed_subset(all_val_rows, settings.eval_rows, settings.seed)
@@ -1256,6 +1329,8 @@ def finetune(init_dir: str | os.PathLike | None, site_history: pd.DataFrame, mod
         "stop_reason": result.stop_reason, "val_initial": result.initial_metrics, "val_best_eval": result.best_metrics,
         "vocabulary": {"pretrained": max(n_pretrained - N_SPECIAL, 0), "added": added, "total": len(vocab.codes)},
         "scaler": scaler_info,
+        "step_scale": {str(vocab.codes[i - N_SPECIAL]): round(float(step[i]), 4)
+                       for i in np.unique(builder.aid[builder.targets]) if i >= N_SPECIAL},
         "trainable_parameters": trainable, "frozen_parameters": frozen,
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "n_trainable": n_trainable,

@@ -314,3 +314,20 @@ def test_string_times_are_parsed():
     h = _BASE.assign(collected_at=["2024-01-01 08:00", "2024-01-02 08:00"])
     q = pd.DataFrame({"patient_id": ["P1"], "analyte_code": ["A"], "at": ["2024-01-05"]})
     assert encode(h, q).status.tolist() == [STATUS_OK]
+
+
+def test_query_summary_covers_every_prior_result_of_the_analyte_not_only_the_window():
+    """Ten potassium results, a window of four events: the query's summary still describes all
+    ten (mean, previous, min, max relative to the last, spread, count), strictly before ``at``."""
+    from model.features import QUERY_SUMMARY
+
+    values = [3.6, 4.8, 4.0, 3.9, 4.1, 4.4, 5.2, 4.3, 4.0, 4.6]
+    h = make_history([("P1", d, "2823-3", v) for d, v in enumerate(values)] + [("P1", 50, "2823-3", 9.9)])
+    vocab, scaler = fitted(h)
+    enc = encode(h, queries_at("P1", "2823-3", 20), vocab, scaler, max_events=4)
+    s = collate(enc.rows)["query_summary"][0, 0]
+    z = scaler.normalise(["2823-3"] * 10, np.array(values)).astype(np.float64)  # the later 9.9 is not history
+    a = z[-1]
+    expected = [z.mean() - a, z[-2] - a, z.min() - a, z.max() - a, z.std(), np.log1p(10) / 5]
+    assert len(s) == len(QUERY_SUMMARY)
+    np.testing.assert_allclose(s, expected, rtol=1e-5, atol=1e-6)

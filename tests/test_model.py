@@ -424,3 +424,20 @@ def test_cuda_bf16_matches_cpu(pipeline, history, tmp_path):
     a, b = pipeline.forecast(history, q), gpu.forecast(history, q)
     assert all(b[c].dtype == np.float32 for c in QUANTILE_COLUMNS)
     np.testing.assert_allclose(b[list(QUANTILE_COLUMNS)].to_numpy(), a[list(QUANTILE_COLUMNS)].to_numpy(), rtol=2e-2)
+
+
+def test_step_scale_is_the_unit_of_each_analytes_forecast_change():
+    """quantiles = anchor + step_scale[analyte] * head: doubling one analyte's scale doubles its
+    forecast change and leaves every other analyte's forecast as it was."""
+    config = tiny_config()
+    model = LabTrendForForecasting(config).eval()
+    randomise_heads(model)
+    batch = random_batch(config)
+    before = model(**batch).quantiles - batch["query_anchor_value"].unsqueeze(-1)
+    a = int(batch["query_analyte"][0, 0])
+    with torch.no_grad():
+        model.analyte_step_scale[a] = 2.0
+    after = model(**batch).quantiles - batch["query_anchor_value"].unsqueeze(-1)
+    hit = (batch["query_analyte"] == a).unsqueeze(-1).expand_as(before)
+    torch.testing.assert_close(after[hit], 2 * before[hit])
+    torch.testing.assert_close(after[~hit], before[~hit])

@@ -111,6 +111,7 @@ def test_builder_rows_equal_the_inference_encoding(site):
             assert e.query_analyte[k] == r.query_analyte[j]
             assert e.query_horizon[k] == pytest.approx(r.query_horizon[j])
             assert e.query_anchor_value[k] == pytest.approx(r.query_anchor_value[j])
+            np.testing.assert_array_equal(e.query_summary[k], r.query_summary[j])  # every prior result
             assert e.target_value[k] == pytest.approx(r.target_value[j])
             assert e.patient_age == pytest.approx(r.patient_age)
     assert pos > 100
@@ -398,3 +399,50 @@ def test_two_process_ddp_on_cpu_with_gloo(tmp_path, site_store, cli_pretrained):
     assert [x["step"] for x in lines if x["split"] == "val"] == [0, 2, 4]  # one writer
     assert proc.stdout.count('"stage": "finetune"') == 1
     ForecastPipeline.from_pretrained(out)
+
+
+def test_step_scales_are_each_analytes_typical_change_in_the_given_patients(site):
+    from model.training import step_scales
+
+    vocab, scaler = AnalyteVocab.fit(site), AnalyteScaler.fit(site)
+    b = ExampleBuilder(site, vocab, scaler, max_events=64, max_queries=8)
+    train_ids = sorted(site["patient_id"].unique())[:10]
+    groups = b.groups_of(train_ids)
+    step = step_scales(b, groups, min_targets=30)
+    # recomputed by hand: consecutive results of each analyte within each training patient
+    h = site[site["patient_id"].isin(train_ids)].sort_values(["patient_id", "analyte_code", "collected_at"])
+    h = h.assign(z=scaler.normalise(h["analyte_code"].to_numpy(), h["value"].to_numpy()))
+    d = h.groupby(["patient_id", "analyte_code"])["z"].diff().dropna()
+    by_code = d.groupby(h.loc[d.index, "analyte_code"])
+    fitted = []
+    for code, x in by_code:
+        sid = vocab.encode([code])[0]
+        if len(x) < 30:
+            continue
+        q25, q75 = np.quantile(x.to_numpy(np.float64), [0.25, 0.75])
+        expected = np.clip((q75 - q25) / 1.349 if q75 > q25 else np.abs(x).mean(), 0.05, 2.0)
+        assert step[sid] == pytest.approx(expected, rel=1e-5), code
+        fitted.append(expected)
+    assert len(fitted) >= 5
+    # too few targets (here: every analyte) -> the median of the fitted ones; none at all -> 1
+    few = step_scales(b, groups, min_targets=10**6)
+    assert np.all(few == 1.0)
+    special = step[:N_SPECIAL]
+    assert np.allclose(special, np.median(fitted), rtol=1e-5)
+    # a patient subset gives other scales: the scales come from the given patients only
+    other = step_scales(b, b.groups_of(sorted(site["patient_id"].unique())[10:]), min_targets=5)
+    assert not np.allclose(other, step)
+
+
+def test_finetune_sets_step_scales_from_training_patients_and_saves_them(pretrained, site, corpus, tmp_path):
+    from model.training import step_scales
+
+    pipe = finetune(pretrained, site, "full", settings=fast(steps=2), runtime=quiet(), corpus_history=corpus)
+    report = pipe.training_report
+    b = ExampleBuilder(site, pipe.vocab, pipe.scaler, max_events=64, max_queries=8)
+    expected = step_scales(b, b.groups_of(report["patients"]["train"]))
+    np.testing.assert_allclose(pipe.model.analyte_step_scale.numpy(), expected, rtol=1e-6)
+    assert len(set(report["step_scale"].values())) > 1
+    pipe.save_pretrained(tmp_path / "m")
+    again = ForecastPipeline.from_pretrained(tmp_path / "m")
+    assert torch.equal(again.model.analyte_step_scale, pipe.model.analyte_step_scale)
