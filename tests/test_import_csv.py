@@ -196,10 +196,14 @@ def test_utc_offsets_converted_and_unsorted_file_grouped(store, tmp_path):
     assert order == sorted(order)  # stored grouped by patient
 
 
-@pytest.mark.parametrize("reject_at", [None, 150_001])
-def test_source_rows_follow_the_file_across_row_groups(store, tmp_path, reject_at):
+@pytest.mark.parametrize("reject_at, keep_order", [(None, True), (150_001, True), (None, False)])
+def test_source_rows_follow_the_file_across_row_groups(tmp_path, reject_at, keep_order):
     """300,000 rows (three DuckDB row groups): every stored row keeps its own file row, and
-    quarantined rows theirs, with and without a line DuckDB cannot split in the middle."""
+    quarantined rows theirs, with and without a line DuckDB cannot split in the middle, and
+    on a database told not to preserve insertion order."""
+    from data.db import open_store
+
+    store = open_store(tmp_path / "lab.duckdb", extra_config={"preserve_insertion_order": keep_order})
     n = 300_000
     bad_time, bad_unit = {7, 123_457, 299_999}, {250_000}
     lines = []

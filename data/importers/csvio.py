@@ -120,6 +120,8 @@ def read_csv_varchar(
     ids: numbering rows with a window over the reader costs as much as reading the file.
     """
 
+    # Row ids follow the file only while DuckDB preserves insertion order (its default).
+    as_view = as_view and bool(cur.execute("SELECT current_setting('preserve_insertion_order')").fetchone()[0])
     target = f"{table}_file" if as_view else table
     numbering = "NULL::BIGINT" if as_view else "row_number() OVER ()"
 
