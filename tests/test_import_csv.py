@@ -56,6 +56,7 @@ def test_mimic_known_result(mimic_store):
     (b"patient_id,loinc,value,unit\nA,2823-3,4,mmol/L\n", "missing column.*collected_at"),
     (b"collected_at,loinc,value,unit\n2024-01-01,2823-3,4,mmol/L\n", "missing column.*patient_id"),
     (b"patient_id,collected_at,value,unit\nA,2024-01-01,4,mmol/L\n", "loinc or test_name"),
+    (b"patient_id,collected_at,loinc,test_name,value,unit\n", "no result rows"),
 ])
 def test_unreadable_files_name_file_and_write_nothing(store, tmp_path, content, match):
     p = tmp_path / "bad.csv"

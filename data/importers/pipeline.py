@@ -22,6 +22,7 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from data.catalogue import load_catalogue
@@ -180,7 +181,8 @@ def _key_map(cur) -> pd.DataFrame:
         columns=["loinc", "local_code", "test_name", "unit", "n"],
         dtype=object,
     )
-    keys["analyte_code"] = [_analyte_code(*t) for t in zip(keys["loinc"], keys["local_code"], keys["test_name"])]
+    keys["analyte_code"] = np.array(
+        [_analyte_code(*t) for t in zip(keys["loinc"], keys["local_code"], keys["test_name"])], dtype=object)
     pairs = keys[keys["analyte_code"].notna()].groupby(["analyte_code", "unit"], dropna=False, sort=False)["n"].sum()
     pairs = pairs.reset_index()
     umap = _unit_map(cur, pairs)
@@ -378,6 +380,9 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     Must run inside the caller's transaction; raises :class:`ImportFileError` for a file
     whose dates or decimal mark cannot be read without a choice from the user.
     """
+    n_rejected = cur.execute(f"SELECT count(*) FROM {staged.rejects_table}").fetchone()[0] if staged.rejects_table else 0
+    if not staged.skipped and not n_rejected and not cur.execute("SELECT EXISTS (SELECT 1 FROM stg)").fetchone()[0]:
+        raise ImportFileError(f"{file_label}: no result rows to import (nothing but a header, or no lab result in it)")
     iso_only = staged.date_order == "iso"
     decimal, date_order = staged.decimal, (None if iso_only else staged.date_order)
     if decimal is None or (date_order is None and not iso_only):
@@ -429,14 +434,12 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     # 4. exact duplicates removed, conflicting results flagged
     n_dup = _duplicates_and_conflicts(cur, b, has_existing)
 
-    n_rejected = 0
     if staged.rejects_table:
         cur.execute(
             f"INSERT INTO quarantine SELECT {b}, source_row, NULL, ? || ' cannot be read: ' || reason, "
             f"to_json({{'line': line}}) FROM {staged.rejects_table} ORDER BY source_row",
             [staged.rejects_label.split(" cannot")[0]],
         )
-        n_rejected = cur.execute(f"SELECT count(*) FROM {staged.rejects_table}").fetchone()[0]
     _upsert_patients(cur, staged, b)
 
     counts = cur.execute(
