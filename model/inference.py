@@ -178,8 +178,11 @@ class ForecastPipeline:
     def _check_units(self, h: pd.DataFrame) -> None:
         if "unit_canonical" not in h:
             return
-        pairs = h[["analyte_code", "unit_canonical"]].dropna().drop_duplicates()
-        for code, unit in zip(pairs["analyte_code"], pairs["unit_canonical"].astype(str)):
+        # a set of (code, unit) pairs in plain Python: pandas' dropna + drop_duplicates cost
+        # more than the network's forward pass for one patient (benchmarks/model.py latency)
+        pairs = set(zip(h["analyte_code"].to_numpy(dtype=object).tolist(),
+                        h["unit_canonical"].to_numpy(dtype=object).tolist()))
+        for code, unit in sorted((c, str(u)) for c, u in pairs if u is not None and not pd.isna(u)):
             stats = self.scaler.stats.get(code)
             if stats is not None and stats.unit is not None and unit != stats.unit:
                 raise ValueError(
