@@ -271,3 +271,47 @@ def test_store_written_before_the_narrow_results_table_migrates_unchanged(tmp_pa
         assert cur.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] >= 4
         assert cur.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'lab_results'"
                            ).fetchone()[0] == "VIEW"
+
+
+def test_utf8_file_with_one_stray_cp1252_byte_keeps_its_utf8_text(store, tmp_path):
+    """Only the byte that is not UTF-8 is read as cp1252: the patient stays 'José', and both
+    creatinines (µmol/L written in UTF-8 and in cp1252) convert."""
+    p = tmp_path / "mixed.csv"
+    p.write_bytes(HEADER.encode() + "José,2024-01-01,2160-0,Creatinine,88,µmol/L\n".encode("utf-8")
+                  + "José,2024-01-02,2160-0,Creatinine,90,".encode("utf-8") + b"\xb5mol/L\n")
+    s = run_import(store, p)
+    assert (s.rows_loaded, s.rows_quarantined) == (2, 0)
+    assert queries.patients(store)["patient_id"].tolist() == ["José"]
+    tl = queries.timeline(store, "José")
+    assert tl["unit"].tolist() == ["µmol/L", "µmol/L"] and tl["value_canonical"].round(3).tolist() == [0.995, 1.018]
+    assert '"encoding": "utf-8 with cp1252 bytes"' in queries.batches(store).iloc[0]["options"]
+
+
+def test_collection_times_with_spaces_load_and_two_digit_years_are_quarantined(store, tmp_path):
+    p = tmp_path / "times.csv"
+    p.write_text(HEADER + "A, 2024-01-05 ,2345-7,Glucose,109,mg/dL\n"   # 1 spaces around: read
+                 "A,24-01-06,2345-7,Glucose,110,mg/dL\n"              # 2 two-digit year: year 24
+                 "A,16.01.24,2345-7,Glucose,111,mg/dL\n"              # 3 the same, day first
+                 "A,17.01.2024,2345-7,Glucose,112,mg/dL\n",           # 4 read (day first)
+                 encoding="utf-8")
+    s = run_import(store, p)
+    assert (s.rows_loaded, s.rows_quarantined) == (2, 2)
+    assert queries.timeline(store, "A")["value_num"].tolist() == [109.0, 112.0]
+    q = queries.quarantine_rows(store, s.batch_id)
+    assert q["row"].tolist() == [2, 3] and set(q["column"]) == {"collected_at"}
+    assert q["reason"].str.contains("year 24, before 1900").all()
+
+
+def test_the_same_number_written_twice_is_not_a_conflict(store, tmp_path):
+    """110 and 110.0 mg/dL (or 4.4 mmol/L and 4.4 mEq/L) are one value; 110 and 111 are two."""
+    p = tmp_path / "same.csv"
+    p.write_text(HEADER + "A,2024-01-02 08:00,2345-7,Glucose,110,mg/dL\n"
+                 "A,2024-01-02 08:00,2345-7,Glucose,110.0,mg/dL\n"
+                 "A,2024-01-02 08:00,2823-3,Potassium,4.4,mmol/L\n"
+                 "A,2024-01-02 08:00,2823-3,Potassium,4.4,mEq/L\n"
+                 "A,2024-01-03 08:00,2345-7,Glucose,110,mg/dL\n"
+                 "A,2024-01-03 08:00,2345-7,Glucose,111,mg/dL\n", encoding="utf-8")
+    s = run_import(store, p)
+    assert (s.rows_loaded, s.rows_duplicate, s.rows_conflicting) == (6, 0, 2)
+    tl = queries.timeline(store, "A")
+    assert tl.loc[tl["conflicting"], "value_num"].tolist() == [110.0, 111.0]

@@ -79,20 +79,36 @@ def sniff(path: Path) -> CsvDialect:
     return CsvDialect(path=path, original=path, encoding=enc, delimiter=delim, header=header)
 
 
-def transcode_to_utf8(path: Path, workdir: Path) -> tuple[Path, str]:
-    """A UTF-8 copy of a cp1252 (else latin-1) file; returns (copy, encoding used).
+def _legacy_byte(err: UnicodeDecodeError) -> tuple[str, int]:
+    """Decode error handler: a byte that is not UTF-8 is read as cp1252, else latin-1."""
+    bad = err.object[err.start : err.end]
+    try:
+        return bad.decode("cp1252"), err.end
+    except UnicodeDecodeError:
+        return bad.decode("latin-1"), err.end
 
-    cp1252 is tried first because Windows lab exports use it (µ is 0xB5, ä 0xE4 in both);
-    bytes undefined in cp1252 fall back to latin-1, which decodes any byte.
+
+codecs.register_error("labtrend-legacy-byte", _legacy_byte)
+
+
+def transcode_to_utf8(path: Path, workdir: Path) -> tuple[Path, str]:
+    """A UTF-8 copy of a file that is not valid UTF-8; returns (copy, encoding found).
+
+    Every valid UTF-8 sequence is kept as it is, and only the bytes that are not UTF-8 are
+    read as cp1252 (Windows lab exports: µ is 0xB5, ä 0xE4), or latin-1 for the five bytes
+    cp1252 leaves undefined. A mostly UTF-8 export with one stray cp1252 byte therefore keeps
+    its patient ids and units, instead of every ``é`` turning into ``Ã©``. The encoding
+    returned is 'cp1252' when the file reads the same as pure cp1252, else
+    'utf-8 with cp1252 bytes'.
     """
     with _open_bytes(path) as fh:
         data = fh.read()
-    for enc in ("cp1252", "latin-1"):
-        try:
-            text = data.decode(enc)
-            break
-        except UnicodeDecodeError:
-            continue
+    text = data.decode("utf-8", errors="labtrend-legacy-byte")
+    try:
+        pure = data.decode("cp1252")
+    except UnicodeDecodeError:
+        pure = data.decode("latin-1")
+    enc = "cp1252" if text == pure else "utf-8 with cp1252 bytes"
     out = workdir / (path.name.removesuffix(".gz") + ".utf8.csv")
     out.write_text(text, encoding="utf-8")
     return out, enc

@@ -4,7 +4,7 @@ Runs inside the import's single transaction (see :func:`data.importers.run_impor
 DuckDB SQL so that ten million rows load at bulk speed. Per row it decides, in order:
 
 1. **quarantine** (kept in ``quarantine`` with column and reason, never loaded): no
-   patient id; no or unreadable collection time; no analyte (neither LOINC nor name);
+   patient id; no or unreadable collection time, or one before 1900; no analyte (neither LOINC nor name);
    a LOINC code whose check digit is wrong; a numeric result whose unit is unknown or
    cannot be converted to the analyte's canonical unit;
 2. **skipped as exact duplicate**: same patient, analyte, time, specimen, report time,
@@ -91,11 +91,13 @@ def timestamp_sql(col: str, date_order: str | None) -> str:
     'monthfirst', ``dd.mm.yyyy`` / ``mm/dd/yyyy`` (separators . / -) are read too.
     """
     c = col
-    # DuckDB's cast reads ISO (and other year-first) forms and ignores surrounding spaces;
-    # only strings long enough to carry a UTC offset are tested for one.
+    # DuckDB's cast reads ISO (and other year-first) forms and leading spaces; trailing spaces
+    # are trimmed only where the plain cast failed. Only strings long enough to carry a UTC
+    # offset are tested for one.
     tz = (
         f"CASE WHEN length({c}) > 19 AND regexp_matches({c}, '(Z|[+-][0-9]{{2}}:?[0-9]{{2}})[ ]*$') "
-        f"THEN (TRY_CAST(trim({c}) AS TIMESTAMPTZ) AT TIME ZONE 'UTC') ELSE TRY_CAST({c} AS TIMESTAMP) END"
+        f"THEN (TRY_CAST(trim({c}) AS TIMESTAMPTZ) AT TIME ZONE 'UTC') "
+        f"ELSE COALESCE(TRY_CAST({c} AS TIMESTAMP), TRY_CAST(trim({c}) AS TIMESTAMP)) END"
     )
     if date_order not in ("dayfirst", "monthfirst"):
         return f"({tz})"
@@ -273,18 +275,20 @@ def _register_table(cur, name: str, frame: pd.DataFrame, sql_select: str = "*") 
 # when q_reason is NULL.
 _Q_COLUMN = """CASE
     WHEN {patient_id} IS NULL THEN 'patient_id'
-    WHEN {ts} IS NULL THEN 'collected_at'
+    WHEN {ts} IS NULL OR NOT ({ts_in_range}) THEN 'collected_at'
     WHEN k.analyte_code IS NULL THEN 'loinc'
     WHEN k.bad_loinc THEN 'loinc'
     WHEN s.value_kind IN ('numeric', 'censored') AND k.unit_error IS NOT NULL THEN 'unit'
 END"""
 # q_reason IS NULL, written without building the reason (the insert's filter).
-_LOADED = """{patient_id} IS NOT NULL AND {ts} IS NOT NULL AND k.analyte_code IS NOT NULL AND NOT k.bad_loinc
+_LOADED = """{patient_id} IS NOT NULL AND {ts_in_range} AND k.analyte_code IS NOT NULL AND NOT k.bad_loinc
     AND (k.unit_error IS NULL OR s.value_kind NOT IN ('numeric', 'censored'))"""
 _Q_REASON = """CASE
     WHEN {patient_id} IS NULL THEN 'patient id is missing'
     WHEN NULLIF(trim(s.collected_at), '') IS NULL THEN 'collection time is missing'
     WHEN {ts} IS NULL THEN 'cannot read collection time ''' || s.collected_at || ''''
+    WHEN NOT ({ts_in_range}) THEN 'collection time ''' || s.collected_at || ''' is read as year '
+         || year({ts}) || ', before 1900: check for a two-digit or mistyped year'
     WHEN k.analyte_code IS NULL THEN 'neither a LOINC code nor a test name'
     WHEN k.bad_loinc THEN 'LOINC code ''' || trim(s.loinc) || ''' fails its check digit'
     WHEN s.value_kind IN ('numeric', 'censored') AND k.unit_error IS NOT NULL THEN k.unit_error
@@ -322,7 +326,8 @@ ORDER BY s.source_row
 _QUARANTINE_CANDIDATES = """(
 SELECT s.*, s AS raw_row FROM stg s
 {key_join}
-WHERE {patient_id} IS NULL OR {ts} IS NULL OR k.analyte_code IS NULL OR k.bad_loinc OR k.unit_error IS NOT NULL
+WHERE {patient_id} IS NULL OR {ts} IS NULL OR NOT ({ts_in_range}) OR k.analyte_code IS NULL OR k.bad_loinc
+   OR k.unit_error IS NOT NULL
 ) c"""
 
 _TEMP_TABLES = ("key_map", "multi_hash", "multi", "dup", "conflict_rows")
@@ -417,6 +422,10 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
         batch_id=b,
         key_join=_KEY_JOIN,
     )
+    # A collection time before 1900 is an entry error (a two-digit year read as year 24, a
+    # mistyped century), not a result to chart. There is no upper limit: de-identified
+    # exports (MIMIC-IV) shift dates far into the future on purpose.
+    parts["ts_in_range"] = f"{parts['ts']} >= TIMESTAMP '1900-01-01'"
     parts["q_reason"] = _Q_REASON.format(**parts)
     parts["q_column"] = _Q_COLUMN.format(**parts)
     parts["loaded"] = _LOADED.format(**parts)
@@ -500,7 +509,8 @@ def _duplicates_and_conflicts(cur, b: int, has_existing: bool) -> int:
     A row of the batch is an exact duplicate when an earlier row (of an earlier batch, or
     earlier in this file) has the same patient, analyte, collection time and
     :data:`_IDENTITY`: the first is kept. A (patient, analyte, time) left with more than
-    one distinct value is marked ``conflicting`` on every row, old and new. Only keys that
+    one distinct value (numbers compared in the canonical unit, text as written) is marked
+    ``conflicting`` on every row, old and new. Only keys that
     occur more than once can hold either; they are found by a hash of the key, and the
     full key is compared afterwards.
     """
@@ -552,13 +562,17 @@ def _duplicates_and_conflicts(cur, b: int, has_existing: bool) -> int:
         """
         CREATE OR REPLACE TEMP TABLE conflict_rows AS
         WITH kept AS (
-            SELECT l.patient_id, l.analyte_code, l.collected_at, l.value_text, l.batch_id, l.source_row
+            SELECT l.patient_id, l.analyte_code, l.collected_at, l.batch_id, l.source_row,
+                   -- the result as a value: numbers in the canonical unit (110 and 110.0 mg/dL,
+                   -- or 4.4 mmol/L and 4.4 mEq/L, are one value), anything else as written
+                   COALESCE(l.comparator || printf('%.9g', l.value_canonical), 'as written:' || COALESCE(l.value_text, ''))
+                       AS result_value
             FROM lab_results l SEMI JOIN multi m
               ON m.patient_id = l.patient_id AND m.analyte_code = l.analyte_code AND m.collected_at = l.collected_at
         ),
         conflicting AS (
             SELECT patient_id, analyte_code, collected_at FROM kept GROUP BY ALL
-            HAVING count(DISTINCT COALESCE(value_text, '')) > 1
+            HAVING count(DISTINCT result_value) > 1
         )
         SELECT kept.batch_id, kept.source_row FROM kept SEMI JOIN conflicting c
           ON c.patient_id = kept.patient_id AND c.analyte_code = kept.analyte_code AND c.collected_at = kept.collected_at
