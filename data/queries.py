@@ -7,6 +7,7 @@ gave an offset, else as exported).
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 
 import numpy as np
@@ -16,6 +17,7 @@ from data.db import Store
 
 __all__ = [
     "TIMELINE_COLUMNS",
+    "patient_key",
     "patients",
     "timeline",
     "cohort",
@@ -31,6 +33,11 @@ TIMELINE_COLUMNS = [
     "ref_low", "ref_high", "ref_low_canonical", "ref_high_canonical", "flag", "comment", "result_kind",
     "implausible", "unit_missing", "conflicting", "batch_id", "source_row",
 ]
+
+
+def patient_key(patient_id: str) -> str:
+    """A patient id as the store keeps it: trimmed, Unicode NFC (as the importers store it)."""
+    return unicodedata.normalize("NFC", str(patient_id).strip())
 
 
 def patients(store: Store, search: str | None = None, limit: int = 500) -> pd.DataFrame:
@@ -57,7 +64,7 @@ def patients(store: Store, search: str | None = None, limit: int = 500) -> pd.Da
 def patient_info(store: Store, patient_id: str) -> dict | None:
     """One patient's demographics as a dict, or None when unknown."""
     with store.read() as cur:
-        df = cur.execute("SELECT * FROM patients WHERE patient_id = ?", [patient_id]).df()
+        df = cur.execute("SELECT * FROM patients WHERE patient_id = ?", [patient_key(patient_id)]).df()
     return None if df.empty else df.iloc[0].to_dict()
 
 
@@ -73,7 +80,7 @@ def timeline(
     ``analytes`` filters by analyte code (LOINC or local code); ``start``/``end`` bound
     ``collected_at`` (inclusive).
     """
-    where, params = ["patient_id = ?"], [patient_id]
+    where, params = ["patient_id = ?"], [patient_key(patient_id)]
     if analytes is not None:
         where.append("list_contains(?::VARCHAR[], analyte_code)")
         params.append(list(analytes))

@@ -122,7 +122,13 @@ def cmd_quarantine(args) -> int:
     from data import queries
     from data.export import quarantine_table, write_safe_csv
 
-    df = quarantine_table(queries.quarantine_rows(_store(args), args.batch))
+    store = _store(args)
+    known = queries.batches(store)["batch_id"].tolist()
+    if args.batch not in known:
+        print(f"labtrend quarantine: no import batch {args.batch} in {store.settings.path} "
+              f"(batches: {', '.join(map(str, sorted(known))) or 'none'})", file=sys.stderr)
+        return 2
+    df = quarantine_table(queries.quarantine_rows(store, args.batch))
     write_safe_csv(df, Path(args.out))
     print(json.dumps({"batch_id": args.batch, "rows": len(df), "out": args.out}))
     return 0

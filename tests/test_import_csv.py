@@ -118,6 +118,10 @@ def test_quarantine_export_cli_neutralises_formulas(tmp_path, capsys):
     pats = json.loads(capsys.readouterr().out)
     assert [x["patient_id"] for x in pats] == ["=HYPERLINK(\"x\")"]
     assert cli_main(["timeline", "--patient", "=HYPERLINK(\"x\")", "--db", str(db), "--format", "csv"]) == 0
+    capsys.readouterr()
+    # a batch that does not exist: exit 2 and a message, no empty file that looks like success
+    assert cli_main(["quarantine", "--batch", "99", "--out", str(tmp_path / "none.csv"), "--db", str(db)]) == 2
+    assert "no import batch 99" in capsys.readouterr().err and not (tmp_path / "none.csv").exists()
 
 
 def test_cli_bad_file_exit_2(tmp_path, capsys):
@@ -315,3 +319,14 @@ def test_the_same_number_written_twice_is_not_a_conflict(store, tmp_path):
     assert (s.rows_loaded, s.rows_duplicate, s.rows_conflicting) == (6, 0, 2)
     tl = queries.timeline(store, "A")
     assert tl.loc[tl["conflicting"], "value_num"].tolist() == [110.0, 111.0]
+
+
+def test_a_patient_id_typed_with_a_combining_accent_is_the_same_patient(store, tmp_path):
+    nfc, nfd = "Jos\u00e9", "Jose\u0301"
+    p = tmp_path / "ids.csv"
+    p.write_text(HEADER + f"{nfc},2024-01-01,2823-3,K,4.1,mmol/L\n{nfd},2024-01-02,2823-3,K,4.3,mmol/L\n",
+                 encoding="utf-8")
+    run_import(store, p)
+    assert queries.patients(store)["patient_id"].tolist() == [nfc]
+    assert queries.timeline(store, nfd)["value_num"].tolist() == [4.1, 4.3]  # looked up either way
+    assert queries.patient_info(store, nfd)["patient_id"] == nfc

@@ -413,7 +413,8 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
         "(SELECT min(source_row) AS mn, max(source_row) AS mx, count(*) AS n FROM stg GROUP BY patient_id)"
     ).fetchone()[0]
     parts = dict(
-        patient_id=_blank_to_null("s.patient_id"),
+        # Unicode NFC: 'José' typed with a combining accent is the same patient as 'José'
+        patient_id="NULLIF(nfc_normalize(trim(s.patient_id)), '')",
         ts=timestamp_sql("s.collected_at", date_order),
         rts=timestamp_sql("s.reported_at", date_order),
         specimen_id=_blank_to_null("s.specimen_id"),
@@ -598,7 +599,7 @@ def _upsert_patients(cur, staged: Staged, batch_id: int) -> None:
     """Create patients seen in this batch; fill sex / birth date / age where still unknown."""
     if staged.has_patients:
         src = f"""
-            SELECT trim(patient_id) AS patient_id, any_value({_SEX_SQL}) AS sex,
+            SELECT nfc_normalize(trim(patient_id)) AS patient_id, any_value({_SEX_SQL}) AS sex,
                    any_value(TRY_CAST(birth_date AS DATE)) AS birth_date,
                    any_value(TRY_CAST(age_at_ref AS DOUBLE)) AS age_at_ref,
                    any_value(TRY_CAST(ref_date AS DATE)) AS ref_date
