@@ -330,3 +330,19 @@ def test_a_patient_id_typed_with_a_combining_accent_is_the_same_patient(store, t
     assert queries.patients(store)["patient_id"].tolist() == [nfc]
     assert queries.timeline(store, nfd)["value_num"].tolist() == [4.1, 4.3]  # looked up either way
     assert queries.patient_info(store, nfd)["patient_id"] == nfc
+
+
+def test_empty_lines_before_a_rejected_line_do_not_shift_row_numbers(store, tmp_path):
+    """Data rows are numbered without empty lines, and so is a line DuckDB cannot split, even
+    after a quoted field spanning two lines."""
+    p = tmp_path / "blank.csv"
+    p.write_text(HEADER + "K,2024-01-01,2345-7,Glucose,1,mg/dL\n\n\n"          # row 1, two empty lines
+                 'K,2024-01-02,2345-7,"Glu\ncose",2,mg/dL\n'                   # row 2 (two lines)
+                 "K,2024-01-03,2345-7,Glucose,3,mg/dL,EXTRA\n"                 # row 3: too many fields
+                 "K,2024-01-04,2345-7,Glucose,4,mg/dL\n"                       # row 4
+                 ",2024-01-05,2345-7,Glucose,5,mg/dL\n", encoding="utf-8")     # row 5: no patient
+    s = run_import(store, p)
+    assert (s.rows_read, s.rows_loaded, s.rows_quarantined) == (5, 3, 2)
+    q = queries.quarantine_rows(store, s.batch_id)
+    assert q["row"].tolist() == [3, 5] and q["column"].isna().tolist() == [True, False]
+    assert queries.timeline(store, "K")["source_row"].tolist() == [1, 2, 4]

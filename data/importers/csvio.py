@@ -7,7 +7,10 @@ decides the dialect first and turns DuckDB's errors into messages that name the 
 from __future__ import annotations
 
 import codecs
+import csv
 import gzip
+import io
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +183,8 @@ def read_csv_varchar(
         """
     )
     n_rejects = cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
+    if n_rejects:
+        _discount_blank_records(cur, dialect)
     if as_view:
         # Row ids follow the file's order (the CREATE above preserves insertion order) and
         # are contiguous for one bulk append; anything else is numbered by sorting on them.
@@ -205,6 +210,39 @@ def read_csv_varchar(
             """
         )
     return used
+
+
+def _blank_records(dialect: CsvDialect) -> list[int]:
+    """1-based record numbers (the header is record 1) of the file's empty lines.
+
+    DuckDB's reject line numbers count empty lines, which it skips, while data rows are
+    numbered without them. Python's csv module splits records as DuckDB does (a quoted
+    field may span lines) and yields an empty record for an empty line. Read only when a
+    line was rejected and the file has an empty line.
+    """
+    with _open_bytes(dialect.path) as fh:
+        data = fh.read()
+    if not re.search(rb"\n\r?\n", data):  # no empty line at all
+        return []
+    text = data.decode("utf-8", errors="labtrend-legacy-byte")
+    blanks = []
+    try:
+        for i, record in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=dialect.delimiter), start=1):
+            if not record:
+                blanks.append(i)
+    except csv.Error:  # an unclosed quote: count physical empty lines up to it instead
+        blanks = [i for i, line in enumerate(text.splitlines(), start=1) if not line.strip("\r")]
+    return blanks
+
+
+def _discount_blank_records(cur, dialect: CsvDialect) -> None:
+    """Renumber ``csv_rejects`` as data rows: minus the empty lines before each rejected line."""
+    blanks = _blank_records(dialect)
+    if blanks:
+        cur.execute(
+            "UPDATE csv_rejects SET source_row = source_row - len(list_filter(?::BIGINT[], lambda b: b < source_row + 1))",
+            [blanks],
+        )
 
 
 def _columns_struct(header: list[str]) -> str:
