@@ -105,13 +105,12 @@ def _unmask(a: np.ndarray) -> np.ndarray:
     """A DuckDB numpy column without its mask: NaN / NaT / NaN-in-object where NULL."""
     if not isinstance(a, np.ma.MaskedArray):
         return a
-    mask = np.ma.getmaskarray(a)
     if a.dtype.kind == "f":
         return a.filled(np.nan)
     if a.dtype.kind == "M":
         return a.filled(np.datetime64("NaT"))
     out = a.data.astype(object, copy=True)
-    out[mask] = np.nan
+    out[np.ma.getmaskarray(a)] = np.nan
     return out
 
 

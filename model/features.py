@@ -551,6 +551,7 @@ def encode_queries(
 def _series_summary(z: np.ndarray, n: int) -> np.ndarray:
     """:data:`QUERY_SUMMARY` of the first ``n`` results of one analyte series ``z``: ``(1, k)``."""
     x = z[:n].astype(np.float64)
+    # sequential sums (not numpy's pairwise sum), bit for bit those ExampleBuilder accumulates
     s, ss = np.cumsum(x)[-1:], np.cumsum(x * x)[-1:]
     prev = x[-2:-1] if n >= 2 else np.array([np.nan])
     return summary_from_sums(np.array([n]), s, ss, x.min(keepdims=True), x.max(keepdims=True), x[-1:], prev)

@@ -783,6 +783,14 @@ def step_scales(builder: ExampleBuilder, groups: np.ndarray, *, min_targets: int
     return np.where(np.isfinite(out), out, float(np.median(fitted)) if len(fitted) else 1.0)
 
 
+def _set_step_scales(model: nn.Module, builder: ExampleBuilder, train_ids: Sequence[str]) -> np.ndarray:
+    """Set ``model.analyte_step_scale`` from the training patients (all ranks alike); return it."""
+    step = step_scales(builder, builder.groups_of(train_ids))
+    with torch.no_grad():
+        model.analyte_step_scale.copy_(torch.as_tensor(step, dtype=model.analyte_step_scale.dtype))
+    return step
+
+
 def _fit_scaler(site_train: pd.DataFrame, site_all: pd.DataFrame, vocab: AnalyteVocab,
                 pretrained: AnalyteScaler | None, policy: str) -> tuple[AnalyteScaler, dict]:
     """Scaler covering every vocabulary code (see the module docstring for the policy)."""
@@ -1106,9 +1114,7 @@ def pretrain(corpus_history: pd.DataFrame, config: str | LabTrendConfig, steps: 
     builder = ExampleBuilder(h, vocab, scaler, max_events=config.max_events, max_queries=config.max_queries)
     ranges = builder.nmae_ranges()
     rng = np.random.default_rng(settings.seed + runtime.rank)
-    with torch.no_grad():  # the forecasting head's unit of change per analyte (training patients)
-        model.analyte_step_scale.copy_(torch.as_tensor(step_scales(builder, builder.groups_of(train_ids)),
-                                                       dtype=model.analyte_step_scale.dtype))
+    _set_step_scales(model, builder, train_ids)
     shard = _shard(train_ids, runtime)
     train_groups = builder.groups_of(shard)
     fc_groups = train_groups[builder.target_counts(1)[train_groups] > 0]
@@ -1246,9 +1252,7 @@ def finetune(init_dir: str | os.PathLike | None, site_history: pd.DataFrame, mod
     horizon, events = builder.group_stats(train_groups)
     sampler = CurriculumSampler(train_groups, horizon, events, fraction=settings.curriculum_fraction,
                                 strength=settings.curriculum_strength)
-    with torch.no_grad():  # the head's unit of change per analyte, from the training patients only
-        step = step_scales(builder, builder.groups_of(train_ids))
-        base_model.analyte_step_scale.copy_(torch.as_tensor(step, dtype=base_model.analyte_step_scale.dtype))
+    step = _set_step_scales(base_model, builder, train_ids)
     val_groups = builder.groups_of(val_ids)
     all_val_rows = _fixed_subset(builder.eval_rows(val_groups), settings.final_eval_rows, settings.seed)
     val_rows = _fixed_subset(all_val_rows, settings.eval_rows, settings.seed)
