@@ -59,6 +59,9 @@ class _Instance:
     def __init__(self, conn: duckdb.DuckDBPyConnection):
         self.conn = conn
         self.users = 0
+        # Lives as long as this connection: while it is open no other process can write the
+        # file, so what this process has read of rows that never change stays true.
+        self.memo: dict = {}
 
 
 class Store:
@@ -77,6 +80,7 @@ class Store:
         self.on_busy = on_busy
         self._key = settings.path if settings.path == ":memory:" else str(Path(settings.path).resolve())
         self._memory_conn: duckdb.DuckDBPyConnection | None = None
+        self._memory_memo: dict = {}
         with Store._registry_lock:
             Store._write_locks.setdefault(self._key, threading.RLock())
         self._migrated = False
@@ -112,6 +116,11 @@ class Store:
 
     @contextlib.contextmanager
     def _cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._cursor_and_memo() as (cur, _):
+            yield cur
+
+    @contextlib.contextmanager
+    def _cursor_and_memo(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, dict]]:
         if self.settings.path == ":memory:":
             with Store._registry_lock:
                 if self._memory_conn is None:
@@ -119,7 +128,7 @@ class Store:
                     _migrate(self._memory_conn)
                 cur = self._memory_conn.cursor()
             try:
-                yield cur
+                yield cur, self._memory_memo
             finally:
                 cur.close()
             return
@@ -135,7 +144,7 @@ class Store:
             inst.users += 1
             cur = inst.conn.cursor()
         try:
-            yield cur
+            yield cur, inst.memo
         finally:
             cur.close()
             with Store._registry_lock:
@@ -149,6 +158,18 @@ class Store:
         """A cursor for queries (bound parameters only)."""
         with self._cursor() as cur:
             yield cur
+
+    @contextlib.contextmanager
+    def read_with_memo(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, dict]]:
+        """A cursor for queries, and a dict that lives exactly as long as this process's open
+        connection to the file.
+
+        Only for caching committed rows that are never updated or deleted (``result_keys``):
+        while the connection is open no other process can write the file, and the next
+        connection starts with an empty dict.
+        """
+        with self._cursor_and_memo() as pair:
+            yield pair
 
     @contextlib.contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -75,14 +75,17 @@ def timeline(
     start: datetime | None = None,
     end: datetime | None = None,
 ) -> pd.DataFrame:
-    """One patient's results, one row per result (:data:`TIMELINE_COLUMNS`), oldest first.
+    """One patient's results, one row per result (:data:`TIMELINE_COLUMNS`), oldest first
+    (then by analyte code and import row).
 
     ``analytes`` filters by analyte code (LOINC or local code); ``start``/``end`` bound
-    ``collected_at`` (inclusive).
+    ``collected_at`` (inclusive). The rows and values are those of the ``lab_results`` view;
+    they are read from ``results`` and joined here with the analyte keys, which this
+    process keeps while its connection is open (a key row never changes once written).
     """
     where, params = ["patient_id = ?"], [patient_key(patient_id)]
     if analytes is not None:
-        where.append("list_contains(?::VARCHAR[], analyte_code)")
+        where.append("key_id IN (SELECT key_id FROM result_keys WHERE list_contains(?::VARCHAR[], analyte_code))")
         params.append(list(analytes))
     if start is not None:
         where.append("collected_at >= ?::TIMESTAMP")
@@ -90,15 +93,71 @@ def timeline(
     if end is not None:
         where.append("collected_at <= ?::TIMESTAMP")
         params.append(end)
-    sql = f"SELECT {', '.join(TIMELINE_COLUMNS)} FROM lab_results WHERE {' AND '.join(where)}"
-    with store.read() as cur:
-        arrays = cur.execute(sql, params).fetchnumpy()
-    # A few hundred rows: numpy sorts them and builds the frame faster than DuckDB's ORDER BY
-    # and pandas' reading of masked arrays (benchmarks/ingest.py, timeline latency).
-    arrays = {k: _unmask(v) for k, v in arrays.items()}
-    _, analyte_rank = np.unique(arrays["analyte_code"].astype(str), return_inverse=True)
-    order = np.lexsort((arrays["result_id"], analyte_rank, arrays["collected_at"]))
-    return pd.DataFrame({k: arrays[k][order] for k in TIMELINE_COLUMNS}, columns=TIMELINE_COLUMNS, copy=False)
+    sql = f"SELECT {_RESULT_COLUMNS} FROM results WHERE {' AND '.join(where)}"
+    with store.read_with_memo() as (cur, memo):
+        raw = cur.execute(sql, params).fetchnumpy()
+        has_comparator = ~np.ma.getmaskarray(raw["comparator"])
+        r = {k: _unmask(v) for k, v in raw.items()}
+        keys = memo.get("result_keys")
+        if keys is None or not keys.covers(r["key_id"]):
+            keys = memo["result_keys"] = _ResultKeys.load(cur)
+    # The view's join and expressions in numpy: a few hundred rows are joined, sorted and
+    # framed faster here than DuckDB binds the 26-column view and sorts them
+    # (benchmarks/ingest.py, timeline latency).
+    k = r["key_id"]
+    factor, missing = keys.factor[k], keys.unit_missing[k]
+    cols = {
+        "result_id": (r["batch_id"].astype(np.int64) << 32) + r["source_row"],
+        "patient_id": np.full(len(k), params[0], dtype=object),
+        **{c: keys.text[c][k] for c in _KEY_TEXT},
+        "value_canonical": np.where(has_comparator & ~missing, r["value_num"] * factor, np.nan),
+        "ref_low_canonical": np.where(~missing, r["ref_low"] * factor, np.nan),
+        "ref_high_canonical": np.where(~missing, r["ref_high"] * factor, np.nan),
+        "unit_missing": missing & has_comparator,
+    }
+    cols.update((c, v) for c, v in r.items() if c in TIMELINE_COLUMNS)
+    order = np.lexsort((cols["result_id"], keys.code_rank[k], cols["collected_at"]))
+    return pd.DataFrame({c: cols[c][order] for c in TIMELINE_COLUMNS}, columns=TIMELINE_COLUMNS, copy=False)
+
+
+_RESULT_COLUMNS = (
+    "batch_id, source_row, specimen_id, collected_at, reported_at, key_id, value_text, "
+    "comparator::VARCHAR AS comparator, value_num, ref_low, ref_high, flag, comment, "
+    "result_kind::VARCHAR AS result_kind, implausible, conflicting"
+)
+_KEY_TEXT = ("analyte_code", "loinc", "analyte_name", "unit", "unit_canonical")
+
+
+class _ResultKeys:
+    """``result_keys`` as arrays indexed by ``key_id`` (a few hundred rows at most)."""
+
+    def __init__(self, text: dict[str, np.ndarray], factor: np.ndarray, unit_missing: np.ndarray, known: np.ndarray):
+        self.text, self.factor, self.unit_missing, self.known = text, factor, unit_missing, known
+        # rank of each key's analyte code among all codes: sorting by it sorts by code
+        codes = np.where(known, text["analyte_code"], "")
+        self.code_rank = np.unique(codes.astype(str), return_inverse=True)[1]
+
+    @classmethod
+    def load(cls, cur) -> "_ResultKeys":
+        k = {c: _unmask(v) for c, v in cur.execute(
+            f"SELECT key_id, factor, unit_missing, {', '.join(_KEY_TEXT)} FROM result_keys").fetchnumpy().items()}
+        ids = k["key_id"].astype(np.int64)
+        n = int(ids.max()) + 1 if len(ids) else 1
+        text = {}
+        for c in _KEY_TEXT:
+            text[c] = np.full(n, np.nan, dtype=object)
+            text[c][ids] = k[c]
+        factor = np.full(n, np.nan)
+        factor[ids] = k["factor"]
+        unit_missing = np.zeros(n, dtype=bool)
+        unit_missing[ids] = k["unit_missing"]
+        known = np.zeros(n, dtype=bool)
+        known[ids] = True
+        return cls(text, factor, unit_missing, known)
+
+    def covers(self, key_ids: np.ndarray) -> bool:
+        """True when every id in ``key_ids`` is loaded (ids are never reused or changed)."""
+        return not len(key_ids) or (int(key_ids.max()) < len(self.known) and bool(self.known[key_ids].all()))
 
 
 def _unmask(a: np.ndarray) -> np.ndarray:
