@@ -243,13 +243,17 @@ def _barrier(runtime) -> None:
 
 
 def read_patient_ids(path: str | None) -> list[str]:
-    """Ids in ``path``, one per line; blank lines and '#' comments are skipped."""
+    """Ids in ``path``, one per line, as the store keeps them (``data.identifiers.patient_key``);
+    blank lines and '#' comments are skipped."""
     if not path:
         return []
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--exclude-patients {p}: file not found")
-    ids = [line.split("#", 1)[0].strip() for line in p.read_text(encoding="utf-8-sig").splitlines()]
+    from data.identifiers import patient_key
+
+    # the same rule as the store's ids: an invisible character copied along does not let a patient through
+    ids = [patient_key(line.split("#", 1)[0]) for line in p.read_text(encoding="utf-8-sig").splitlines()]
     return sorted({i for i in ids if i})
 
 

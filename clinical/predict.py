@@ -87,6 +87,7 @@ def predict_patient(
     info = queries.patient_info(store, patient_id)
     if info is None:
         raise PatientNotFound(f"no patient {patient_id!r} in the store")
+    patient_id = info["patient_id"]  # the id as stored (typed with a stray space or invisible character)
     ref = reference or default_reference()
     rs = rules or load_rules()
     timeline = queries.timeline(store, patient_id)
@@ -169,6 +170,7 @@ def replay_forecasts(
     info = queries.patient_info(store, patient_id)
     if info is None:
         raise PatientNotFound(f"no patient {patient_id!r} in the store")
+    patient_id = info["patient_id"]  # the id as stored (typed with a stray space or invisible character)
     timeline = queries.timeline(store, patient_id)
     history = history_from_timeline(timeline, info)
     codes = top_analytes_for(history, pipeline.vocab, top_n)

@@ -7,13 +7,13 @@ gave an offset, else as exported).
 
 from __future__ import annotations
 
-import unicodedata
 from datetime import datetime
 
 import numpy as np
 import pandas as pd
 
 from data.db import Store
+from data.identifiers import patient_key
 
 __all__ = [
     "TIMELINE_COLUMNS",
@@ -33,11 +33,6 @@ TIMELINE_COLUMNS = [
     "ref_low", "ref_high", "ref_low_canonical", "ref_high_canonical", "flag", "comment", "result_kind",
     "implausible", "unit_missing", "conflicting", "batch_id", "source_row",
 ]
-
-
-def patient_key(patient_id: str) -> str:
-    """A patient id as the store keeps it: trimmed, Unicode NFC (as the importers store it)."""
-    return unicodedata.normalize("NFC", str(patient_id).strip())
 
 
 def patients(store: Store, search: str | None = None, limit: int = 500) -> pd.DataFrame:

@@ -458,6 +458,7 @@ def cmd_forecast(args) -> int:
     import pandas as pd
 
     from data import queries
+    from data.identifiers import patient_key
     from model.inference import ForecastPipeline
 
     try:
@@ -477,6 +478,13 @@ def cmd_forecast(args) -> int:
     model_dir = settings.model_dir(args.model)
     if not (model_dir / "config.json").is_file():
         print(f"labtrend forecast: no trained model in {model_dir} (run `labtrend train`)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # ids as the store keeps them (a stray space or invisible character copied along)
+    q["patient_id"] = q["patient_id"].map(patient_key)
+    if q["patient_id"].isna().any():
+        row = int(q.index[q["patient_id"].isna()][0]) + 1
+        print(f"labtrend forecast: {args.queries}: data row {row}, column 'patient_id': the id is blank",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     pipe = ForecastPipeline.from_pretrained(model_dir, device=args.device)
     store = _store(args)

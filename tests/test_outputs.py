@@ -298,6 +298,11 @@ def test_cli_predict_and_export(tmp_path, cases, capsys):
     assert set(stored["output_id"]) == {i["output_id"] for i in items}
     assert main(args) == 0  # idempotent
     assert json.loads(capsys.readouterr().out)["stored"]["inserted"] == 0
+    # the id typed with a zero-width space and a trailing space is the same patient, same outputs
+    assert main(args[:-2] + ["\u200bP0020 ", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["patient_id"] == "P0020" and again["stored"]["inserted"] == 0
+    assert [f["output_id"] for f in again["forecasts"]] == [f["output_id"] for f in out["forecasts"]]
     assert main(["predict", "--model", str(tmp_path / "model"), "--db", str(db), "--patient", "NOPE"]) == 2
 
     O.record_verdict(store, out["forecasts"][0]["output_id"], "dr.who", "expert", "valid")

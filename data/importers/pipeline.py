@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from data.catalogue import load_catalogue
+from data.identifiers import patient_id_sql
 from data.importers.base import ImportFileError, Staged
 from data.units import UnitError, conversion_factor, normalise_unit, parse_ucum
 from data.values import plain_number_sql, value_select_sql
@@ -413,8 +414,8 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
         "(SELECT min(source_row) AS mn, max(source_row) AS mx, count(*) AS n FROM stg GROUP BY patient_id)"
     ).fetchone()[0]
     parts = dict(
-        # Unicode NFC: 'José' typed with a combining accent is the same patient as 'José'
-        patient_id="NULLIF(nfc_normalize(trim(s.patient_id)), '')",
+        # invisible characters dropped, Unicode NFC (data.identifiers)
+        patient_id=patient_id_sql("s.patient_id"),
         ts=timestamp_sql("s.collected_at", date_order),
         rts=timestamp_sql("s.reported_at", date_order),
         specimen_id=_blank_to_null("s.specimen_id"),
@@ -599,11 +600,11 @@ def _upsert_patients(cur, staged: Staged, batch_id: int) -> None:
     """Create patients seen in this batch; fill sex / birth date / age where still unknown."""
     if staged.has_patients:
         src = f"""
-            SELECT nfc_normalize(trim(patient_id)) AS patient_id, any_value({_SEX_SQL}) AS sex,
+            SELECT {patient_id_sql("patient_id")} AS patient_id, any_value({_SEX_SQL}) AS sex,
                    any_value(TRY_CAST(birth_date AS DATE)) AS birth_date,
                    any_value(TRY_CAST(age_at_ref AS DOUBLE)) AS age_at_ref,
                    any_value(TRY_CAST(ref_date AS DATE)) AS ref_date
-            FROM stg_patients WHERE NULLIF(trim(patient_id), '') IS NOT NULL GROUP BY 1
+            FROM stg_patients WHERE {patient_id_sql("patient_id")} IS NOT NULL GROUP BY 1
         """
     else:
         src = "SELECT NULL::VARCHAR AS patient_id, NULL::VARCHAR AS sex, NULL::DATE AS birth_date, NULL::DOUBLE AS age_at_ref, NULL::DATE AS ref_date WHERE false"
