@@ -19,7 +19,8 @@ import math
 import re
 from dataclasses import dataclass
 
-__all__ = ["ParsedValue", "parse_value", "value_select_sql", "plain_number_sql", "COMPARATORS", "NUMBER_PATTERN"]
+__all__ = ["ParsedValue", "parse_value", "value_select_sql", "plain_number_sql", "other_decimal_mark",
+           "other_decimal_mark_sql", "COMPARATORS", "NUMBER_PATTERN"]
 
 COMPARATORS = ("=", "<", "<=", ">", ">=")
 
@@ -119,3 +120,36 @@ def plain_number_sql(column: str, decimal: str = ".") -> str:
     """
     src = f"trim({column})" if decimal == "." else f"replace(trim({column}), ',', '.')"
     return f"(CASE WHEN isfinite(TRY_CAST({src} AS DOUBLE)) THEN TRY_CAST({src} AS DOUBLE) END)"
+
+
+def other_decimal_mark(text: str | None, decimal: str = ".") -> bool:
+    """True when ``text`` is a number only when read with the other decimal mark: ``'4.5'`` in
+    a decimal-comma file, ``'4,5'`` in a decimal-point file.
+
+    Such a value is ambiguous (``'4.500'`` is 4500 where '.' separates thousands, ``'1,234'``
+    is 1234 where ',' does), so the importer quarantines it rather than guess; it is never
+    read as a number. :func:`other_decimal_mark_sql` is the same rule for DuckDB.
+
+    Raises ValueError for a ``decimal`` other than '.' or ','.
+    """
+    if decimal not in (".", ","):
+        raise ValueError(f"decimal must be '.' or ',', got {decimal!r}")
+    if text is None:
+        return False
+    other = "." if decimal == "," else ","
+    s = str(text)
+    return other in s and parse_value(s, decimal=other).kind in ("numeric", "censored")
+
+
+def other_decimal_mark_sql(column: str, decimal: str = ".") -> str:
+    """DuckDB boolean expression of :func:`other_decimal_mark` on the VARCHAR ``column``
+    (a trusted identifier); false for NULL."""
+    if decimal not in (".", ","):
+        raise ValueError(f"decimal must be '.' or ',', got {decimal!r}")
+    pat = NUMBER_PATTERN.replace("'", "''")
+    if decimal == ",":
+        cond, src = f"contains({column}, '.')", column
+    else:
+        cond, src = f"contains({column}, ',') AND NOT contains({column}, '.')", f"replace({column}, ',', '.')"
+    number = f"TRY_CAST(NULLIF(regexp_extract({src}, '{pat}', 2), '') AS DOUBLE)"
+    return f"COALESCE({cond} AND isfinite({number}), false)"

@@ -346,3 +346,28 @@ def test_empty_lines_before_a_rejected_line_do_not_shift_row_numbers(store, tmp_
     q = queries.quarantine_rows(store, s.batch_id)
     assert q["row"].tolist() == [3, 5] and q["column"].isna().tolist() == [True, False]
     assert queries.timeline(store, "K")["source_row"].tolist() == [1, 2, 4]
+
+
+@pytest.mark.parametrize("decimal,loaded,quarantined", [(",", 4.1, "4.2"), (".", 4.2, "4,1")])
+def test_value_with_the_other_decimal_mark_is_quarantined(store, tmp_path, decimal, loaded, quarantined):
+    """A file that mixes decimal marks stops and asks for --decimal; once chosen, a value that is a
+    number only with the other mark ('4.2' in a decimal-comma file) is quarantined with its
+    reason, never stored as a number or as a text result."""
+    from data.importers import ImportOptions
+
+    p = tmp_path / "mixed.csv"
+    p.write_text("patient_id;collected_at;loinc;test_name;value;unit\n"
+                 "A;2024-01-01;2823-3;K;4,1;mmol/L\nA;2024-01-02;2823-3;K;4.2;mmol/L\n"
+                 "A;2024-01-03;2823-3;K;HEMOLYZED;mmol/L\n", encoding="utf-8")
+    s = run_import(store, p, options=ImportOptions(decimal=decimal))
+    assert (s.rows_loaded, s.rows_quarantined) == (2, 1)
+    tl = queries.timeline(store, "A")
+    assert tl["value_num"].tolist()[0] == loaded and tl["value_text"].tolist()[1] == "HEMOLYZED"
+    q = queries.quarantine_rows(store, s.batch_id)
+    assert q["column"].tolist() == ["value"]
+    row = 2 if decimal == "," else 1
+    assert q["row"].tolist() == [row]
+    other = "." if decimal == "," else ","
+    assert q["reason"].iloc[0] == (f"value '{quarantined}' is a number only with the decimal mark '{other}' and "
+                                   f"this file's decimal mark is '{decimal}': the '{other}' may separate thousands, "
+                                   "so it is not read as a number")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.values import COMPARATORS, parse_value, value_select_sql
+from data.values import COMPARATORS, other_decimal_mark, other_decimal_mark_sql, parse_value, value_select_sql
 
 _CON = duckdb.connect()
 
@@ -80,3 +80,23 @@ def test_decimal_comma():
         parse_value("1", decimal=";")
     with pytest.raises(ValueError, match="decimal must be"):
         value_select_sql("t", "v", decimal=";")
+
+
+@pytest.mark.parametrize("text,decimal,expected", [
+    ("4.5", ",", True), ("<0.5", ",", True), ("4,5", ",", False), ("HEMOLYZED", ",", False), ("1.5 mmol/L", ",", False),
+    ("4,5", ".", True), ("1,234", ".", True), ("> 1,5", ".", True), ("4.5", ".", False), ("1,234.5", ".", False),
+    ("see note, hemolysed", ".", False), ("", ".", False), (None, ",", False), ("nan", ",", False),
+])
+def test_other_decimal_mark(text, decimal, expected):
+    assert other_decimal_mark(text, decimal) is expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="0123456789.,<>= -eE", max_size=8), min_size=1, max_size=30),
+       st.sampled_from([".", ","]))
+def test_other_decimal_mark_sql_and_python_agree(texts, decimal):
+    con = duckdb.connect()
+    got = [r[0] for r in con.execute(
+        f"SELECT {other_decimal_mark_sql('v', decimal)} FROM (SELECT unnest(?::VARCHAR[]) AS v, "
+        "generate_subscripts(?::VARCHAR[], 1) AS i) ORDER BY i", [texts, texts]).fetchall()]
+    assert got == [other_decimal_mark(t, decimal) for t in texts]

@@ -29,7 +29,7 @@ from data.catalogue import load_catalogue
 from data.identifiers import patient_id_sql
 from data.importers.base import ImportFileError, Staged
 from data.units import UnitError, conversion_factor, normalise_unit, parse_ucum
-from data.values import plain_number_sql, value_select_sql
+from data.values import other_decimal_mark_sql, plain_number_sql, value_select_sql
 
 __all__ = ["ImportSummary", "drop_temp", "load_staged", "loinc_check_digit_ok", "timestamp_sql"]
 
@@ -142,7 +142,7 @@ def _file_profile(
         if n_comma and n_dot:
             raise ImportFileError(
                 f"{file_label}: column 'value' has both ',' and '.' decimals ({n_comma} and {n_dot} rows); "
-                "choose the decimal mark with --decimal"
+                "choose the decimal mark with --decimal (values written with the other mark are then quarantined)"
             )
         if n_comma and delimiter == ",":
             raise ImportFileError(
@@ -280,10 +280,11 @@ _Q_COLUMN = """CASE
     WHEN k.analyte_code IS NULL THEN 'loinc'
     WHEN k.bad_loinc THEN 'loinc'
     WHEN s.value_kind IN ('numeric', 'censored') AND k.unit_error IS NOT NULL THEN 'unit'
+    WHEN {other_mark} THEN 'value'
 END"""
 # q_reason IS NULL, written without building the reason (the insert's filter).
 _LOADED = """{patient_id} IS NOT NULL AND {ts_in_range} AND k.analyte_code IS NOT NULL AND NOT k.bad_loinc
-    AND (k.unit_error IS NULL OR s.value_kind NOT IN ('numeric', 'censored'))"""
+    AND (k.unit_error IS NULL OR s.value_kind NOT IN ('numeric', 'censored')) AND NOT {other_mark}"""
 _Q_REASON = """CASE
     WHEN {patient_id} IS NULL THEN 'patient id is missing'
     WHEN NULLIF(trim(s.collected_at), '') IS NULL THEN 'collection time is missing'
@@ -293,6 +294,7 @@ _Q_REASON = """CASE
     WHEN k.analyte_code IS NULL THEN 'neither a LOINC code nor a test name'
     WHEN k.bad_loinc THEN 'LOINC code ''' || trim(s.loinc) || ''' fails its check digit'
     WHEN s.value_kind IN ('numeric', 'censored') AND k.unit_error IS NOT NULL THEN k.unit_error
+    WHEN {other_mark} THEN {other_mark_reason}
 END"""
 _KEY_JOIN = """LEFT JOIN key_map k ON k.loinc IS NOT DISTINCT FROM s.loinc AND k.local_code IS NOT DISTINCT FROM s.local_code
      AND k.test_name IS NOT DISTINCT FROM s.test_name AND k.unit IS NOT DISTINCT FROM s.unit"""
@@ -328,7 +330,7 @@ _QUARANTINE_CANDIDATES = """(
 SELECT s.*, s AS raw_row FROM stg s
 {key_join}
 WHERE {patient_id} IS NULL OR {ts} IS NULL OR NOT ({ts_in_range}) OR k.analyte_code IS NULL OR k.bad_loinc
-   OR k.unit_error IS NOT NULL
+   OR k.unit_error IS NOT NULL OR {other_mark}
 ) c"""
 
 _TEMP_TABLES = ("key_map", "multi_hash", "multi", "dup", "conflict_rows")
@@ -428,6 +430,13 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     # mistyped century), not a result to chart. There is no upper limit: de-identified
     # exports (MIMIC-IV) shift dates far into the future on purpose.
     parts["ts_in_range"] = f"{parts['ts']} >= TIMESTAMP '1900-01-01'"
+    # '4.5' in a decimal-comma file (or '4,5' with '.'): quarantined, never guessed
+    other = "." if decimal == "," else ","
+    parts["other_mark"] = other_decimal_mark_sql("s.value", decimal)
+    parts["other_mark_reason"] = (
+        f"'value ''' || s.value || ''' is a number only with the decimal mark ''{other}'' and this file''s "
+        f"decimal mark is ''{decimal}'': the ''{other}'' may separate thousands, so it is not read as a number'"
+    )
     parts["q_reason"] = _Q_REASON.format(**parts)
     parts["q_column"] = _Q_COLUMN.format(**parts)
     parts["loaded"] = _LOADED.format(**parts)
