@@ -371,3 +371,35 @@ def test_value_with_the_other_decimal_mark_is_quarantined(store, tmp_path, decim
     assert q["reason"].iloc[0] == (f"value '{quarantined}' is a number only with the decimal mark '{other}' and "
                                    f"this file's decimal mark is '{decimal}': the '{other}' may separate thousands, "
                                    "so it is not read as a number")
+
+
+def test_renamed_copy_is_already_imported(store, tmp_path):
+    """The same bytes under another name (an export saved twice, a download renamed) add nothing,
+    quarantine nothing again, and say which batch holds them."""
+    a = tmp_path / "export.csv"
+    a.write_text(HEADER + "A,2024-01-01,2823-3,K,4.1,mmol/L\nA,,2823-3,K,4.2,mmol/L\n", encoding="utf-8")
+    first = run_import(store, a)
+    assert (first.rows_loaded, first.rows_quarantined) == (1, 1)
+    b = tmp_path / "export (1).csv"
+    b.write_bytes(a.read_bytes())
+    again = run_import(store, b)
+    assert again.already_imported and again.batch_id == first.batch_id
+    assert "export.csv" in again.message and "nothing added" in again.message
+    with store.read() as cur:
+        assert cur.execute("SELECT count(*) FROM import_batches").fetchone()[0] == 1
+        assert cur.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 1
+
+
+def test_file_imported_by_an_older_version_is_still_recognised(store, tmp_path):
+    """Stores written before single files were identified by their bytes alone recorded the
+    file's name with its digest; re-importing such a file still adds nothing."""
+    import hashlib
+
+    a = tmp_path / "old.csv"
+    a.write_text(HEADER + "A,2024-01-01,2823-3,K,4.1,mmol/L\n", encoding="utf-8")
+    first = run_import(store, a)
+    legacy = hashlib.sha256(b"old.csv\0" + hashlib.sha256(a.read_bytes()).digest()).hexdigest()
+    with store.write() as cur:
+        cur.execute("UPDATE import_batches SET sha256 = ? WHERE batch_id = ?", [legacy, first.batch_id])
+    assert run_import(store, a).already_imported
+    assert run_import(store, a).batch_id == first.batch_id

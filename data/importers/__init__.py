@@ -77,15 +77,27 @@ def detect_format(path: Path) -> str:
     return "csv"
 
 
-def _file_sha256(paths: list[Path]) -> str:
+def _file_sha256(paths: list[Path]) -> tuple[str, str]:
+    """(identity, legacy identity) of the import's content.
+
+    One file: the sha256 of its bytes, so a renamed copy is the same import. Several files
+    (a MIMIC-IV folder): the sha256 over each file's name and digest, since the names say
+    which table each file is. The legacy identity is what stores made before single files
+    were identified by their bytes alone recorded (name and digest), so that re-importing
+    those files is still recognised.
+    """
     h = hashlib.sha256()
+    digests = []
     for p in sorted(paths, key=lambda p: p.name):
         fh = hashlib.sha256()
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 fh.update(chunk)
+        digests.append(fh)
         h.update(p.name.encode() + b"\0" + fh.digest())
-    return h.hexdigest()
+    if len(digests) == 1:
+        return digests[0].hexdigest(), h.hexdigest()
+    return h.hexdigest(), h.hexdigest()
 
 
 def _now() -> datetime:
@@ -112,11 +124,12 @@ def run_import(store, path, fmt: str | None = None, options: ImportOptions | Non
     files = module.files(path) if hasattr(module, "files") else [path]
     if not path.exists():
         raise ImportFileError(f"{path}: no such file or folder")
-    sha = _file_sha256(files)
+    sha, legacy_sha = _file_sha256(files)
     started = _now()
     with store.write() as cur:
         prior = cur.execute(
-            "SELECT batch_id, file_name, started_at FROM import_batches WHERE sha256 = ? AND status = 'complete'", [sha]
+            "SELECT batch_id, file_name, started_at FROM import_batches WHERE sha256 IN (?, ?) AND status = 'complete' "
+            "ORDER BY batch_id LIMIT 1", [sha, legacy_sha]
         ).fetchone()
         if prior:
             return ImportSummary(
