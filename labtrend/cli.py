@@ -429,15 +429,20 @@ def add_evaluate_args(p):
 
 
 def cmd_evaluate(args) -> int:
-    from labtrend.evaluate import run_evaluation
+    from labtrend.evaluate import BASELINES, MODES, run_evaluation
 
     out = settings.model_dir(args.model)
-    modes = tuple(m for m in args.modes.split(",") if m)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+    for flag, given, known in (("--modes", modes, MODES), ("--baselines", baselines, BASELINES)):
+        unknown = [g for g in given if g not in known]
+        if unknown:  # before anything is read or trained
+            print(f"labtrend evaluate: {flag}: unknown {unknown}; choose from {list(known)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
         card = run_evaluation(args.db, out, init_dir=args.init, patients_file=args.patients, folds=args.folds,
                               seed=args.seed, modes=modes, minutes_per_mode=args.minutes_per_mode, config=args.config,
-                              baselines=tuple(b.strip() for b in args.baselines.split(",") if b.strip()),
-                              progress=lambda m: print(m, file=sys.stderr, flush=True))
+                              baselines=baselines, progress=lambda m: print(m, file=sys.stderr, flush=True))
     except FileNotFoundError as exc:
         print(f"labtrend evaluate: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

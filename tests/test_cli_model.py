@@ -53,6 +53,29 @@ def test_evaluate_without_pretrained_checkpoint_says_how(site, tmp_path, capsys)
     assert rc == 2 and "labtrend train --stage pretrain" in capsys.readouterr().err
 
 
+def test_evaluate_rejects_unknown_names_before_any_work(tmp_path, capsys):
+    """A typo in --baselines or --modes stops at once (exit 2) instead of being ignored or
+    failing after the other methods have trained."""
+    db = tmp_path / "never-created.duckdb"
+    assert cli_main(["evaluate", "--db", str(db), "--baselines", "last value,LightGMB"]) == 2
+    assert "--baselines: unknown ['LightGMB']" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--db", str(db), "--modes", "full,lora2"]) == 2
+    assert "--modes: unknown ['lora2']" in capsys.readouterr().err
+    assert not db.exists()
+
+
+def test_lightgbm_baseline_models_exactly_the_task_analytes():
+    """Every task analyte has a LightGBM model (none falls back to the last value for want of one)."""
+    from labtrend.evaluate import BASELINES, baseline_methods
+
+    methods = baseline_methods(BASELINES, ["2823-3", "2951-2", "local:rare"], seed=3)
+    assert [m.name for m in methods] == list(BASELINES)
+    assert methods[-1].analytes == ["2823-3", "2951-2", "local:rare"]
+    assert [m.name for m in baseline_methods(("LightGBM", "last value"), ["x"])] == ["last value", "LightGBM"]
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline_methods(("lightgbm",), ["x"])
+
+
 def test_forecast_cli_batch(site, tmp_path, capsys):
     d, db, init = site
     model = tmp_path / "model"
