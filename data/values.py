@@ -152,4 +152,6 @@ def other_decimal_mark_sql(column: str, decimal: str = ".") -> str:
     else:
         cond, src = f"contains({column}, ',') AND NOT contains({column}, '.')", f"replace({column}, ',', '.')"
     number = f"TRY_CAST(NULLIF(regexp_extract({src}, '{pat}', 2), '') AS DOUBLE)"
-    return f"COALESCE({cond} AND isfinite({number}), false)"
+    # CASE, not AND: DuckDB evaluates both sides of an AND for every row, and the regular
+    # expression would then run on all 10 million values of a benchmark import (+2 s)
+    return f"CASE WHEN {cond} THEN COALESCE(isfinite({number}), false) ELSE false END"
