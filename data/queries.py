@@ -40,7 +40,8 @@ def patients(store: Store, search: str | None = None, limit: int = 500) -> pd.Da
 
     Returns columns ``patient_id, sex, age_at_ref, ref_date, birth_date, n_results,
     n_abnormal (rows with an abnormal flag as given), n_implausible, first_result,
-    last_result``, ordered by patient id. ``search`` matches a substring of the id.
+    last_result``, ordered by patient id. ``search`` matches a substring of the id (cleaned
+    as ids are: ``data.identifiers.patient_key``).
     """
     sql = """
         SELECT p.patient_id, p.sex, p.age_at_ref, p.ref_date, p.birth_date,
@@ -52,6 +53,8 @@ def patients(store: Store, search: str | None = None, limit: int = 500) -> pd.Da
         WHERE (? IS NULL OR contains(lower(p.patient_id), lower(?)))
         GROUP BY ALL ORDER BY p.patient_id LIMIT ?
     """
+    if search is not None:  # typed or pasted with the same invisible characters ids are cleaned of
+        search = patient_key(search)
     with store.read() as cur:
         return cur.execute(sql, [search, search, limit]).df()
 

@@ -114,11 +114,17 @@ def value_select_sql(relation: str, column: str, decimal: str = ".") -> str:
 
 
 def plain_number_sql(column: str, decimal: str = ".") -> str:
-    """DuckDB expression: ``column`` as a finite DOUBLE when it is a plain number, else NULL.
+    """DuckDB expression: ``column`` as a finite DOUBLE when it is a plain number written with
+    the file's decimal mark, else NULL.
 
-    For reference-interval limits, which exports give as plain numbers.
+    For reference-interval limits, which exports give as plain numbers. A '.' in a
+    decimal-comma file (``4.000``) or a ',' in a decimal-point file (``1,234``) is not read:
+    it may separate thousands (the importer quarantines such a limit).
     """
-    src = f"trim({column})" if decimal == "." else f"replace(trim({column}), ',', '.')"
+    if decimal == ".":
+        src = f"(CASE WHEN contains({column}, ',') THEN NULL ELSE trim({column}) END)"
+    else:
+        src = f"(CASE WHEN contains({column}, '.') THEN NULL ELSE replace(trim({column}), ',', '.') END)"
     return f"(CASE WHEN isfinite(TRY_CAST({src} AS DOUBLE)) THEN TRY_CAST({src} AS DOUBLE) END)"
 
 

@@ -73,3 +73,15 @@ def test_exclude_patients_file_uses_the_same_rule(tmp_path):
     f = tmp_path / "test_ids.txt"
     f.write_text("\ufeffP001\u200b\n# held out\n \xa0\nP002 # note\nP001\n", encoding="utf-8")
     assert read_patient_ids(str(f)) == ["P001", "P002"]
+
+
+def test_patient_search_cleans_the_typed_term(store, tmp_path):
+    f = tmp_path / "ids.csv"
+    f.write_text("patient_id,collected_at,loinc,test_name,value,unit\n"
+                 "P1,2024-01-01 08:00,2823-3,Potassium,4.1,mmol/L\n"
+                 "Jos\u00e9,2024-01-01 08:00,2823-3,Potassium,4.2,mmol/L\n", encoding="utf-8")
+    run_import(store, f)
+    assert list(queries.patients(store, search="P\u200b1")["patient_id"]) == ["P1"]
+    assert list(queries.patients(store, search="\xa0P1")["patient_id"]) == ["P1"]
+    assert list(queries.patients(store, search="Jose\u0301")["patient_id"]) == ["José"]
+    assert len(queries.patients(store, search="\u200b")) == 2  # nothing left to search for: every patient

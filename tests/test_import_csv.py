@@ -403,3 +403,61 @@ def test_file_imported_by_an_older_version_is_still_recognised(store, tmp_path):
         cur.execute("UPDATE import_batches SET sha256 = ? WHERE batch_id = ?", [legacy, first.batch_id])
     assert run_import(store, a).already_imported
     assert run_import(store, a).batch_id == first.batch_id
+
+
+def test_reference_limits_follow_the_decimal_mark(store, tmp_path):
+    """A reference limit that is not a plain number with the file's decimal mark is quarantined
+    (column ref_low / ref_high, with its reason): '4.000' /uL in a decimal-comma file is never
+    read as 4.0, and an unreadable limit is never dropped silently."""
+    p = tmp_path / "wbc.csv"
+    p.write_text("patient_id;collected_at;loinc;test_name;value;unit;ref_low;ref_high\n"
+                 "W1;2024-01-01 08:00;6690-2;Leukozyten;7500;/uL;4.000;10.000\n"
+                 "W1;2024-01-02 08:00;6690-2;Leukozyten;6,8;10*3/uL;4,0;10,0\n"
+                 "W1;2024-01-03 08:00;6690-2;Leukozyten;7,1;10*3/uL;4,0;abc\n"
+                 "W1;2024-01-04 08:00;6690-2;Leukozyten;7,2;10*3/uL;;\n", encoding="utf-8")
+    s = run_import(store, p)
+    assert (s.rows_loaded, s.rows_quarantined) == (2, 2)
+    tl = queries.timeline(store, "W1")
+    assert tl["value_num"].tolist() == [6.8, 7.2]
+    assert tl["ref_low"].tolist()[0] == 4.0 and tl["ref_high"].tolist()[0] == 10.0
+    assert tl["ref_low"].isna().tolist() == [False, True]
+    q = queries.quarantine_rows(store, s.batch_id)
+    assert q[["row", "column"]].values.tolist() == [[1, "ref_low"], [3, "ref_high"]]
+    assert q["reason"].tolist() == [
+        "reference limit '4.000' is not a plain number with the decimal mark ',': the '.' may separate thousands",
+        "reference limit 'abc' is not a plain number with the decimal mark ','",
+    ]
+
+
+def test_reference_limit_with_a_comma_in_a_decimal_point_file(store, tmp_path):
+    p = tmp_path / "k.tsv"
+    p.write_text("patient_id\tcollected_at\tloinc\ttest_name\tvalue\tunit\tref_low\tref_high\n"
+                 "K1\t2024-01-01 08:00\t2823-3\tK\t4.2\tmmol/L\t3,5\t5.1\n"
+                 "K1\t2024-01-02 08:00\t2823-3\tK\t4.3\tmmol/L\t3.5\t5.1\n", encoding="utf-8")
+    s = run_import(store, p)
+    assert (s.rows_loaded, s.rows_quarantined) == (1, 1)
+    q = queries.quarantine_rows(store, s.batch_id)
+    assert q["column"].tolist() == ["ref_low"] and "'3,5'" in q["reason"].iloc[0]
+
+
+def test_thousands_grouped_numbers_stop_the_import(store, tmp_path):
+    """'1,234' and '12,480' with no other decimal in the file: the ',' may be a decimal mark or
+    a thousands separator, so the import asks (exit 2 from the CLI) instead of storing 1.234 U/L."""
+    from data.importers import ImportOptions
+
+    p = tmp_path / "ck.tsv"
+    p.write_text("patient_id\tcollected_at\tloinc\ttest_name\tvalue\tunit\n"
+                 "K1\t2024-01-01 08:00\t2157-6\tCK\t145\tU/L\n"
+                 "K1\t2024-01-02 08:00\t2157-6\tCK\t1,234\tU/L\n"
+                 "K1\t2024-01-03 08:00\t2157-6\tCK\t12,480\tU/L\n", encoding="utf-8")
+    with pytest.raises(ImportFileError, match=r"numbers like '1,234'.*choose the decimal mark with --decimal"):
+        run_import(store, p)
+    assert queries.batches(store).empty
+    s = run_import(store, p, options=ImportOptions(decimal=","))
+    assert queries.timeline(store, "K1")["value_num"].tolist() == [145.0, 1.234, 12.48]
+    # one unambiguous decimal comma ('6,8') decides the file
+    p2 = tmp_path / "ck2.tsv"
+    p2.write_text(p.read_text(encoding="utf-8") + "K2\t2024-01-01 08:00\t2157-6\tCK\t6,8\tU/L\n", encoding="utf-8")
+    s2 = run_import(store, p2)  # read as decimal comma without asking: the same three results, and K2's 6.8
+    assert (s.rows_loaded, s2.rows_loaded, s2.rows_duplicate) == (3, 1, 3)
+    assert queries.timeline(store, "K2")["value_num"].tolist() == [6.8]
