@@ -85,3 +85,40 @@ def test_patient_search_cleans_the_typed_term(store, tmp_path):
     assert list(queries.patients(store, search="\xa0P1")["patient_id"]) == ["P1"]
     assert list(queries.patients(store, search="Jose\u0301")["patient_id"]) == ["José"]
     assert len(queries.patients(store, search="\u200b")) == 2  # nothing left to search for: every patient
+
+
+def test_store_with_uncleaned_ids_merges_lookalike_patients_on_upgrade(tmp_path):
+    """A store written before ids were cleaned (migrations 001-004) holds 'L1' and a zero-width
+    space + 'L1' as two patients; opening it merges them: one patient with both histories and
+    the known demographics, the exact duplicate removed, differing values at one time flagged."""
+    from data.db import _migration_files, open_store
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)")
+    for version, name, sql in _migration_files():
+        if version <= 4:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_migrations VALUES (?, ?, now()::TIMESTAMP)", [version, name])
+    con.executemany("INSERT INTO patients VALUES (?, ?, ?, NULL, NULL, 'csv', ?)", [
+        ["L1", "F", None, 2], ["\u200bL1", None, "1950-01-01", 1], ["Jose\u0301", "M", None, 1],
+        ["P 9", None, None, 1], ["\u200b", None, None, 1]])
+    con.execute("INSERT INTO result_keys VALUES (1, '2823-3', '2823-3', 'Potassium', 'mmol/L', 'mmol/L', 1.0, false)")
+    rows = [("\u200bL1", "2024-01-01", 4.1, 1, 1), ("\u200bL1", "2024-01-02", 4.2, 1, 2), ("L1", "2024-01-02", 4.2, 2, 1),
+            ("L1", "2024-01-03", 4.3, 2, 2), ("L1", "2024-01-01", 4.5, 2, 3), ("Jose\u0301", "2024-01-01", 3.9, 1, 3),
+            ("P 9", "2024-01-01", 4.0, 1, 4)]
+    con.executemany("INSERT INTO results VALUES (?, ?::TIMESTAMP, 1, 'numeric', '=', ?, ?::VARCHAR, NULL, NULL, NULL, NULL, "
+                    "NULL, NULL, false, false, ?, ?)", [[p, t, v, v, b, r] for p, t, v, b, r in rows])
+    con.close()
+
+    store = open_store(path)
+    pats = queries.patients(store).set_index("patient_id")
+    assert sorted(pats.index) == sorted(["L1", "José", "P 9", "\u200b"])
+    assert pats.loc["L1", "sex"] == "F" and str(pats.loc["L1", "birth_date"])[:10] == "1950-01-01"
+    tl = queries.timeline(store, "L1")
+    assert tl["value_num"].tolist() == [4.1, 4.5, 4.2, 4.3]
+    assert tl["conflicting"].tolist() == [True, True, False, False]
+    assert queries.timeline(store, "José")["value_num"].tolist() == [3.9]
+    with store.read() as cur:
+        assert cur.execute("SELECT count(*) FROM results").fetchone()[0] == 6
+        assert cur.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] >= 5
