@@ -16,6 +16,7 @@ from pathlib import Path
 from labtrend import settings
 
 EXIT_BAD_INPUT = 2
+EXIT_BUSY = 3  # the database stayed held by another process past the retry budget
 
 
 def _store(args):
@@ -653,7 +654,13 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command not in {"dashboard", "demo"}:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    return COMMANDS[args.command][1](args) or 0
+    from data.db import StoreBusyError
+
+    try:
+        return COMMANDS[args.command][1](args) or 0
+    except StoreBusyError as exc:  # another process kept the database past the retry budget
+        print(f"labtrend {args.command}: {exc}; try again when it is done", file=sys.stderr)
+        return EXIT_BUSY
 
 
 if __name__ == "__main__":

@@ -101,3 +101,18 @@ def test_forecast_cli_batch(site, tmp_path, capsys):
     bad.write_text("patient_id,at\nx,2024-01-01\n")
     assert cli_main(["forecast", "--model", str(model), "--db", str(db), "--queries", str(bad), "--out", str(outf)]) == 2
     assert "analyte" in capsys.readouterr().err
+
+
+def test_busy_database_is_a_message_not_a_traceback(monkeypatch, capsys):
+    """When another process keeps the database past the retry budget, the command says so and
+    exits 3 (no Python traceback for the analyst)."""
+    from data.db import StoreBusyError
+    from labtrend import cli
+
+    def busy(args):
+        raise StoreBusyError("database lab.duckdb is busy (held by another process) for more than 60 s")
+
+    monkeypatch.setitem(cli.COMMANDS, "patients", (cli.COMMANDS["patients"][0], busy, "patients"))
+    assert cli.main(["patients", "--db", "lab.duckdb"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("labtrend patients: database lab.duckdb is busy") and "try again" in err
