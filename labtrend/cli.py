@@ -19,10 +19,22 @@ EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3  # the database stayed held by another process past the retry budget
 
 
-def _store(args):
+class NoDatabase(Exception):
+    """A command that reads the store was pointed at a file that does not exist."""
+
+
+def _store(args, create: bool = False):
+    """The store of ``--db``; only ``import`` (``create=True``) may create the file, so a
+    mistyped path is an error instead of a new, empty database.
+
+    Raises :class:`NoDatabase` when the file is missing and ``create`` is False.
+    """
     from data.db import open_store
 
-    return open_store(settings.db_path(getattr(args, "db", None)))
+    path = settings.db_path(getattr(args, "db", None))
+    if not create and str(path) != ":memory:" and not Path(path).is_file():
+        raise NoDatabase(f"no database at {path}; import lab results first (labtrend import FILE --db {path})")
+    return open_store(path)
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:
@@ -43,7 +55,7 @@ def add_import_args(p):
 def cmd_import(args) -> int:
     from data.importers import ImportFileError, ImportOptions, run_import, summary_json
 
-    store = _store(args)
+    store = _store(args, create=True)
     opts = ImportOptions(
         date_order="dayfirst" if args.dayfirst else "monthfirst" if args.monthfirst else None,
         decimal=args.decimal,
@@ -440,6 +452,7 @@ def cmd_evaluate(args) -> int:
         if unknown:  # before anything is read or trained
             print(f"labtrend evaluate: {flag}: unknown {unknown}; choose from {list(known)}", file=sys.stderr)
             return EXIT_BAD_INPUT
+    _store(args)  # the store must exist: a mistyped --db is an error, not a new, empty database
     try:
         card = run_evaluation(args.db, out, init_dir=args.init, patients_file=args.patients, folds=args.folds,
                               seed=args.seed, modes=modes, minutes_per_mode=args.minutes_per_mode, config=args.config,
@@ -661,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
     except StoreBusyError as exc:  # another process kept the database past the retry budget
         print(f"labtrend {args.command}: {exc}; try again when it is done", file=sys.stderr)
         return EXIT_BUSY
+    except NoDatabase as exc:
+        print(f"labtrend {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

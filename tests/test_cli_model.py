@@ -116,3 +116,13 @@ def test_busy_database_is_a_message_not_a_traceback(monkeypatch, capsys):
     assert cli.main(["patients", "--db", "lab.duckdb"]) == 3
     err = capsys.readouterr().err
     assert err.startswith("labtrend patients: database lab.duckdb is busy") and "try again" in err
+
+
+@pytest.mark.parametrize("command", [["patients"], ["timeline", "--patient", "P1"], ["batches"],
+                                     ["quarantine", "--batch", "1", "--out", "q.csv"]])
+def test_reading_commands_do_not_create_a_database(tmp_path, capsys, command):
+    """A mistyped --db is an error (exit 2, naming the path), not a new, empty database."""
+    db = tmp_path / "typo" / "lab.duckdb"
+    assert cli_main(command + ["--db", str(db)]) == 2
+    assert f"no database at {db}" in capsys.readouterr().err
+    assert not db.exists() and not db.parent.exists()
