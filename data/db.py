@@ -116,11 +116,18 @@ class Store:
 
     @contextlib.contextmanager
     def _cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self._cursor_and_memo() as (cur, _):
+        with self.read_with_memo() as (cur, _):
             yield cur
 
     @contextlib.contextmanager
-    def _cursor_and_memo(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, dict]]:
+    def read_with_memo(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, dict]]:
+        """A cursor for queries, and a dict that lives exactly as long as this process's open
+        connection to the file.
+
+        Only for caching committed rows that are never updated or deleted (``result_keys``):
+        while the connection is open no other process can write the file, and the next
+        connection starts with an empty dict.
+        """
         if self.settings.path == ":memory:":
             with Store._registry_lock:
                 if self._memory_conn is None:
@@ -158,18 +165,6 @@ class Store:
         """A cursor for queries (bound parameters only)."""
         with self._cursor() as cur:
             yield cur
-
-    @contextlib.contextmanager
-    def read_with_memo(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, dict]]:
-        """A cursor for queries, and a dict that lives exactly as long as this process's open
-        connection to the file.
-
-        Only for caching committed rows that are never updated or deleted (``result_keys``):
-        while the connection is open no other process can write the file, and the next
-        connection starts with an empty dict.
-        """
-        with self._cursor_and_memo() as pair:
-            yield pair
 
     @contextlib.contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 
-__all__ = ["ParsedValue", "parse_value", "value_select_sql", "plain_number_sql", "other_decimal_mark",
+__all__ = ["ParsedValue", "parse_value", "value_select_sql", "plain_number_sql", "other_mark", "other_decimal_mark",
            "other_decimal_mark_sql", "COMPARATORS", "NUMBER_PATTERN"]
 
 COMPARATORS = ("=", "<", "<=", ">", ">=")
@@ -29,6 +29,16 @@ WHITESPACE = " \t\r\n\f\v"
 NUMBER_PATTERN = r"^[ \t\r\n\f\v]*(<=|>=|<|>|≤|≥)?[ \t\r\n\f\v]*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)[ \t\r\n\f\v]*$"
 _NUMBER = re.compile(NUMBER_PATTERN)
 _UNICODE_CMP = {"≤": "<=", "≥": ">="}
+
+
+def other_mark(decimal: str) -> str:
+    """The decimal mark that is not ``decimal`` ('.' <-> ',').
+
+    Raises ValueError for a ``decimal`` other than '.' or ','.
+    """
+    if decimal not in (".", ","):
+        raise ValueError(f"decimal must be '.' or ',', got {decimal!r}")
+    return "." if decimal == "," else ","
 
 
 @dataclass(frozen=True)
@@ -138,11 +148,9 @@ def other_decimal_mark(text: str | None, decimal: str = ".") -> bool:
 
     Raises ValueError for a ``decimal`` other than '.' or ','.
     """
-    if decimal not in (".", ","):
-        raise ValueError(f"decimal must be '.' or ',', got {decimal!r}")
+    other = other_mark(decimal)
     if text is None:
         return False
-    other = "." if decimal == "," else ","
     s = str(text)
     return other in s and parse_value(s, decimal=other).kind in ("numeric", "censored")
 
@@ -150,8 +158,7 @@ def other_decimal_mark(text: str | None, decimal: str = ".") -> bool:
 def other_decimal_mark_sql(column: str, decimal: str = ".") -> str:
     """DuckDB boolean expression of :func:`other_decimal_mark` on the VARCHAR ``column``
     (a trusted identifier); false for NULL."""
-    if decimal not in (".", ","):
-        raise ValueError(f"decimal must be '.' or ',', got {decimal!r}")
+    other_mark(decimal)  # validates
     pat = NUMBER_PATTERN.replace("'", "''")
     if decimal == ",":
         cond, src = f"contains({column}, '.')", column

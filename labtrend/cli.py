@@ -23,18 +23,23 @@ class NoDatabase(Exception):
     """A command that reads the store was pointed at a file that does not exist."""
 
 
-def _store(args, create: bool = False):
-    """The store of ``--db``; only ``import`` (``create=True``) may create the file, so a
-    mistyped path is an error instead of a new, empty database.
+def _db_path(args, create: bool = False):
+    """The database file of ``--db``; only ``import`` (``create=True``) may name one that does
+    not exist yet, so a mistyped path is an error instead of a new, empty database.
 
     Raises :class:`NoDatabase` when the file is missing and ``create`` is False.
     """
-    from data.db import open_store
-
     path = settings.db_path(getattr(args, "db", None))
     if not create and str(path) != ":memory:" and not Path(path).is_file():
         raise NoDatabase(f"no database at {path}; import lab results first (labtrend import FILE --db {path})")
-    return open_store(path)
+    return path
+
+
+def _store(args, create: bool = False):
+    """The store of ``--db`` (:func:`_db_path`), migrated."""
+    from data.db import open_store
+
+    return open_store(_db_path(args, create))
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:
@@ -452,7 +457,7 @@ def cmd_evaluate(args) -> int:
         if unknown:  # before anything is read or trained
             print(f"labtrend evaluate: {flag}: unknown {unknown}; choose from {list(known)}", file=sys.stderr)
             return EXIT_BAD_INPUT
-    _store(args)  # the store must exist: a mistyped --db is an error, not a new, empty database
+    _db_path(args)  # the store must exist: a mistyped --db is an error, not a new, empty database
     try:
         card = run_evaluation(args.db, out, init_dir=args.init, patients_file=args.patients, folds=args.folds,
                               seed=args.seed, modes=modes, minutes_per_mode=args.minutes_per_mode, config=args.config,

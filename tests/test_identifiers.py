@@ -91,15 +91,11 @@ def test_store_with_uncleaned_ids_merges_lookalike_patients_on_upgrade(tmp_path)
     """A store written before ids were cleaned (migrations 001-004) holds 'L1' and a zero-width
     space + 'L1' as two patients; opening it merges them: one patient with both histories and
     the known demographics, the exact duplicate removed, differing values at one time flagged."""
-    from data.db import _migration_files, open_store
+    from data.db import open_store
+    from store_helpers import store_at_version
 
     path = tmp_path / "old.duckdb"
-    con = duckdb.connect(str(path))
-    con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)")
-    for version, name, sql in _migration_files():
-        if version <= 4:
-            con.execute(sql)
-            con.execute("INSERT INTO schema_migrations VALUES (?, ?, now()::TIMESTAMP)", [version, name])
+    con = store_at_version(path, 4)
     con.executemany("INSERT INTO patients VALUES (?, ?, ?, NULL, NULL, 'csv', ?)", [
         ["L1", "F", None, 2], ["\u200bL1", None, "1950-01-01", 1], ["Jose\u0301", "M", None, 1],
         ["P 9", None, None, 1], ["\u200b", None, None, 1]])

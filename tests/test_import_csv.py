@@ -237,15 +237,11 @@ def test_source_rows_follow_the_file_across_row_groups(tmp_path, reject_at, keep
 def test_store_written_before_the_narrow_results_table_migrates_unchanged(tmp_path):
     """A store created by migrations 001-003 (one wide lab_results table) opens with every
     result, canonical value and flag as it was."""
-    from data.db import _migration_files, open_store
+    from data.db import open_store
+    from store_helpers import store_at_version
 
     path = tmp_path / "old.duckdb"
-    con = duckdb.connect(str(path))
-    con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)")
-    for version, name, sql in _migration_files():
-        if version <= 3:
-            con.execute(sql)
-            con.execute("INSERT INTO schema_migrations VALUES (?, ?, now()::TIMESTAMP)", [version, name])
+    con = store_at_version(path, 3)
     old_rows = [
         # creatinine in umol/L -> mg/dL, with a reference interval; potassium censored; a text
         # result; a dimensioned result with the unit missing; two conflicting values

@@ -95,9 +95,8 @@ def _file_sha256(paths: list[Path]) -> tuple[str, str]:
                 fh.update(chunk)
         digests.append(fh)
         h.update(p.name.encode() + b"\0" + fh.digest())
-    if len(digests) == 1:
-        return digests[0].hexdigest(), h.hexdigest()
-    return h.hexdigest(), h.hexdigest()
+    identity = digests[0].hexdigest() if len(digests) == 1 else h.hexdigest()
+    return identity, h.hexdigest()
 
 
 def _now() -> datetime:

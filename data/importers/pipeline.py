@@ -29,7 +29,7 @@ from data.catalogue import load_catalogue
 from data.identifiers import patient_id_sql
 from data.importers.base import ImportFileError, Staged
 from data.units import UnitError, conversion_factor, normalise_unit, parse_ucum
-from data.values import other_decimal_mark_sql, plain_number_sql, value_select_sql
+from data.values import other_decimal_mark_sql, other_mark, plain_number_sql, value_select_sql
 
 __all__ = ["ImportSummary", "drop_temp", "load_staged", "loinc_check_digit_ok", "timestamp_sql"]
 
@@ -449,7 +449,7 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
     # exports (MIMIC-IV) shift dates far into the future on purpose.
     parts["ts_in_range"] = f"{parts['ts']} >= TIMESTAMP '1900-01-01'"
     # '4.5' in a decimal-comma file (or '4,5' with '.'): quarantined, never guessed
-    other = "." if decimal == "," else ","
+    other = other_mark(decimal)
     parts["other_mark"] = other_decimal_mark_sql("s.value", decimal)
     parts["other_mark_reason"] = (
         f"'value ''' || s.value || ''' is a number only with the decimal mark ''{other}'' and this file''s "
