@@ -2,6 +2,8 @@
 
     python train.py                                   # fine-tune var/model (pretrains var/pretrained once if missing)
     python train.py --stage pretrain --config small   # (re)build the cached pretrained checkpoint
+    python train.py --stage pretrain --exclude-source cdisc --init var/pre-no-cdisc   # leave one source out
+    python train.py --stage pretrain --sources today --exclude-source synthetic     # without the synthetic cohort
     python train.py --mode embeddings --out var/model-emb --exclude-patients test_ids.txt
     torchrun --standalone --nproc_per_node=2 train.py --config tiny --steps 50
     accelerate launch --multi_gpu --num_processes 2 train.py ...   # same env as torchrun
@@ -22,7 +24,9 @@ loads half a model; a failed run leaves its ``.partial`` folder with the logs):
   starts from that cache when it exists, else from the checkpoint shipped in
   ``model/checkpoints/pretrained-small``):
   ``config.json``, ``model.safetensors``, ``vocab.json``, ``scaler.json``,
-  ``pretraining.json`` (held-out corpus patients, metrics) and ``metrics.jsonl``.
+  ``pretraining.json`` (held-out corpus patients, chosen within each source; per-source counts of
+  patients, values, analytes, kept and dropped values in ``corpus_summary``; metrics) and
+  ``metrics.jsonl``.
 * finetune -> ``--out`` (default ``$LABTREND_MODEL`` or ``var/model``): the ForecastPipeline
   (``config.json``, ``model.safetensors``, ``vocab.json``, ``scaler.json``,
   ``calibration.json``, ``model_version``), plus ``metrics.jsonl`` (one JSON line per eval:
@@ -52,6 +56,8 @@ EXIT_BAD_INPUT = 2
 # first run of a fresh CPU machine (pretraining included) at about 10 minutes.
 CPU_MINUTES = {"pretrain": 5.5, "finetune": 4.5}
 SAVE_MARGIN_S = 5.0  # kept out of the training budget for writing the checkpoint
+# Open datasets of the corpus that the shipped checkpoint was pretrained on; fine-tuning replays
+# from the sources its checkpoint records, and from these for a checkpoint that records none.
 CORPUS_SOURCES = "physionet2012,eicu,nhanes"
 
 
@@ -143,15 +149,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out corpus rows scored before and after fine-tuning (forgetting)")
 
     g = p.add_argument_group("pretraining corpus")
-    g.add_argument("--corpus-sources", default=CORPUS_SOURCES,
-                   help="open datasets to read ('none' for synthetic only); missing ones are skipped")
-    g.add_argument("--synthetic-patients", type=int, default=1000, help="synthetic patients added to the corpus")
+    g.add_argument("--sources", "--corpus-sources", dest="corpus_sources", default=None, metavar="LIST",
+                   help="corpus sources, comma-separated: physionet2012, eicu, nhanes, synthetic, physionet2019, "
+                        "physionet2012c, mimic3, cdisc; or all, today (the first four), none (synthetic only). "
+                        "Default: all for pretraining; for fine-tuning replay, the sources the checkpoint was "
+                        f"pretrained on ({CORPUS_SOURCES} when it records none). Missing datasets are skipped")
+    g.add_argument("--exclude-source", action="append", default=None, metavar="SOURCE",
+                   help="leave a source out (repeatable or comma-separated), e.g. for leave-one-source-out runs; "
+                        "'synthetic' pretrains without the synthetic cohort")
+    g.add_argument("--synthetic-patients", type=int, default=1000,
+                   help="synthetic patients added to the corpus (0: none, as --exclude-source synthetic)")
     g.add_argument("--corpus-max-rows", type=int, default=None,
                    help="keep whole patients up to this many rows (default: all)")
     g.add_argument("--masked-row-fraction", type=float, default=0.25,
                    help="fraction of a pretraining batch that is masked-value-only rows (single-visit data)")
-    g.add_argument("--pretrain-val-fraction", type=float, default=0.05, help="corpus patients held out")
-    g.add_argument("--pretrain-max-val-patients", type=int, default=1000, help="cap on held-out corpus patients")
+    g.add_argument("--pretrain-val-fraction", type=float, default=0.05,
+                   help="corpus patients held out for validation, chosen within each source")
+    g.add_argument("--pretrain-max-val-patients", type=int, default=1000,
+                   help="cap on held-out corpus patients per source")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,14 +290,42 @@ def load_site(args: argparse.Namespace, exclude: list[str], runtime):
     return frame
 
 
-def load_corpus(args: argparse.Namespace):
+def corpus_selection(args: argparse.Namespace, stage: str, init: Path | None = None) -> tuple[tuple[str, ...], int]:
+    """(open sources, synthetic patients) of the corpus a stage reads; see ``--sources``.
+
+    Without ``--sources``, pretraining reads every source and fine-tuning replays from the sources
+    recorded in ``init``'s ``pretraining.json`` (:data:`CORPUS_SOURCES` when it records none).
+    """
+    from model.corpus import resolve_sources
+
+    selection, synthetic = args.corpus_sources, args.synthetic_patients
+    if selection is None and stage == "finetune":
+        recorded = {}
+        if init is not None and (Path(init) / "pretraining.json").is_file():
+            recorded = json.loads((Path(init) / "pretraining.json").read_text()).get("args", {})
+        selection = recorded.get("corpus_sources") or CORPUS_SOURCES
+        if "exclude_source" in recorded:  # a record that lists 'synthetic' when it was used
+            synthetic = recorded.get("synthetic_patients", synthetic) if "synthetic" in selection.split(",") else 0
+        elif "synthetic_patients" in recorded:
+            synthetic = recorded["synthetic_patients"]
+    exclude = [x.strip() for item in (args.exclude_source or []) for x in item.split(",") if x.strip()]
+    try:
+        keys = resolve_sources(selection or "all", exclude)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if "synthetic" in exclude:
+        synthetic = 0
+    return tuple(k for k in keys if k != "synthetic"), max(int(synthetic), 0)
+
+
+def load_corpus(args: argparse.Namespace, stage: str = "pretrain", init: Path | None = None):
     from model.corpus import load_pretraining_corpus
 
-    sources = tuple(s.strip() for s in args.corpus_sources.split(",") if s.strip() and s.strip() != "none")
-    corpus = load_pretraining_corpus(max_rows=args.corpus_max_rows, include_synthetic_patients=args.synthetic_patients,
+    sources, synthetic = corpus_selection(args, stage, init)
+    corpus = load_pretraining_corpus(max_rows=args.corpus_max_rows, include_synthetic_patients=synthetic,
                                      seed=args.seed, sources=sources)
     if corpus.empty:
-        raise UsageError("the pretraining corpus is empty: no dataset found and --synthetic-patients 0")
+        raise UsageError("the pretraining corpus is empty: no dataset found and no synthetic patients")
     return corpus
 
 
@@ -369,20 +412,29 @@ def run_pretrain(args: argparse.Namespace, out: Path, runtime) -> dict:
 
     started = time.monotonic()
     budget = budget_minutes(args, "pretrain", runtime)
-    corpus = load_corpus(args)
+    from model.corpus import corpus_summary, split_by_source
+
+    corpus = load_corpus(args, "pretrain")
     corpus_report = corpus.attrs.get("report", {})
+    loaded_s = round(time.monotonic() - started, 1)
+    # validation patients chosen within each source (same ones whatever else is in the corpus)
+    _, val_ids, split = split_by_source(corpus, args.pretrain_val_fraction, args.seed, args.pretrain_max_val_patients)
+    summary = corpus_summary(corpus, corpus_report, split)
     partial = staging_dir(out) if runtime.is_main else None
     metrics = MetricsLog(partial / "metrics.jsonl") if runtime.is_main else None
     runtime.log = metrics
     try:
         model, vocab, scaler = pretrain(corpus, args.config or "small",
-                                        settings=train_settings(args, _remaining(budget, started)), runtime=runtime)
+                                        settings=train_settings(args, _remaining(budget, started)), runtime=runtime,
+                                        validation_patients=val_ids)
     finally:
         runtime.log = None
         if metrics is not None:
             metrics.close()
-    report = dict(model.training_report, corpus=corpus_report, wall_seconds=round(time.monotonic() - started, 1),
-                  device=str(runtime.device), args=_args_record(args))
+    report = dict(model.training_report, corpus=corpus_report, corpus_summary=summary, corpus_load_seconds=loaded_s,
+                  wall_seconds=round(time.monotonic() - started, 1), device=str(runtime.device),
+                  args=dict(_args_record(args), corpus_sources=",".join(summary["sources"]),
+                            exclude_source=",".join(args.exclude_source or [])))
     if runtime.is_main:
         save_pretraining_checkpoint(partial, model, vocab, scaler, report)
         publish(partial, out)
@@ -398,7 +450,7 @@ def run_finetune(args: argparse.Namespace, init: Path, out: Path, runtime) -> di
     budget = budget_minutes(args, "finetune", runtime)
     exclude = read_patient_ids(args.exclude_patients)
     site = load_site(args, exclude, runtime)
-    corpus = load_corpus(args) if args.mode != "scratch" else None
+    corpus = load_corpus(args, "finetune", init) if args.mode != "scratch" else None
     partial = staging_dir(out) if runtime.is_main else None
     metrics = MetricsLog(partial / "metrics.jsonl") if runtime.is_main else None
     runtime.log = metrics
