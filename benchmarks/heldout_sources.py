@@ -9,6 +9,9 @@
     python benchmarks/heldout_sources.py zero-shot --checkpoint var/pre-no-cdisc --source cdisc
     python benchmarks/heldout_sources.py zero-shot --checkpoint var/sites/setc/model \\
         --db var/sites/setc/site.duckdb --patients var/sites/setc/test_patients.txt
+    # learning curve: the same validation patients of a source for checkpoints of different corpora
+    python benchmarks/heldout_sources.py zero-shot --checkpoint var/pre-all --source physionet2012 \\
+        --validation-of var/pre-all
 
 ``site`` writes ``<out>/site.csv.gz``, ``site.duckdb``, ``train_patients.txt``,
 ``test_patients.txt`` and ``site.json`` (:func:`model.source_sites.write_site`). ``zero-shot``
@@ -71,6 +74,14 @@ def _zero_shot(args) -> int:
     patients = read_patient_list(args.patients) if args.patients else None
     if patients is not None:
         cohort += "-" + Path(args.patients).stem
+    if args.validation_of:
+        report = Path(args.validation_of) / "pretraining.json"
+        if not report.is_file():
+            print(f"heldout_sources.py zero-shot: no pretraining.json in {args.validation_of}", file=sys.stderr)
+            return 2
+        val = set(json.loads(report.read_text()).get("validation_patients") or [])
+        patients = sorted(val if patients is None else val & set(patients))
+        cohort += "-validation"
     result = score_checkpoint(args.checkpoint, history, patients=patients, max_patients=args.max_patients,
                               n_analytes=args.analytes, folds=args.folds, seed=args.seed,
                               leakage_check=args.leakage_check, device=args.device)
@@ -99,6 +110,9 @@ def main(argv=None) -> int:
     z.add_argument("--source", help="a key of model.corpus.SOURCES")
     z.add_argument("--db", help="a site store instead of a source")
     z.add_argument("--patients", help="score only these patients (one id per line), e.g. test_patients.txt")
+    z.add_argument("--validation-of", metavar="DIR",
+                   help="score only the validation patients recorded in DIR/pretraining.json (chosen within each "
+                        "source, so the same patients for every corpus that holds the source: learning curves)")
     z.add_argument("--max-patients", type=int, default=None, help="a seeded random subset, for quick runs")
     z.add_argument("--analytes", type=int, default=20, help="the cohort's most frequent analytes scored")
     z.add_argument("--folds", type=int, default=5)

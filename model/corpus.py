@@ -788,16 +788,19 @@ def split_by_source(history: pd.DataFrame, val_fraction: float, seed: int,
     """
     from model.training import split_patients
 
-    ids = pd.Series(history["patient_id"].astype(str).unique())
-    src = pd.Series(source_of(ids), index=ids.index)
+    codes, ids = pd.factorize(history["patient_id"].astype(str))
+    ids = np.asarray(ids, dtype=object)
+    src_codes, keys = pd.factorize(pd.Series(source_of(ids)))
+    row_src = src_codes[codes]  # one integer per result: no string comparison per source
     train, val, counts = [], [], {}
-    for key in sorted(src.unique()):
-        mine = ids[src == key]
+    for k in np.argsort(np.asarray(keys, dtype=str)):
+        key = str(keys[k])
+        mine = ids[src_codes == k]
         if len(mine) < 2:
             train += mine.tolist()
             counts[key or "(no prefix)"] = {"train": int(len(mine)), "validation": 0}
             continue
-        part = history[history["patient_id"].isin(set(mine))]
+        part = pd.DataFrame({"patient_id": ids[codes[row_src == k]]})  # split_patients needs the result counts only
         key_seed = (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**32)
         tr, va = split_patients(part, val_fraction, key_seed, 1, max_val_patients_per_source)
         train += tr

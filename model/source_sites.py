@@ -128,9 +128,11 @@ def pretraining_overlap(checkpoint: str | os.PathLike, patient_ids) -> dict:
     """How a cohort's patients relate to a checkpoint's pretraining corpus (from its ``pretraining.json``).
 
     Returns ``{"sources_in_pretraining": [...], "cohort_sources": [...], "overlapping_sources": [...],
-    "validation_patients": n}``: the cohort's sources that the checkpoint was pretrained on (a
-    zero-shot claim needs this empty), and how many of the cohort's patients were its held-out
-    validation patients. Empty lists when the checkpoint records no corpus.
+    "validation_patients": n, "patients_possibly_trained_on": n}``: the cohort's sources that the
+    checkpoint was pretrained on (a zero-shot claim needs this empty), how many of the cohort's
+    patients were its held-out validation patients, and how many belong to a pretraining source
+    without being among them (a clean held-out score needs 0). Empty lists when the checkpoint
+    records no corpus.
     """
     from model.corpus import resolve_sources, source_of
 
@@ -144,11 +146,16 @@ def pretraining_overlap(checkpoint: str | os.PathLike, patient_ids) -> dict:
         used = list(resolve_sources(args["corpus_sources"])) if args.get("corpus_sources") else []
         if args.get("synthetic_patients"):
             used.append("synthetic")
-    cohort = sorted(set(source_of(pd.unique(np.asarray(patient_ids, dtype=object)))))
+    ids = pd.unique(np.asarray(patient_ids, dtype=object))
+    src = source_of(ids)
+    cohort = sorted(set(src))
     val = set(report.get("validation_patients") or [])
+    in_val = np.array([p in val for p in ids], dtype=bool)
+    in_used = np.isin(src, used)
     return {"sources_in_pretraining": used, "cohort_sources": cohort,
             "overlapping_sources": [s for s in cohort if s in used],
-            "validation_patients": int(sum(1 for p in pd.unique(np.asarray(patient_ids, dtype=object)) if p in val))}
+            "validation_patients": int(in_val.sum()),
+            "patients_possibly_trained_on": int((in_used & ~in_val).sum())}
 
 
 def score_checkpoint(checkpoint: str | os.PathLike, history: pd.DataFrame, *, patients=None,

@@ -347,4 +347,6 @@ def test_a_source_written_as_a_site_imports_whole_and_scores_zero_shot(tmp_path,
     assert result["ratio"] == pytest.approx(result["nmae"] / result["last_value_nmae"])
     assert sum(r["n"] for r in result["per_analyte"]) == result["n_targets"]
     # the cohort's source was in this checkpoint's corpus: not a zero-shot figure, and it says so
-    assert result["pretraining_overlap"]["overlapping_sources"] == ["cdisc"]
+    overlap = result["pretraining_overlap"]
+    assert overlap["overlapping_sources"] == ["cdisc"]
+    assert overlap["validation_patients"] + overlap["patients_possibly_trained_on"] == 3
