@@ -35,7 +35,7 @@ clinical meaning, only the relative times do):
 Unit caveat: PhysioNet 2012 documents Mg in mmol/L but the values are mg/dL (median 2.0, like
 eICU's mg/dL column); ``source_codes.csv`` therefore maps it as mg/dL and says why.
 
-Paths are never hard-coded: the folders come from :func:`labtrend.settings.dataset_dir`.
+Paths are never hard-coded: the folders come from :func:`data.settings.dataset_dir`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import pandas as pd
 
 from data.catalogue import load_catalogue, reference_file
 from data.units import conversion_factor
-from labtrend import settings
+from data import settings
 from model import HISTORY_COLUMNS
 
 __all__ = [
