@@ -206,7 +206,7 @@ def require_login() -> CurrentUser:
         if not users.has_users(store):
             st.title("LabTrend")
             st.warning("No user accounts exist yet. An administrator creates the first one on the server with "
-                       "`labtrend users add --username NAME --name 'Full Name' --role admin`.")
+                       f"`labtrend users add --username NAME --name 'Full Name' --role admin --db {state.db_path()}`.")
             st.stop()
         _sign_in_form(store, policy)
     user = CurrentUser(check.session.username, check.name or check.session.username, check.roles, check.session_id)

@@ -126,12 +126,17 @@ def clear_script(base_url_path: str = "") -> str:
 def idle_reload_script(idle_seconds: float, run_marker: int) -> str:
     """Reload the page once ``idle_seconds`` (+5 s) pass without a page run, so that a screen left
     signed in falls back to the sign-in form by itself (the server has ended the session by then).
-    ``run_marker`` differs on every run, so that the script runs again and pushes the deadline."""
+    ``run_marker`` differs on every run, so that the script runs again and pushes the deadline; a key
+    pressed in the last minute postpones the reload by a minute (a long comment being typed is not
+    thrown away; the server still ends the session on time)."""
     ms = int((idle_seconds + 5) * 1000)
     return (
         "<script>(() => {/* run " + str(int(run_marker)) + " */"
         "window.__labtrendIdleDeadline = Date.now() + " + str(ms) + ";"
         "if (window.__labtrendIdleTimer) return;"
+        # never under someone's fingers: typing (which reaches the server only later) postpones the reload
+        "window.addEventListener('keydown', () => {window.__labtrendIdleDeadline = "
+        "Math.max(window.__labtrendIdleDeadline, Date.now() + 60000);}, {capture: true, passive: true});"
         "window.__labtrendIdleTimer = setInterval(() => {"
         "if (Date.now() > window.__labtrendIdleDeadline) {clearInterval(window.__labtrendIdleTimer);"
         "window.location.reload();}}, 10000);})();</script>"

@@ -361,6 +361,7 @@ def test_an_admins_cookie_replayed_after_sign_out_shows_the_sign_in_form(served)
     thief.set_default_timeout(TIMEOUT_MS)
     try:
         open_nav(page, "Users", "Users")
+        screenshot(page, "admin_users")
         cookie = next(c for c in page.context.cookies() if c["name"] == SESSION_COOKIE)
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         assert SESSION_COOKIE not in page.evaluate("document.cookie")  # page scripts cannot read it

@@ -80,6 +80,7 @@ with right.form("users_add", clear_on_submit=True, border=True):
     username = c1.text_input("Username")
     name = c2.text_input("Full name")
     role = c1.selectbox("Role", access.ROLES)
+    c1, c2 = st.columns(2)
     p1 = c1.text_input("Password", type="password", help=f"At least {access.MIN_PASSWORD_LENGTH} characters")
     p2 = c2.text_input("Repeat password", type="password")
     if st.form_submit_button("Add user", type="primary"):
