@@ -2,7 +2,7 @@
 
 A password sign-in :func:`start`\\ s a session: a row with a random ``session_id`` (held in the
 signed-in Streamlit session's server memory) and a one-time *grant*. The page exchanges the
-grant, once and within :attr:`SessionPolicy.grant_ttl`, for the browser's cookie
+grant, once and within :attr:`SessionPolicy.grant_ttl` (2 minutes), for the browser's cookie
 (:func:`redeem_grant`): a fresh random token of which only the SHA-256 is stored. A later page
 load presents the cookie and :func:`resume`\\ s the same session.
 
@@ -39,7 +39,7 @@ __all__ = [
 ENDED_MESSAGES = {
     "signed out": "You signed out.",
     "idle": "Your session ended after {idle} without activity. Sign in again.",
-    "lifetime": "Your session reached its {lifetime} limit. Sign in again.",
+    "lifetime": "Your session reached its limit of {lifetime} after the sign-in. Sign in again.",
     "account disabled": "Your account was disabled. Ask an administrator.",
     "password reset": "Your password was reset by an administrator. Sign in with the new password.",
     "password changed": "Your password was changed in another session. Sign in again.",
@@ -71,7 +71,7 @@ class SessionPolicy:
     idle: timedelta = timedelta(minutes=15)
     lifetime: timedelta = timedelta(hours=12)
     touch_every: timedelta = timedelta(minutes=1)
-    grant_ttl: timedelta = timedelta(minutes=1)
+    grant_ttl: timedelta = timedelta(minutes=2)  # from the sign-in to the page's fetch, on a busy server
 
     @classmethod
     def from_settings(cls) -> "SessionPolicy":

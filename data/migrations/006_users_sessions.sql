@@ -8,7 +8,7 @@
 -- A session ends when it is revoked (sign-out, account disabled, password reset), when it has
 -- seen no activity for the idle timeout, or at its absolute end (expires_at); the server checks
 -- this row on every page run, so an ended session's cookie shows the sign-in form. The one-time
--- grant (grant_hash, a minute's life) is what the page exchanges for that cookie; the token
+-- grant (grant_hash, two minutes' life) is what the page exchanges for that cookie; the token
 -- itself never passes through page scripts. Times are UTC.
 
 CREATE TABLE users (
