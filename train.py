@@ -18,7 +18,12 @@ DDP, reading the store and the corpus, checkpoints and logs. The training logic 
 ``model/training.py``. It sees frames, plus the one checkpoint directory it fine-tunes from.
 
 Outputs (written by rank 0 into ``<dir>.partial``, then swapped in whole, so a reader never
-loads half a model; a failed run leaves its ``.partial`` folder with the logs):
+loads half a model; a failed run leaves its ``.partial`` folder with the logs). Rank 0 holds
+``<dir>.lock`` for the whole run, so a second run into the same folder stops at once (exit 2)
+instead of overwriting the first one's files; a run killed mid-way (kill -9, power loss) leaves
+its ``.partial`` folder behind, and the next run into that folder removes it and says so
+(:func:`claim_output`). A fine-tuning run is audited in the store it read (``train``, as the
+operating-system account, :mod:`data.audit`).
 
 * pretrain -> ``--init`` (default ``$LABTREND_PRETRAINED`` or ``var/pretrained``; fine-tuning
   starts from that cache when it exists, else from the checkpoint shipped in
@@ -49,7 +54,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from labtrend import settings as paths
+from data import settings as paths
 
 EXIT_BAD_INPUT = 2
 # Wall-clock budget per stage on CPU when --max-minutes is not given. Together they keep the
@@ -360,6 +365,49 @@ def staging_dir(final: Path) -> Path:
     return partial
 
 
+def _last_written(folder: Path) -> str:
+    times = [p.stat().st_mtime for p in folder.rglob("*") if p.is_file()] or [folder.stat().st_mtime]
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(max(times)))
+
+
+def claim_output(final: Path):
+    """Lock ``<final>.lock`` for this run and clear what an interrupted run into ``final`` left.
+
+    * ``<final>.partial``: the folder of a run killed before it finished; removed.
+    * ``<final>.old``: a run killed while swapping its result in. With ``final`` present the swap
+      was done and the old folder is removed; with ``final`` missing, the old model is put back.
+
+    Each is reported on stderr. Returns the held ``filelock.FileLock`` (release it when the run ends;
+    the kernel releases it when the process dies, however it dies). Raises :class:`UsageError` when
+    another run holds the lock.
+    """
+    from filelock import FileLock, Timeout
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(final.with_name(final.name + ".lock")), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UsageError(f"another training run is writing {final} (it holds {lock.lock_file}); "
+                         "wait for it to finish or choose another --out") from None
+    partial, old = final.with_name(final.name + ".partial"), final.with_name(final.name + ".old")
+    if old.is_dir():
+        if final.exists():
+            shutil.rmtree(old)
+            print(f"train.py: removed {old}, the previous model kept by an interrupted run after its new one "
+                  f"was in place", file=sys.stderr, flush=True)
+        else:
+            old.rename(final)
+            print(f"train.py: put back {final} from {old}: a run was interrupted while replacing it",
+                  file=sys.stderr, flush=True)
+    if partial.is_dir():
+        when = _last_written(partial)
+        shutil.rmtree(partial)
+        print(f"train.py: removed {partial}, left by an interrupted run (last written {when})",
+              file=sys.stderr, flush=True)
+    return lock
+
+
 def publish(partial: Path, final: Path) -> None:
     """Replace ``final`` by the finished ``partial`` directory."""
     if final.exists():
@@ -488,17 +536,36 @@ def run_finetune(args: argparse.Namespace, init: Path, out: Path, runtime) -> di
             "forgetting": {k: v for k, v in report.get("forgetting", {}).items() if k not in ("before", "after")}}
 
 
-def run(args: argparse.Namespace) -> int:
-    from model.training import seed_everything
-
-    runtime = setup_runtime(args)
-    seed_everything(args.seed)
+def _outputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """``(init, out)``: the checkpoint fine-tuning starts from (and pretraining writes), and the output folder."""
     # pretraining (--stage pretrain|all) writes the local cache, never the shipped checkpoint
     init = Path(args.init) if args.init else (
         paths.pretrained_cache_dir() if args.stage in ("pretrain", "all") else paths.pretrained_dir())
     out_default = init if args.stage == "pretrain" else paths.model_dir()
-    out = Path(args.out) if args.out else out_default
+    return init, (Path(args.out) if args.out else out_default)
+
+
+def run(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
+    init, out = _outputs(args)
+    with ExitStack() as claims:
+        if int(os.environ.get("RANK", "0")) == 0:  # before DDP starts: a refusal ends every rank at once
+            writes = [out]
+            if args.stage in ("pretrain", "all") or (args.mode != "scratch" and not paths.is_checkpoint(init)):
+                writes.append(init)
+            for folder in dict.fromkeys(p.resolve() for p in writes):
+                claims.callback(claim_output(folder).release)
+        return _run(args, init, out)
+
+
+def _run(args: argparse.Namespace, init: Path, out: Path) -> int:
+    from model.training import seed_everything
+
+    runtime = setup_runtime(args)
+    seed_everything(args.seed)
     summaries = []
+    args.train_summaries = summaries  # for the audit row (main)
     try:
         if args.stage != "pretrain" and args.mode != "scratch" and out.resolve() == init.resolve():
             raise UsageError(f"--out {out} is the pretrained checkpoint; fine-tuning never writes into --init")
@@ -542,11 +609,38 @@ def _preset_size(name: str) -> dict:
 def main(argv: Sequence[str] | None = None, *, namespace: argparse.Namespace | None = None) -> int:
     """Run ``train.py`` with ``argv`` (or an already parsed ``namespace``, as ``labtrend train`` does)."""
     args = namespace if namespace is not None else build_parser().parse_args(argv)
+    status: int | str = "error"
     try:
-        return run(args)
+        status = run(args)
+        return status
     except UsageError as exc:
         print(f"train.py: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        status = EXIT_BAD_INPUT
+        return status
+    finally:
+        _audit(args, status)
+
+
+def _audit(args: argparse.Namespace, status) -> None:
+    """The ``train`` audit row, in the store a fine-tuning run read (rank 0; none for pretraining alone, which
+    reads only the open corpus, or when the store does not exist)."""
+    from data import audit
+    from data.db import StoreBusyError, open_store
+
+    db = paths.db_path(args.db)
+    if args.stage == "pretrain" or int(os.environ.get("RANK", "0")) != 0 or not Path(db).is_file():
+        return
+    init, out = _outputs(args)
+    user, who = audit.cli_actor()
+    summary = next((s for s in getattr(args, "train_summaries", []) if s.get("stage") == "finetune"), {})
+    detail = {"command": "train", "stage": args.stage, "mode": args.mode, "out": str(out),
+              "init": None if args.mode == "scratch" else str(init), "exclude_patients": args.exclude_patients,
+              "exit_status": status, "model_version": summary.get("model_version"),
+              "steps": summary.get("steps"), **who}
+    try:
+        audit.record(open_store(db), user, [audit.CLI_ROLE], "train", detail=detail)
+    except StoreBusyError as exc:
+        print(f"train.py: the audit row could not be written ({exc})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", action="append", default=[], choices=["shap", "patterns", "outputs"])
     args = ap.parse_args(argv)
     from data import queries
-    from labtrend import settings
+    from data import settings
     from model.inference import ForecastPipeline
 
     payload = {"command": "python benchmarks/clinical.py" + "".join(

@@ -26,7 +26,7 @@ import streamlit as st
 from dashboard import services
 from data import queries
 from data.db import Store, StoreSettings
-from labtrend import settings
+from data import settings
 
 __all__ = [
     "db_path", "model_dir", "get_store", "data_version", "set_busy_slot", "clear_busy_slot",

@@ -3,6 +3,11 @@
 Subcommands are registered in :data:`COMMANDS`; each has an ``add_<name>_args`` and a
 ``cmd_<name>`` function. Exit status: 0 success, 2 a file or argument that cannot be used
 (the message names it), 1 anything unexpected.
+
+Every command that reads or writes patient data or accounts is audited in the store it used
+(:mod:`data.audit`), as the operating-system account that ran it: :data:`AUDITED` names the
+action of each, ``import`` writes one row per file, ``train`` is audited by ``train.py`` itself
+and user changes by :mod:`data.users`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from labtrend import settings
+from data import settings
 
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3  # the database stayed held by another process past the retry budget
@@ -46,6 +51,14 @@ def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help="DuckDB file (default: $LABTREND_DB, else var/labtrend.duckdb)")
 
 
+def _audit_cli(store, action: str, patient_id: str | None = None, detail: dict | None = None) -> None:
+    """One audit row for an action of this command, as the OS account that runs it (role 'cli')."""
+    from data import audit
+
+    user, who = audit.cli_actor()
+    audit.record(store, user, [audit.CLI_ROLE], action, patient_id, {**(detail or {}), **who})
+
+
 # -- import ---------------------------------------------------------------------------------
 def add_import_args(p):
     p.add_argument("paths", nargs="+", help="files or folders to import")
@@ -71,8 +84,13 @@ def cmd_import(args) -> int:
             summary = run_import(store, path, fmt=args.format, options=opts)
         except ImportFileError as exc:
             print(f"labtrend import: {exc}", file=sys.stderr)
+            _audit_cli(store, "import", detail={"file": str(path), "status": "rejected", "message": str(exc)})
             status = EXIT_BAD_INPUT
             continue
+        _audit_cli(store, "import", detail={
+            "file": str(path), "status": "already imported" if summary.already_imported else "complete",
+            **{k: getattr(summary, k) for k in ("batch_id", "format", "rows_read", "rows_loaded", "rows_quarantined",
+                                                "rows_skipped", "patients")}})
         print(summary_json(summary), flush=True)
     return status
 
@@ -244,20 +262,21 @@ def _demo_source(work: Path) -> tuple[Path, str]:
     return path, "LabTrend synthetic cohort (simulated)"
 
 
-def _demo_users(users: Path) -> dict[str, str]:
-    """One account per role with a fresh random password, printed once (hashes are stored)."""
+def _demo_users(store) -> dict[str, str]:
+    """One account per role with a fresh random password, printed once (bcrypt hashes are stored)."""
     import secrets
 
-    from dashboard import access
+    from data import users
 
-    existing = {u["username"] for u in access.list_users(users)}
+    existing = {u["username"] for u in users.list_users(store)}
     created = {}
+    actor = users.Actor.cli()
     for role in DEMO_ROLES:
         name = f"demo-{role}"
         if name in existing:
             continue
         password = secrets.token_urlsafe(9)
-        access.add_user(name, f"Demo {role}", role, password, users)
+        users.add_user(store, name, f"Demo {role}", role, password, by=actor)
         created[name] = password
     return created
 
@@ -265,7 +284,6 @@ def _demo_users(users: Path) -> dict[str, str]:
 def cmd_demo(args) -> int:
     """Fresh store from MIMIC-IV demo (or the synthetic cohort), a trained model, then the dashboard."""
     import os
-    import subprocess
 
     from data.db import open_store
     from data.importers import run_import, summary_json
@@ -278,7 +296,10 @@ def cmd_demo(args) -> int:
         Path(str(db) + suffix).unlink(missing_ok=True)
     store = open_store(db)
     print(f"[1/4] importing {label} into {db}", flush=True)
-    print(summary_json(run_import(store, src)), flush=True)
+    summary = run_import(store, src)
+    _audit_cli(store, "import", detail={"file": str(src), "status": "complete", "batch_id": summary.batch_id,
+                                        "rows_loaded": summary.rows_loaded, "command": "demo"})
+    print(summary_json(summary), flush=True)
 
     from data import queries
 
@@ -312,31 +333,26 @@ def cmd_demo(args) -> int:
     held = pats[pats["patient_id"].isin(holdout)].sort_values(["n_results", "patient_id"], ascending=[False, True])
     for pid in held["patient_id"].head(args.predict_patients):
         out = predict_patient(store, pipe, pid)
+        _audit_cli(store, "predict", pid, {"model_version": pipe.model_version, "command": "demo",
+                                           "stored": out.get("stored")})
         print(f"      patient {pid}: {len(out['forecasts'])} forecasts, {len(out['anomalies'])} anomalies, "
               f"{len(out['explanations'])} explanations, {len(out['recommendations'])} recommendations", flush=True)
     n_replayed = sum(len(replay_forecasts(store, pipe, pid)) for pid in held["patient_id"])
     print(f"      {n_replayed} forecasts replayed at past collection times of the {len(held)} held-out patients "
           "(their targets have arrived: the Model page's monitoring scores them)", flush=True)
 
-    from dashboard import access
-
-    users = access.users_path()
-    created = _demo_users(users)
+    created = _demo_users(store)
     if created:
-        print("\nDemo accounts (passwords shown once; hashes stored in " + str(users) + "):")
+        print(f"\nDemo accounts (passwords shown once; bcrypt hashes stored in {db}):")
         for name, password in created.items():
             print(f"    {name:16s} {password}")
     else:
-        print(f"\nDemo accounts already exist in {users} (reset one with 'labtrend users add --replace').")
+        print(f"\nDemo accounts already exist in {db} (new password: 'labtrend users reset-password').")
     if args.no_serve:
         return 0
     print("[4/4] starting the dashboard (Ctrl+C to stop)", flush=True)
     env = dict(os.environ, LABTREND_DB=str(db.resolve()), LABTREND_MODEL=str(model_dir.resolve()))
-    app = settings.PROJECT_ROOT / "dashboard" / "streamlit_app.py"
-    try:
-        return subprocess.call([sys.executable, "-m", "streamlit", "run", str(app), *args.extra], env=env)
-    except KeyboardInterrupt:
-        return 0
+    return _serve_dashboard(env, args.extra)
 
 
 # -- train --------------------------------------------------------------------------------
@@ -357,76 +373,175 @@ def cmd_train(args) -> int:
 def add_dashboard_args(p):
     _add_db(p)
     p.add_argument("--model", help="model folder (default: $LABTREND_MODEL, else var/model)")
-    p.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
     p.add_argument("--model-url", help="use the model served by 'labtrend serve-model' at this URL instead of "
                                        "running it in-process (default: $LABTREND_MODEL_URL)")
-    p.epilog = "Other options are passed to 'streamlit run', e.g. --server.port 8600 --server.address 0.0.0.0"
+    p.add_argument("--idle-minutes", type=float,
+                   help=f"a session ends after this many minutes without activity "
+                        f"(default: $LABTREND_SESSION_IDLE_MINUTES, else {settings.SESSION_IDLE_MINUTES:g})")
+    p.add_argument("--session-hours", type=float,
+                   help=f"a session ends this many hours after the sign-in "
+                        f"(default: $LABTREND_SESSION_MAX_HOURS, else {settings.SESSION_MAX_HOURS:g})")
+    p.epilog = ("Other options are passed to 'streamlit run', e.g. --server.port 8600. The server listens on "
+                "127.0.0.1 only unless --server.address says otherwise (e.g. 0.0.0.0 behind a TLS proxy).")
 
 
-def cmd_dashboard(args) -> int:
-    """``streamlit run dashboard/streamlit_app.py`` with the store and model passed by environment."""
-    import os
+def streamlit_options(extra: list[str]) -> list[str]:
+    """Every setting of the project's ``.streamlit/config.toml`` as ``--section.option=value`` flags for
+    ``streamlit run``, except those ``extra`` (the user's own flags, which come after) sets.
+
+    Streamlit reads ``.streamlit/config.toml`` only from the working folder, so without the flags a
+    dashboard started from another folder would listen on every interface, show full error details
+    and send usage statistics. Raises FileNotFoundError when the project's file is missing.
+    """
+    import tomllib
+
+    config = tomllib.loads(settings.STREAMLIT_CONFIG.read_text(encoding="utf-8"))
+    given = {a[2:].split("=", 1)[0] for a in extra if a.startswith("--")}
+    flags = []
+    for section, options in config.items():
+        for name, value in options.items():
+            key = f"{section}.{name}"
+            if key in given:
+                continue
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            flags.append(f"--{key}={text}")
+    return flags
+
+
+def dashboard_command(extra: list[str]) -> list[str]:
+    """``python -m streamlit run dashboard/server.py`` with :func:`streamlit_options`, then ``extra``."""
+    app = settings.PROJECT_ROOT / "dashboard" / "server.py"
+    return [sys.executable, "-m", "streamlit", "run", str(app), *streamlit_options(extra), *extra]
+
+
+def _serve_dashboard(env: dict, extra: list[str]) -> int:
     import subprocess
 
-    from dashboard import access
-
-    env = dict(os.environ)
-    env["LABTREND_DB"] = str(settings.db_path(args.db).resolve())
-    env["LABTREND_MODEL"] = str(settings.model_dir(args.model).resolve())
-    if args.users:
-        env["LABTREND_USERS"] = str(Path(args.users).resolve())
-    url = settings.model_url(args.model_url)
-    if url:  # forecasts and explanations from the model server (else the model runs in the dashboard)
-        env["LABTREND_MODEL_URL"] = url
-    users = Path(env["LABTREND_USERS"]) if args.users else access.users_path()
-    if not access.list_users(users):
-        print(f"labtrend dashboard: no user accounts in {users}; create one first with "
-              "'labtrend users add --username NAME --name \"Full Name\" --role admin'", file=sys.stderr)
-    app = settings.PROJECT_ROOT / "dashboard" / "streamlit_app.py"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), *args.extra]
     try:
-        return subprocess.call(cmd, env=env)
+        return subprocess.call(dashboard_command(extra), env=env)
     except KeyboardInterrupt:
         return 0
 
 
+def cmd_dashboard(args) -> int:
+    """Serve the dashboard (:func:`dashboard_command`) with the store, model and session policy passed by environment."""
+    import os
+
+    from data import users
+
+    env = dict(os.environ)
+    db = settings.db_path(args.db)
+    env["LABTREND_DB"] = str(db.resolve())
+    env["LABTREND_MODEL"] = str(settings.model_dir(args.model).resolve())
+    url = settings.model_url(args.model_url)
+    if url:  # forecasts and explanations from the model server (else the model runs in the dashboard)
+        env["LABTREND_MODEL_URL"] = url
+    try:
+        if args.idle_minutes is not None:
+            env["LABTREND_SESSION_IDLE_MINUTES"] = str(settings.session_idle_minutes(args.idle_minutes))
+        if args.session_hours is not None:
+            env["LABTREND_SESSION_MAX_HOURS"] = str(settings.session_max_hours(args.session_hours))
+    except ValueError as exc:
+        print(f"labtrend dashboard: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if Path(db).is_file() and not users.has_users(_store(args)):
+        legacy = settings.legacy_users_file()
+        hint = (f"; the accounts of {legacy} can be copied in with 'labtrend users import --file {legacy}'"
+                if legacy.is_file() else "")
+        print(f"labtrend dashboard: no user accounts in {db}; create one first with 'labtrend users add "
+              f"--username NAME --name \"Full Name\" --role admin'{hint}", file=sys.stderr)
+    return _serve_dashboard(env, args.extra)
+
+
 # -- users --------------------------------------------------------------------------------
 def add_users_args(p):
+    from data.users import ROLES
+
     sub = p.add_subparsers(dest="users_command", required=True)
-    add = sub.add_parser("add", help="add a user (password hashed with bcrypt)")
-    add.add_argument("--username", required=True)
+
+    def command(name: str, help_: str, username: bool = True):
+        c = sub.add_parser(name, help=help_, description=help_)
+        if username:
+            c.add_argument("--username", required=True)
+        _add_db(c)
+        return c
+
+    add = command("add", "add a user (password stored as a bcrypt hash)")
     add.add_argument("--name", required=True, help="full name, as shown in the audit log")
-    add.add_argument("--role", required=True, choices=["clinician", "expert", "analyst", "admin"])
+    add.add_argument("--role", required=True, choices=ROLES)
     add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
-    add.add_argument("--replace", action="store_true", help="update an existing user (name, role, password)")
-    add.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
-    ls = sub.add_parser("list", help="list users and roles (never passwords)")
-    ls.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
+    ls = command("list", "list users, roles and status (never passwords)", username=False)
+    ls.add_argument("--format", choices=["table", "json"], default="table")
+    command("disable", "disable a user: no more sign-ins, open sessions end now")
+    command("enable", "re-enable a disabled user")
+    role = command("set-role", "change a user's role (applies at their next click)")
+    role.add_argument("--role", required=True, choices=ROLES)
+    reset = command("reset-password", "set a temporary password, to be changed at the next sign-in; open sessions end")
+    reset.add_argument("--password-stdin", action="store_true",
+                       help="read the temporary password from stdin (default: a random one, printed once)")
+    imp = command("import", "copy the accounts of a former users file (users.yaml, bcrypt hashes) into the store",
+                  username=False)
+    imp.add_argument("--file", required=True, help="the users file (e.g. var/users.yaml)")
+
+
+def _read_password(args, prompt: str = "Password: ") -> str | None:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    password = getpass.getpass(prompt)
+    if getpass.getpass("Repeat: ") != password:
+        print("labtrend users: the passwords differ", file=sys.stderr)
+        return None
+    return password
 
 
 def cmd_users(args) -> int:
-    from dashboard import access
+    """Accounts in the store of ``--db``; every change is audited as the OS account running the command."""
+    from data import users
 
-    path = Path(args.users) if args.users else access.users_path()
-    if args.users_command == "list":
-        for u in access.list_users(path):
-            print(f"{u['username']}\t{','.join(u['roles'])}\t{u['name']}")
-        return 0
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        import getpass
-
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat password: ") != password:
-            print("labtrend users: the passwords differ", file=sys.stderr)
-            return EXIT_BAD_INPUT
+    command = args.users_command
+    store = _store(args, create=command in ("add", "import"))
+    actor = users.Actor.cli()
+    db = str(store.settings.path)
     try:
-        written = access.add_user(args.username, args.name, args.role, password, path, replace=args.replace)
-    except access.UserError as exc:
-        print(f"labtrend users: {exc}", file=sys.stderr)
+        if command == "list":
+            rows = users.list_users(store)
+            if args.format == "json":
+                print(json.dumps(rows, default=str))
+            else:
+                for u in rows:
+                    print(f"{u['username']}\t{','.join(u['roles'])}\t{u['status']}\t{u['name']}")
+            return 0
+        if command == "add":
+            password = _read_password(args)
+            if password is None:
+                return EXIT_BAD_INPUT
+            user = users.add_user(store, args.username, args.name, args.role, password, by=actor)
+            print(json.dumps({"username": user.username, "role": args.role, "db": db}))
+        elif command == "disable":
+            ended = users.disable_user(store, args.username, by=actor)
+            print(json.dumps({"username": args.username.strip().lower(), "status": "disabled",
+                              "sessions_ended": ended, "db": db}))
+        elif command == "enable":
+            users.enable_user(store, args.username, by=actor)
+            print(json.dumps({"username": args.username.strip().lower(), "status": "active", "db": db}))
+        elif command == "set-role":
+            users.set_role(store, args.username, args.role, by=actor)
+            print(json.dumps({"username": args.username.strip().lower(), "role": args.role, "db": db}))
+        elif command == "reset-password":
+            given = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
+            temporary = users.reset_password(store, args.username, by=actor, password=given)
+            out = {"username": args.username.strip().lower(), "must_change_password": True, "db": db}
+            if given is None:
+                out["temporary_password"] = temporary  # shown once; only its hash is stored
+            print(json.dumps(out))
+        elif command == "import":
+            added = users.import_users_file(store, Path(args.file), by=actor)
+            print(json.dumps({"imported": added, "db": db}))
+    except users.UserError as exc:
+        print(f"labtrend users {command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(json.dumps({"username": args.username.strip().lower(), "role": args.role, "users_file": str(written)}))
     return 0
 
 
@@ -594,6 +709,8 @@ def cmd_predict(args) -> int:
     except (PatientNotFound, ValueError) as exc:
         print(f"labtrend predict: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    args.audit_detail = {"model_version": result["model_version"], "at": str(result["at"]),
+                         "stored": result.get("stored")}
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=1))
         return 0
@@ -665,6 +782,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands audited by :func:`main` once they ran against an existing store: command -> (action,
+#: patient id of the arguments, details of the arguments). ``import`` (one row per file), ``train``
+#: (``train.py``) and ``users`` (:mod:`data.users`) write their own rows.
+AUDITED = {
+    "patients": ("list_patients", None, lambda a: {"search": a.search}),
+    "timeline": ("view_patient", "patient", lambda a: {"analytes": a.analyte, "start": a.start, "end": a.end,
+                                                       "format": a.format}),
+    "quarantine": ("download_quarantine", None, lambda a: {"batch_id": a.batch, "out": a.out}),
+    "annotations": ("export", None, lambda a: {"what": f"annotations {a.annotations_command}",
+                                               "out": getattr(a, "out", None)}),
+    "predict": ("predict", "patient", lambda a: {"model": str(settings.model_dir(a.model))}),
+    "forecast": ("forecast", None, lambda a: {"queries": a.queries, "out": a.out,
+                                              "model": str(settings.model_dir(a.model))}),
+    "evaluate": ("evaluate", None, lambda a: {"model": str(settings.model_dir(a.model)), "patients": a.patients,
+                                              "folds": a.folds}),
+}
+
+
+def _audit_command(args, status) -> None:
+    """The audit row of an :data:`AUDITED` command that ran against an existing store (none when the store is
+    missing: nothing was read). A row that cannot be written is reported, never silently dropped."""
+    from data.db import StoreBusyError, open_store
+
+    action, patient_arg, details = AUDITED[args.command]
+    path = settings.db_path(getattr(args, "db", None))
+    if str(path) == ":memory:" or not Path(path).is_file():
+        return
+    detail = {"command": args.command, **details(args), "db": str(path), "exit_status": status,
+              **getattr(args, "audit_detail", {})}
+    try:
+        _audit_cli(open_store(path), action, getattr(args, patient_arg) if patient_arg else None, detail)
+    except StoreBusyError as exc:
+        print(f"labtrend {args.command}: the audit row could not be written ({exc})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -674,14 +826,21 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     from data.db import StoreBusyError
 
+    status: int | str = "error"
     try:
-        return COMMANDS[args.command][1](args) or 0
+        status = COMMANDS[args.command][1](args) or 0
+        return status
     except StoreBusyError as exc:  # another process kept the database past the retry budget
         print(f"labtrend {args.command}: {exc}; try again when it is done", file=sys.stderr)
-        return EXIT_BUSY
+        status = EXIT_BUSY
+        return status
     except NoDatabase as exc:
         print(f"labtrend {args.command}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        status = EXIT_BAD_INPUT
+        return status
+    finally:
+        if args.command in AUDITED:
+            _audit_command(args, status)
 
 
 if __name__ == "__main__":

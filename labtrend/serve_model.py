@@ -46,7 +46,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from labtrend.remote import forecast_payload, json_value
-from labtrend.settings import MODEL_SERVER_HOST, MODEL_SERVER_PORT
+from data.settings import MODEL_SERVER_HOST, MODEL_SERVER_PORT
 
 __all__ = ["create_app", "serve", "compute_dtype", "validation_message"]
 

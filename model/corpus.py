@@ -68,7 +68,7 @@ compressed files takes seconds; :func:`load_source` keeps each source's history 
 under :func:`corpus_cache_dir` (``var/corpus-cache``; keyed by the input files, the reference
 tables and this module, so any change rebuilds it) and reads it back on the next run.
 
-Paths are never hard-coded: the folders come from :func:`labtrend.settings.dataset_dir`.
+Paths are never hard-coded: the folders come from :func:`data.settings.dataset_dir`.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ import numpy as np
 import pandas as pd
 
 from data.catalogue import load_catalogue, reference_file
+from data import settings
 from data.units import UnitError, conversion_factor, normalise_unit
-from labtrend import settings
 from model import HISTORY_COLUMNS
 
 __all__ = [

@@ -7,7 +7,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from labtrend import settings
+from data import settings
 
 
 def pytest_report_header(config):

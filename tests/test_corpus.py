@@ -10,7 +10,7 @@ import pytest
 
 from data.catalogue import load_catalogue
 from data.units import conversion_factor
-from labtrend import settings
+from data import settings
 from model import HISTORY_COLUMNS
 from model import corpus
 from model.corpus import (

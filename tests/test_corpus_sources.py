@@ -19,7 +19,7 @@ import train
 from data.catalogue import load_catalogue
 from data.importers.pipeline import loinc_check_digit_ok
 from data.units import conversion_factor
-from labtrend import settings
+from data import settings
 from model import corpus
 from model.corpus import (
     ALL_SOURCES,

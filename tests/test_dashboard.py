@@ -1,15 +1,14 @@
 """The Streamlit app through AppTest: login, roles, every page, timeline, upload, review, audit.
 
-Each test signs in the way streamlit-authenticator records a login in the session
-(``authentication_status``, ``username``, ``name``, ``roles`` in ``st.session_state``);
-roles are then read from the temporary users file, as in production.
+Each test signs in through the form, or starts a server-side session for an account of the
+store and puts its id in the browser session (``app_helpers.signed_in``), as a password
+sign-in does; roles are then read from the store, as in production.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 import sys
 import types
 from pathlib import Path
@@ -19,34 +18,34 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import app_helpers
-from dashboard import access, audit
+from dashboard import access
+from data import audit
 from data.db import open_store
 from data.importers import run_import
 
 APP = Path(__file__).resolve().parent.parent / "dashboard" / "streamlit_app.py"
 PAGES_DIR = APP.parent / "app_pages"
-PASSWORD = "a long test password"
+PASSWORD = app_helpers.PASSWORD
 USERS = {"clinician": "carla", "expert": "ed", "analyst": "ana", "admin": "ada"}
 TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, cases):
-    """A store with the case files imported, a users file with one user per role, no model."""
+    """A store with the case files imported and one account per role, no model."""
     root = tmp_path_factory.mktemp("dash")
     db = root / "lab.duckdb"
     store = open_store(db)
     for name in ("LAB-01", "LAB-02", "LAB-04", "LAB-05", "LAB-10", "XAI-15"):
         run_import(store, cases / f"{name}.csv")
-    users = root / "users.yaml"
     for role, name in USERS.items():
-        access.add_user(name, f"Dr {name.title()}", role, PASSWORD, users)
+        app_helpers.ensure_user(store, name, role)
     mp = pytest.MonkeyPatch()
     mp.setenv("LABTREND_DB", str(db))
-    mp.setenv("LABTREND_USERS", str(users))
     mp.setenv("LABTREND_MODEL", str(root / "no-model"))
-    mp.setenv("LABTREND_COOKIE_KEY", "test-cookie-key-not-a-secret-0123456789")
-    yield types.SimpleNamespace(db=db, store=store, users=users, root=root, cases=cases)
+    for var in ("LABTREND_SESSION_IDLE_MINUTES", "LABTREND_SESSION_MAX_HOURS"):
+        mp.delenv(var, raising=False)
+    yield types.SimpleNamespace(db=db, store=store, root=root, cases=cases)
     mp.undo()
 
 
@@ -105,72 +104,89 @@ def test_login_form_first_and_nothing_else(env):
     assert "Patients" not in texts(at)
 
 
+def sign_in_form(at: AppTest, username: str, password: str = PASSWORD) -> AppTest:
+    at.text_input(key="lt_login_username").input(username)
+    at.text_input(key="lt_login_password").input(password)
+    return next(b for b in at.button if b.label == "Sign in").click().run()
+
+
 def test_sign_in_and_a_second_browser_session_stays_signed_out(env):
     """Carla signs in with her password; another session opened afterwards still sees the form."""
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
-    at.text_input[0].input("carla")
-    at.text_input[1].input(PASSWORD)
-    at.button[0].click().run()
+    at = sign_in_form(AppTest.from_file(str(APP), default_timeout=TIMEOUT).run(), "carla")
     assert not at.exception
-    assert at.session_state["authentication_status"] is True
+    assert at.session_state["lt_session"]
     assert at.title[0].value == "Patients"
     other = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
-    assert not other.session_state["authentication_status"]
+    assert "lt_session" not in other.session_state
     assert [t.label for t in other.text_input] == ["Username", "Password"]
     logins = audit_rows(env, "login")
-    assert "carla" in set(logins["username"])
+    mine = logins[logins["username"] == "carla"]
+    assert mine["detail"].str.contains('"via": "password"').any()
 
 
-def test_wrong_password_is_refused(env):
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
-    at.text_input[0].input("carla")
-    at.text_input[1].input("not the password")
-    at.button[0].click().run()
-    assert not at.session_state["authentication_status"]
+def test_wrong_password_is_refused_and_audited(env):
+    at = sign_in_form(AppTest.from_file(str(APP), default_timeout=TIMEOUT).run(), "carla", "not the password")
+    assert "lt_session" not in at.session_state
     assert any("incorrect" in e.value for e in at.error)
+    failed = audit_rows(env, "login_failed")
+    assert ((failed["username"] == "carla") & failed["detail"].str.contains("wrong password")).any()
 
 
-def test_a_user_removed_from_the_file_loses_access(env):
+def test_a_session_claimed_in_the_browser_session_does_not_count(env):
+    """Only a live session id of the store signs in: names and roles put in the session state do not."""
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    at.session_state["authentication_status"] = True
-    at.session_state["username"] = "mallory"
-    at.session_state["roles"] = ["admin"]  # what the session claims does not count
+    at.session_state["lt_session"] = "made-up"
+    at.session_state["lt_user"] = types.SimpleNamespace(username="mallory", roles=("admin",))
     at.run()
-    assert any("not known" in e.value for e in at.error)
+    assert [t.label for t in at.text_input] == ["Username", "Password"]
     assert "Audit" not in texts(at)
 
 
 # ---- roles and pages ---------------------------------------------------------------------------------
+def denied_count(env, username: str, page_key: str) -> int:
+    d = audit_rows(env, "denied")
+    return int(((d["username"] == username) & d["detail"].str.contains(f'"page": "{page_key}"')).sum())
+
+
 @pytest.mark.parametrize("role", access.ROLES)
 def test_every_page_for_every_role(env, role):
-    """Each role can open exactly its pages, each without an exception; the others are not in the navigation."""
+    """Each role opens exactly its pages, each without an exception. Any other page, asked for by its URL
+    (hidden from the menu, so reachable only that way), is refused with a message and audited each time."""
     at = signed_in(role)
     assert not at.exception
+    username = USERS[role]
     for spec in access.PAGES:
         if spec.key == "timeline":
             at.session_state["timeline_patient"] = "P0020"
+        before = denied_count(env, username, spec.key)
+        at.switch_page(f"app_pages/{Path(spec.path).name}").run()
+        assert not at.exception, (role, spec.key, at.exception)
         if role in spec.roles:
-            at.switch_page(f"app_pages/{Path(spec.path).name}").run()
-            assert not at.exception, (role, spec.key, at.exception)
             assert at.title and at.title[0].value, (role, spec.key)
+            assert denied_count(env, username, spec.key) == before
         else:
-            with pytest.raises(ValueError, match="navigation page"):
-                at.switch_page(f"app_pages/{Path(spec.path).name}")
+            assert any(f"does not give access to {spec.title}" in e.value for e in at.error), (role, spec.key)
+            assert not at.title and not at.file_uploader and not at.dataframe, (role, spec.key)
+            assert denied_count(env, username, spec.key) == before + 1, (role, spec.key)
 
 
-def test_clinician_cannot_reach_upload_even_directly(env):
-    """Upload is not in a clinician's navigation, and running the page file itself is refused and audited."""
+def test_a_page_file_run_alone_checks_the_session_and_the_role(env):
+    """Running the upload page file itself (outside the entry point) checks the session in the store and the
+    role: a clinician is refused and audited; a revoked session is told to sign in."""
     at = signed_in("clinician")
-    with pytest.raises(ValueError):
-        at.switch_page("app_pages/upload.py")
     direct = AppTest.from_file(str(PAGES_DIR / "upload.py"), default_timeout=TIMEOUT)
     direct.session_state["lt_user"] = at.session_state["lt_user"]
-    direct.session_state["authentication_status"] = True
+    direct.session_state["lt_session"] = at.session_state["lt_session"]
+    before = denied_count(env, "carla", "upload")
     direct.run()
     assert any("does not give access to Upload" in e.value for e in direct.error)
     assert not direct.file_uploader
-    denied = audit_rows(env, "denied")
-    assert ((denied["username"] == "carla") & denied["detail"].str.contains("upload")).any()
+    assert denied_count(env, "carla", "upload") == before + 1
+    from data import sessions
+
+    sessions.revoke(env.store, at.session_state["lt_session"], "signed out", now=sessions.utcnow())
+    direct.run()
+    assert any("sign in" in e.value for e in direct.error) and not direct.file_uploader
 
 
 def test_page_files_refuse_without_sign_in(env):
@@ -405,28 +421,6 @@ def test_busy_notice_is_shown_and_not_replayed_from_the_cache():
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
-def test_users_add_hashes_the_password_and_protects_the_files(tmp_path, monkeypatch):
-    from labtrend import cli
-
-    users = tmp_path / "conf" / "users.yaml"
-    monkeypatch.delenv("LABTREND_COOKIE_KEY", raising=False)
-    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(readline=lambda: "s3cret horse staple\n"))
-    assert cli.main(["users", "add", "--username", "Jdoe", "--name", "Dr J Doe", "--role", "expert",
-                     "--password-stdin", "--users", str(users)]) == 0
-    text = users.read_text()
-    assert "s3cret" not in text and "$2b$" in text
-    assert stat.S_IMODE(users.stat().st_mode) == 0o600
-    assert access.list_users(users) == [{"username": "jdoe", "name": "Dr J Doe", "roles": ["expert"]}]
-    key = access.cookie_key(users)
-    assert len(key) == 64 and stat.S_IMODE((users.parent / "cookie.key").stat().st_mode) == 0o600
-    assert access.cookie_key(users) == key
-    assert cli.main(["users", "add", "--username", "jdoe", "--name", "X", "--role", "admin", "--password-stdin",
-                     "--users", str(users)]) == 2  # exists
-    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(readline=lambda: "short\n"))
-    assert cli.main(["users", "add", "--username", "kim", "--name", "K", "--role", "admin", "--password-stdin",
-                     "--users", str(users)]) == 2
-
-
 def test_dashboard_command_passes_db_model_and_streamlit_options(tmp_path, monkeypatch):
     import subprocess
 
@@ -442,8 +436,11 @@ def test_dashboard_command_passes_db_model_and_streamlit_options(tmp_path, monke
     assert cli.main(["dashboard", "--db", str(tmp_path / "x.duckdb"), "--model", str(tmp_path / "m"),
                      "--server.port", "8600"]) == 0
     assert seen["cmd"][1:4] == ["-m", "streamlit", "run"]
-    assert seen["cmd"][4].endswith(os.path.join("dashboard", "streamlit_app.py"))
+    assert seen["cmd"][4].endswith(os.path.join("dashboard", "server.py"))  # st.App: the session cookie route
     assert seen["cmd"][-2:] == ["--server.port", "8600"]
+    # the project's settings, whatever the working folder: this machine only, short errors, no usage statistics
+    assert {"--server.address=127.0.0.1", "--client.showErrorDetails=type",
+            "--browser.gatherUsageStats=false"} <= set(seen["cmd"])
     assert seen["env"]["LABTREND_DB"] == str((tmp_path / "x.duckdb").resolve())
     assert seen["env"]["LABTREND_MODEL"] == str((tmp_path / "m").resolve())
 
@@ -541,13 +538,14 @@ def test_page_waits_while_another_process_writes_and_says_so(env, monkeypatch):
     real = state._outside_cache_capture
     monkeypatch.setattr(state, "_outside_cache_capture", lambda draw, *a, **k: (shown.append(a[0]), real(draw, *a, **k)))
     state.data_version.clear()
+    at = app_helpers.session_app(USERS["clinician"], "clinician", TIMEOUT)  # signed in before the file is held
     holder = subprocess.Popen(
         [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('locked', flush=True); "
                                "time.sleep(3); c.close()", str(env.db)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        at = signed_in("clinician")
+        at.run()
     finally:
         holder.wait(timeout=30)
     assert not at.exception

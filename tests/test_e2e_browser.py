@@ -8,10 +8,11 @@ The module fixture builds everything a clinic would have, in a temporary folder:
   (:func:`model.training.finetune`) and saved as a :class:`model.inference.ForecastPipeline`;
 * the outputs of one patient stored by :func:`clinical.predict.predict_patient`, so the
   Review page has something to review;
-* a users file with an expert and a clinician (:func:`dashboard.access.add_user`);
+* an expert, a clinician and an admin account in the store (:func:`data.users.add_user`);
 
-then serves ``streamlit run dashboard/streamlit_app.py`` on a free port with the
-environment the app reads, and stops it at the end. The tests sign in through the real
+then serves the dashboard as ``labtrend dashboard`` does (:func:`labtrend.cli.dashboard_command`,
+from a folder outside the checkout) on a free port with the environment the app reads, and
+stops it at the end. The tests sign in through the real
 login form, wait for Streamlit to finish each run (``data-test-script-state`` on the app
 root, no stale elements), read the drawn Plotly figure from the page, and save a
 full-page screenshot of every page each role can open in ``tests/_screenshots/``.
@@ -26,7 +27,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import types
 import urllib.request
@@ -43,10 +43,11 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file() and shutil.which(CH
                                 reason=f"Chromium not found at {CHROMIUM} (set LABTREND_CHROMIUM)")
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "dashboard" / "streamlit_app.py"
 SHOTS = Path(__file__).resolve().parent / "_screenshots"
 PASSWORD = "a long e2e test password"
-USERS = {"expert": ("ed", "Dr Ed Expert"), "clinician": ("carla", "Dr Carla Clinician")}
+USERS = {"expert": ("ed", "Dr Ed Expert"), "clinician": ("carla", "Dr Carla Clinician"),
+         "admin": ("ada", "Dr Ada Admin")}
+SESSION_COOKIE = "labtrend_session"
 POTASSIUM_CODES = ("2823-3", "6298-4")  # serum/plasma; whole blood (blood gas)
 TIMEOUT_MS = 60_000  # one wait; the first timeline of a process imports torch and loads the model
 WIDTH, HEIGHT = 1440, 900
@@ -106,8 +107,9 @@ def _wait_until_served(url: str, proc: subprocess.Popen, log: Path, timeout_s: f
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, mimic_dir):
     from clinical.predict import predict_patient
-    from dashboard import access
+    from data import users
     from data.db import open_store
+    from labtrend.cli import dashboard_command
     from data.importers import run_import
 
     root = tmp_path_factory.mktemp("e2e")
@@ -118,22 +120,18 @@ def served(tmp_path_factory, mimic_dir):
     pipe = _train_tiny(store, root / "model")
     stored = predict_patient(store, pipe, pid, top_n=3, explain=False)  # the Review page's outputs
     assert stored["forecasts"], "predict_patient stored no forecast"
-    users = root / "users.yaml"
     for role, (username, name) in USERS.items():
-        access.add_user(username, name, role, PASSWORD, users)
+        users.add_user(store, username, name, role, PASSWORD, by=users.Actor("e2e", ("cli",)))
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, LABTREND_DB=str(db), LABTREND_USERS=str(users), LABTREND_MODEL=str(root / "model"),
-               LABTREND_COOKIE_KEY="e2e-cookie-key-not-a-secret-0123456789abcdef",
-               STREAMLIT_SERVER_HEADLESS="true", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
-    env.pop("LABTREND_MODEL_URL", None)  # the model runs in the dashboard's process
+    env = dict(os.environ, LABTREND_DB=str(db), LABTREND_MODEL=str(root / "model"))
+    for var in ("LABTREND_MODEL_URL", "LABTREND_SESSION_IDLE_MINUTES", "LABTREND_SESSION_MAX_HOURS"):
+        env.pop(var, None)  # the model runs in the dashboard's process; the default session policy
     log = root / "streamlit.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.fileWatcherType", "none", "--server.runOnSave", "false"],
-            cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(dashboard_command(["--server.port", str(port), "--server.fileWatcherType", "none"]),
+                                cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT)
     try:
         _wait_until_served(url, proc, log)
         with sync_api.sync_playwright() as pw:
@@ -192,8 +190,8 @@ def sign_in(served, role: str):
     page.get_by_role("button", name="Sign in").click()
     page.get_by_text(USERS[role][1], exact=True).wait_for()  # the sidebar names the signed-in user
     settled(page)
-    # the re-login cookie is written by a component of the run after the login: a URL opened later needs it
-    page.wait_for_function("() => document.cookie.split('; ').some(c => c.startsWith('labtrend_auth='))")
+    # the page exchanges its one-time grant for the HttpOnly session cookie: a URL opened later needs it
+    page.wait_for_function("() => document.documentElement.dataset.labtrendSession === 'set'")
     return page
 
 
@@ -341,12 +339,56 @@ def test_clinician_is_refused_the_upload_page(served):
         shots["Patient timeline"] = screenshot(page, "clinician_timeline")
 
         page.goto(f"{served.url}/upload")  # signed in again by the cookie, on a page the role may not open
-        page.get_by_text("Page not found").wait_for()
-        heading(page, "Patients")  # the app's main page runs instead
+        page.get_by_text("does not give access to Upload").wait_for()  # refused, and audited
+        settled(page)
         assert page.get_by_role("heading", name="Upload lab results").count() == 0
         assert page.locator('[data-testid="stFileUploader"]').count() == 0
-        assert not page.url.rstrip("/").endswith("/upload")
+        assert "Upload" not in page.locator('[data-testid="stSidebarNav"]').inner_text()
+        with served.store.read() as cur:
+            refused = cur.execute("SELECT count(*) FROM audit_log WHERE action = 'denied' AND username = 'carla' "
+                                  "AND json_extract_string(detail, '$.page') = 'upload'").fetchone()[0]
+        assert refused == 1
         screenshot(page, "clinician_upload_refused")
         assert set(shots) == set(links) and all(p.stat().st_size > 20_000 for p in shots.values())
     finally:
+        page.context.close()
+
+
+# ---- (d) sessions end: an admin's cookie replayed after sign-out shows the sign-in form ----------------------
+def test_an_admins_cookie_replayed_after_sign_out_shows_the_sign_in_form(served):
+    page = sign_in(served, "admin")
+    thief = served.browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
+    thief.set_default_timeout(TIMEOUT_MS)
+    try:
+        open_nav(page, "Users", "Users")
+        screenshot(page, "admin_users")
+        cookie = next(c for c in page.context.cookies() if c["name"] == SESSION_COOKIE)
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert SESSION_COOKIE not in page.evaluate("document.cookie")  # page scripts cannot read it
+        # a copy of the cookie is the session while it lasts (a reload or a second tab of the same browser)...
+        thief.add_cookies([cookie])
+        stolen = thief.new_page()
+        stolen.goto(f"{served.url}/users")
+        heading(stolen, "Users")
+        # ... and nothing once the admin signs out: the session is revoked in the store
+        page.get_by_role("button", name="Sign out").click()
+        page.get_by_text("You signed out.").wait_for()
+        page.wait_for_function("() => document.documentElement.dataset.labtrendSession === 'cleared'")
+        assert SESSION_COOKIE not in {c["name"] for c in page.context.cookies()}
+        stolen.goto(f"{served.url}/users")
+        stolen.get_by_role("textbox", name="Username").wait_for()
+        settled(stolen)
+        assert stolen.get_by_role("heading", name="Users", exact=True).count() == 0
+        assert stolen.get_by_text("Dr Ada Admin", exact=True).count() == 0
+        screenshot(stolen, "admin_cookie_replayed_after_sign_out")
+        with served.store.read() as cur:
+            rows = cur.execute("SELECT action, username, json_extract_string(detail, '$.via'), "
+                               "json_extract_string(detail, '$.reason') FROM audit_log "
+                               "WHERE action IN ('login', 'login_failed', 'logout') ORDER BY audit_id").fetchall()
+        mine = [r for r in rows if r[1] in ("ada", "")]
+        assert ("login", "ada", "password", None) in mine and ("logout", "ada", None, None) in mine
+        assert ("login", "ada", "cookie", None) in mine  # the copy's sign-in is audited like a password one
+        assert mine[-1] == ("login_failed", "", "cookie", "signed out")  # the replay is refused and audited
+    finally:
+        thief.close()
         page.context.close()

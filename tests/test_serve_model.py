@@ -24,7 +24,7 @@ import uvicorn
 from streamlit.testing.v1 import AppTest
 
 from app_helpers import signed_in
-from dashboard import access, services
+from dashboard import services
 from data import queries
 from data.db import open_store
 from data.importers import run_import
@@ -368,7 +368,7 @@ def test_dashboard_command_passes_the_model_url(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(subprocess, "call", lambda cmd, env: seen.update(env=env) or 0)
     monkeypatch.delenv("LABTREND_MODEL_URL", raising=False)
-    args = ["dashboard", "--db", str(tmp_path / "x.duckdb"), "--users", str(tmp_path / "u.yaml")]
+    args = ["dashboard", "--db", str(tmp_path / "x.duckdb")]
     assert cli.main(args) == 0 and "LABTREND_MODEL_URL" not in seen["env"]
     assert cli.main([*args, "--model-url", "http://gpu-host:8700/"]) == 0
     assert seen["env"]["LABTREND_MODEL_URL"] == "http://gpu-host:8700"
@@ -379,12 +379,8 @@ def test_dashboard_command_passes_the_model_url(tmp_path, monkeypatch):
 # --- the dashboard --------------------------------------------------------------------------------------
 @pytest.fixture
 def dashboard_env(case_store, tmp_path, monkeypatch):
-    users = tmp_path / "users.yaml"
-    access.add_user("carla", "Dr Carla", "clinician", "a long test password", users)
-    monkeypatch.setenv("LABTREND_DB", str(case_store.settings.path))
-    monkeypatch.setenv("LABTREND_USERS", str(users))
+    monkeypatch.setenv("LABTREND_DB", str(case_store.settings.path))  # signed_in() adds carla's account there
     monkeypatch.setenv("LABTREND_MODEL", str(tmp_path / "no-model"))  # nothing to run in-process
-    monkeypatch.setenv("LABTREND_COOKIE_KEY", "test-cookie-key-not-a-secret-0123456789")
     return monkeypatch
 
 
