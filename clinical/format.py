@@ -10,6 +10,9 @@ explanations and anomaly texts print values with that precision, so "7.912 mmol/
   as MIMIC-IV demo's laboratory reported them).
 * :func:`decimals_from_reported` - the same rule applied to values as a file reported them,
   for analytes the file does not list (local codes, analytes absent from MIMIC-IV demo).
+* :func:`decimals_by_code` and :func:`reported_precision` - for a patient's analytes the file
+  does not list: the decimals of their values as reported, in effect while formatting (a
+  context, safe across threads).
 * :func:`format_value` / :func:`format_quantity` / :func:`format_change` - the formatting.
 
 Rounding is half away from zero on the decimal representation of the value (4.05 -> 4.1, as
@@ -18,10 +21,12 @@ laboratory information systems round), never binary half-to-even (``round(4.05, 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 import pandas as pd
@@ -31,6 +36,8 @@ __all__ = [
     "FALLBACK_SIGNIFICANT",
     "reporting_decimals",
     "decimals_from_reported",
+    "decimals_by_code",
+    "reported_precision",
     "format_value",
     "format_quantity",
     "format_change",
@@ -99,12 +106,50 @@ def decimals_from_reported(values: Iterable) -> int | None:
     return max(d for d, c in counts.items() if c >= MIN_SHARE * n)
 
 
+_REPORTED: contextvars.ContextVar[dict] = contextvars.ContextVar("labtrend_reported_decimals", default={})
+
+
+def decimals_by_code(timeline: pd.DataFrame) -> dict[str, int]:
+    """Per analyte without a catalogue precision: the decimals of its values as reported (``value_text``).
+
+    Only rows reported in the canonical unit count (a value's decimals do not carry over a unit
+    conversion). ``timeline``: :data:`data.queries.TIMELINE_COLUMNS` rows (``analyte_code``,
+    ``value_text``, ``unit``, ``unit_canonical``); returns ``{code: decimals}``.
+    """
+    need = ~timeline["analyte_code"].astype(str).isin(list(_table()))
+    if not need.any() or "value_text" not in timeline:
+        return {}
+    t = timeline[need]
+    if "unit" in t and "unit_canonical" in t:
+        t = t[(t["unit"].astype(object) == t["unit_canonical"].astype(object)) | t["unit"].isna()]
+    out = {}
+    for code, texts in t.groupby(t["analyte_code"].astype(str))["value_text"]:
+        d = decimals_from_reported(texts)
+        if d is not None:
+            out[code] = d
+    return out
+
+
+@contextlib.contextmanager
+def reported_precision(decimals: dict[str, int]) -> Iterator[None]:
+    """Within the block, :func:`format_value` uses ``decimals[code]`` for analytes the catalogue has no
+    precision for (e.g. ``decimals_by_code(timeline)``); the catalogue's precision still wins."""
+    token = _REPORTED.set(dict(decimals))
+    try:
+        yield
+    finally:
+        _REPORTED.reset(token)
+
+
 def _decimals(code, value: float, decimals: int | None) -> int:
     if decimals is not None:
         return int(decimals)
     d = reporting_decimals(code)
     if d is not None:
         return d
+    d = _REPORTED.get().get(str(code)) if code is not None else None
+    if d is not None:
+        return int(d)
     if value == 0:
         return 0
     return max(0, FALLBACK_SIGNIFICANT - 1 - int(math.floor(math.log10(abs(value)))))
@@ -114,7 +159,8 @@ def format_value(code: str | None, value, decimals: int | None = None) -> str:
     """``value`` (canonical unit of ``code``) as text with the analyte's reporting precision.
 
     ``decimals`` overrides the catalogue (e.g. :func:`decimals_from_reported` for a local
-    code); without either, :data:`FALLBACK_SIGNIFICANT` significant digits. Missing or
+    code); then the catalogue, then the decimals as reported (:func:`reported_precision`);
+    without any, :data:`FALLBACK_SIGNIFICANT` significant digits. Missing or
     non-finite values give ``''``. Examples: potassium 7.912 -> ``'7.9'``, sodium 128.9 ->
     ``'129'``, creatinine 2.05 -> ``'2.1'`` (half away from zero).
     """
