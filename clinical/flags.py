@@ -277,10 +277,11 @@ def result_flags(timeline: pd.DataFrame, patients=None, reference=None) -> pd.Da
 
     ref = reference or default_reference()
     t = _prepare(timeline, patients, ref)
+    text = lambda col: np.array([x if isinstance(x, str) else None for x in t[col]], dtype=object)  # noqa: E731
     out = pd.DataFrame({
         "result_id": t["result_id"].to_numpy(),
-        "flag": t["x_flag"].to_numpy(dtype=object),
-        "flag_basis": t["x_flag_basis"].to_numpy(dtype=object),
+        "flag": pd.Series(text("x_flag"), dtype=object, index=timeline.index),
+        "flag_basis": pd.Series(text("x_flag_basis"), dtype=object, index=timeline.index),
         "ref_low": t["x_lo"].to_numpy(float), "ref_high": t["x_hi"].to_numpy(float),
         "ref_source": np.where(t["x_src"].to_numpy(dtype=object) == "row", "row", t["x_cite"].to_numpy(dtype=object)),
         "critical_low": t["x_clo"].to_numpy(float), "critical_high": t["x_chi"].to_numpy(float),
