@@ -62,6 +62,7 @@ __all__ = [
     "annotation_log",
     "current_verdicts",
     "PRIORITY_TIERS",
+    "review_priority",
     "pending_outputs",
     "gwet_ac1",
     "agreement_stats",
@@ -430,6 +431,29 @@ _REASON_SQL = """
         WHEN o.kind IN ('forecast', 'explanation') THEN o.kind || ' to validate'
         ELSE coalesce(o.kind, 'output') || coalesce(' ' || o.rule, '')
     END"""
+def review_priority(kind: str, rule: str | None = None, payload: dict | None = None) -> int:
+    """The clinical priority tier (:data:`PRIORITY_TIERS`, 1 first) of an output: the Python twin of
+    the review queue's SQL (tested equal), for lists built outside the store (the timeline's
+    anomaly table). ``payload``: a recommendation's (its ``priority``)."""
+    rule = rule or ""
+    if kind == "anomaly":
+        if rule == "critical_value":
+            return 1
+        if rule.startswith("preanalytical:"):
+            return 2
+        if rule in ("delta_check", "model_surprise", "multivariate_inconsistency"):
+            return 3
+        if rule == "reference_interval":
+            return 6
+        return 5
+    if kind == "recommendation":
+        try:
+            return int((payload or {}).get("priority"))
+        except (TypeError, ValueError):
+            return 3
+    return 5
+
+
 # within a tier: a recommendation of higher urgency first
 _URGENCY_SQL = """
     CASE json_extract_string(payload, '$.urgency') WHEN 'high' THEN 0 WHEN 'medium' THEN 1 WHEN 'low' THEN 2 ELSE 1 END"""

@@ -665,6 +665,7 @@ def _add_anomalies(fig, an: pd.DataFrame, rows: pd.DataFrame, rc: pd.Series, i: 
         an = an[an["rule"].astype(str) != "reference_interval"]
     if an.empty:
         return
+    an = _run_members(an)
     plotted = rows[rc.isin(["numeric", "conflicting", "censored"])]
     edge = rows[rc.isin(["gap", "unit_missing"])]  # drawn at the bottom edge
     groups: dict[str, tuple[list, list, list]] = {}
@@ -696,6 +697,20 @@ def _add_anomalies(fig, an: pd.DataFrame, rows: pd.DataFrame, rc: pd.Series, i: 
             marker=dict(symbol=symbol, size=20, color=COLORS["anomaly"], line=dict(width=2.5, color=COLORS["anomaly"])),
             customdata=hover, hovertemplate="%{customdata}<extra></extra>", cliponaxis=False,
         ), row=i, col=1)
+
+
+def _run_members(an: pd.DataFrame) -> pd.DataFrame:
+    """One row per result an anomaly stands for: a run of consecutive flags (``evidence['run']``,
+    :func:`clinical.anomalies.group_runs`) rings every result of the run, each with the run's text."""
+    rows = []
+    for a in an.to_dict("records"):
+        run = (a.get("evidence") or {}).get("run") if isinstance(a.get("evidence"), dict) else None
+        if not run or not run.get("result_ids"):
+            rows.append(a)
+            continue
+        for rid, at in zip(run["result_ids"], run.get("collected_at") or []):
+            rows.append(dict(a, result_id=rid, collected_at=pd.Timestamp(at)))
+    return pd.DataFrame(rows, columns=an.columns)
 
 
 # rule -> (legend label, open marker symbol): the legend names the rule behind each ring

@@ -367,6 +367,9 @@ def test_pending_outputs_most_important_first(store):
     assert [p["score"] for p in ri["payload"]] == [0.9, 0.1, 0.3]  # newest first, then the larger |score|
     # the limit keeps the most important outputs, not the oldest ones
     assert O.pending_outputs(store, "ann", limit=2)["priority"].tolist() == [1, 1]
+    # the Python twin (timeline lists) ranks every output as the queue's SQL does
+    assert [O.review_priority(k, r, p) for k, r, p in zip(got["kind"], got["rule"], got["payload"])] \
+        == got["priority"].tolist()
     O.record_verdict(store, got["output_id"].iloc[0], "ann", "expert", "valid")
     assert O.pending_outputs(store, "ann")["priority_reason"].iloc[0] == "critical value (HH)"
     assert len(O.pending_outputs(store, "ann", limit=None)) == len(recs) - 1
