@@ -56,6 +56,7 @@ __all__ = [
     "explanation_outputs",
     "recommendation_outputs",
     "store_outputs",
+    "prune_superseded",
     "load_outputs",
     "VerdictResult",
     "record_verdict",
@@ -273,6 +274,28 @@ def store_outputs(store: Store, records: list[dict]) -> dict:
             cur.execute("UPDATE model_outputs SET payload = ?, payload_sha256 = ?, updated_at = ? WHERE output_id = ?",
                         [r[7], r[8], now, r[0]])
     return counts
+
+
+def prune_superseded(store: Store, patient_id: str, kind: str, keep_ids, *, before, version_prefix: str) -> int:
+    """Remove a patient's outputs of ``kind`` that an evaluation no longer produces; returns how many.
+
+    Only outputs whose ``model_version`` starts with ``version_prefix`` (e.g. ``'rules-'``: the
+    rule-based anomalies, recomputed from the whole history on every evaluation), collected
+    before ``before`` (the evaluated period), not in ``keep_ids`` and **without any verdict**:
+    what an expert judged is history and stays. Stale items of an earlier rule version (a delta
+    check the cited minimum change no longer admits, a run now one output) would otherwise stay
+    in the review queue for ever.
+    """
+    with store.write() as cur:
+        ids = [r[0] for r in cur.execute(
+            """SELECT output_id FROM model_outputs o
+               WHERE patient_id = ? AND kind = ? AND starts_with(model_version, ?) AND output_time < ?
+                 AND NOT list_contains(?::VARCHAR[], output_id)
+                 AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.output_id = o.output_id)""",
+            [str(patient_id), kind, version_prefix, pd.Timestamp(before).to_pydatetime(), list(keep_ids)]).fetchall()]
+        if ids:
+            cur.execute("DELETE FROM model_outputs WHERE list_contains(?::VARCHAR[], output_id)", [ids])
+    return len(ids)
 
 
 def load_outputs(store: Store, *, patient_id: str | None = None, kind: str | None = None,

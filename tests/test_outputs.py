@@ -373,3 +373,37 @@ def test_pending_outputs_most_important_first(store):
     O.record_verdict(store, got["output_id"].iloc[0], "ann", "expert", "valid")
     assert O.pending_outputs(store, "ann")["priority_reason"].iloc[0] == "critical value (HH)"
     assert len(O.pending_outputs(store, "ann", limit=None)) == len(recs) - 1
+
+
+def test_migration_008_removes_unreviewed_reference_interval_outputs(tmp_path):
+    """Stores written before the alert budget: unreviewed reference-interval outputs go, reviewed ones
+    (and every verdict) stay, other outputs are untouched."""
+    from store_helpers import store_at_version
+
+    path = tmp_path / "old.duckdb"
+    con = store_at_version(path, 5)
+    recs = [_anomaly("P1", "2951-2", "2024-01-05 08:00", "reference_interval", "H", 0.3, 1),
+            _anomaly("P1", "2951-2", "2024-01-06 08:00", "reference_interval", "H", 0.2, 2),
+            _anomaly("P1", "2823-3", "2024-01-07 08:00", "critical_value", "HH", 0.5, 3)]
+    for r in recs:
+        con.execute("INSERT INTO model_outputs VALUES (?, 'anomaly', 'P1', ?, ?, ?, 'rules-old', ?, 'x', now(), now())",
+                    [r["output_id"], r["analyte_code"], r["output_time"], r["rule"], json.dumps(O._jsonable(r["payload"]))])
+    con.execute("INSERT INTO annotations (submission_id, output_id, annotator, role, verdict, comment, created_at) "
+                "VALUES ('s1', ?, 'ann', 'expert', 'invalid', 'only slightly high', now())", [recs[1]["output_id"]])
+    con.close()
+    store = open_store(path)
+    assert O.load_outputs(store)["output_id"].tolist() == [recs[1]["output_id"], recs[2]["output_id"]]
+    assert O.annotation_log(store)["comment"].tolist() == ["only slightly high"]
+
+
+def test_superseded_rule_based_outputs_leave_the_queue_reviewed_ones_stay(store):
+    recs = [_anomaly("P1", "2160-0", f"2024-01-0{d} 08:00", "delta_check", "UP", 1.0, d) for d in (1, 2, 3, 4)]
+    recs.append(_anomaly("P2", "2160-0", "2024-01-01 08:00", "delta_check", "UP", 1.0, 9))
+    O.store_outputs(store, recs)  # version 'rules-t'
+    O.record_verdict(store, recs[1]["output_id"], "ann", "expert", "valid")
+    n = O.prune_superseded(store, "P1", "anomaly", [recs[0]["output_id"]], before=pd.Timestamp("2024-01-04"),
+                           version_prefix="rules-")
+    assert n == 1  # day 3: unreviewed, not produced again, inside the evaluated period
+    left = set(O.load_outputs(store)["output_id"])
+    assert left == {recs[0]["output_id"], recs[1]["output_id"], recs[3]["output_id"], recs[4]["output_id"]}
+    assert O.prune_superseded(store, "P1", "anomaly", [], before=pd.Timestamp("2025-01-01"), version_prefix="model-") == 0
