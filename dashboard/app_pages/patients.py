@@ -1,5 +1,6 @@
 """Patients: find a patient by id, filter by abnormal / implausible counts and last result date."""
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -42,6 +43,7 @@ if isinstance(period, tuple) and len(period) == 2:
 st.caption(f"{len(view)} of {len(df)} patients. Select a row to open the timeline.")
 table = view[["patient_id", "sex", "age_years", "n_results", "n_abnormal", "n_critical", "n_implausible",
               "first_result", "last_result"]].reset_index(drop=True)
+table["age_years"] = np.floor(table["age_years"].astype(float)).astype("Int64")  # completed years
 event = st.dataframe(
     table, key="patients_table", on_select="rerun", selection_mode="single-row", hide_index=True, width="stretch",
     column_config={
