@@ -25,7 +25,8 @@ Rules (clinical numbers come from ``data/reference/*.csv``, settings and pattern
    beyond the limit in critical-range widths.
 2. ``delta_check`` (``UP``/``DOWN``): change from the previous valid result of the same
    analyte, collected at most ``delta_check.max_interval_days`` earlier, beyond the reference
-   change value ``RCV = 2^0.5 Z (CVA^2 + CVI^2)^0.5`` (for analytes flagged ``skewed`` the
+   change value ``RCV = 2^0.5 Z (CVA^2 + CVI^2)^0.5`` (``Z = delta_check.review_z``, 2.58: the
+   check is screened on every result) (for analytes flagged ``skewed`` the
    log-normal RCV ``exp(+-2^0.5 Z sigma) - 1`` with ``sigma^2 = ln(1 + CVA^2) + ln(1 + CVI^2)``,
    Fraser, CCLM 2011) **and** at least the analyte's cited minimum absolute change
    (``delta_check_limits.csv``: KDIGO 0.3 mg/dL for creatinine, the allowable error of one
@@ -34,8 +35,9 @@ Rules (clinical numbers come from ``data/reference/*.csv``, settings and pattern
 3. ``model_surprise`` (``ABOVE``/``BELOW``): outside the **calibrated** prediction interval
    the forecaster gave from the history strictly before the result (95 % split-conformal when
    the model is calibrated at 95 %, else the calibrated 90 %), by more than the allowable error
-   of one result (``delta_check_limits.csv``) or the reporting resolution. An uncalibrated
-   model is not evaluated. Score: the result's predictive quantile.
+   of one result (``delta_check_limits.csv``) and the reporting resolution; analytes without a
+   cited allowable error are not evaluated (an excess could not be told from analytical error),
+   nor is an uncalibrated model. Score: the result's predictive quantile.
 4. ``multivariate_inconsistency`` (``ABOVE``/``BELOW``): outside the interval the
    pretraining masked-value head predicts for the result from the rest of its specimen and
    history. Score: predictive quantile, as rule 3.
@@ -663,7 +665,7 @@ def _with_previous(t: pd.DataFrame) -> pd.DataFrame:
 def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame) -> pd.DataFrame:
     """Rule 2: change from the previous valid result beyond the RCV **and** at least the analyte's
     cited minimum absolute change (``delta_min``); analytes without both get no delta check."""
-    z = float(ref.rules["delta_check"]["z"])
+    z = float(ref.rules["delta_check"].get("review_z", ref.rules["delta_check"]["z"]))
     settings_source = " ".join(str(ref.rules["delta_check"]["source"]).split())
     limits = {c: rcv_limits(c, z, ref) for c in withprev["analyte_code"].unique()}
     usable = [c for c, lim in limits.items() if lim is not None and c in ref.delta_min]
@@ -1020,7 +1022,9 @@ def _model_surprise(t: pd.DataFrame, history: pd.DataFrame, forecaster, ref: Cli
         notes.append("model_surprise not evaluated: the model's intervals are not calibrated (no calibration.json), "
                      "so a result outside them is no evidence of a surprise")
         return _empty()
-    cand = t[t["x_num"]]
+    # only analytes with a cited allowable error of one result (delta_check_limits.csv): a surprise must exceed
+    # it to be told from analytical error, the same evidence standard as the delta check
+    cand = t[t["x_num"] & t["analyte_code"].isin(list(ref.delta_min)).to_numpy()]
     if since is not None:
         cand = cand[cand["collected_at"] >= pd.Timestamp(since)]
     if cand.empty:

@@ -129,9 +129,11 @@ def test_site_critical_list(tmp_path):
 def test_delta_check_both_ways():
     a = detect_anomalies(tl([("2024-01-01", CREA, 1.0), ("2024-01-03", CREA, 1.3), ("2024-01-05", CREA, 1.35)]),
                          ADULT_F, rules=["delta_check"])
-    assert a["result_id"].tolist() == [2] and a["flag"].tolist() == ["UP"]  # +30 % > 16.1 %; then +3.8 %: no
+    assert a["result_id"].tolist() == [2] and a["flag"].tolist() == ["UP"]  # +30 % > 21.2 %; then +3.8 %: no
     ev = a["evidence"].iloc[0]
-    assert ev["previous_value"] == 1.0 and ev["previous_result_id"] == 1 and ev["rcv_pct"] == pytest.approx(16.11, abs=0.01)
+    # review Z = 2.58 (screened on every result): 2^0.5 x 2.58 x (5.2^2 + 2.6^2)^0.5 = 21.2 %
+    assert ev["previous_value"] == 1.0 and ev["previous_result_id"] == 1 and ev["rcv_pct"] == pytest.approx(21.21, abs=0.01)
+    assert ev["z"] == 2.58
     assert ev["min_abs_change"] == pytest.approx(0.3) and "KDIGO" in ev["min_abs_change_source"]
     assert ("Creatinine 1.3 mg/dL rose +0.3 mg/dL (+30 %) from 1.0 mg/dL 2 days earlier (the previous result)"
             in a["text"].iloc[0])
@@ -151,9 +153,10 @@ def test_delta_check_needs_the_cited_minimum_change_and_a_recent_previous_result
 
 
 def test_delta_check_log_normal_is_asymmetric():
-    down = detect_anomalies(tl([("2024-01-01", GLU, 100), ("2024-01-02", GLU, 85)]), ADULT_F, rules=["delta_check"])
-    up = detect_anomalies(tl([("2024-01-01", GLU, 100), ("2024-01-02", GLU, 116)]), ADULT_F, rules=["delta_check"])
-    assert down["flag"].tolist() == ["DOWN"] and up.empty  # -15 % beyond -14.3 %, +16 % within +16.8 %
+    down = detect_anomalies(tl([("2024-01-01", GLU, 100), ("2024-01-02", GLU, 80)]), ADULT_F, rules=["delta_check"])
+    up = detect_anomalies(tl([("2024-01-01", GLU, 100), ("2024-01-02", GLU, 120)]), ADULT_F, rules=["delta_check"])
+    assert down["flag"].tolist() == ["DOWN"] and up.empty  # -20 % beyond -18.5 %, +20 % within +22.7 %
+    assert down["evidence"].iloc[0]["rcv_pct"] == pytest.approx(-18.5, abs=0.1)
     assert down["evidence"].iloc[0]["log_normal"] is True
 
 
