@@ -501,3 +501,45 @@ def test_forecast_targets_skip_the_haemolysis_index():
     codes = top_analytes_for(h, set(h["analyte_code"]), 3)
     top = counts.drop(HAEMOLYSIS_INDEX)
     assert len(codes) == 3 and set(codes) <= set(top[top == top.max()].index)  # the most frequent patient analytes
+
+
+# --- runs: consecutive flags of one analyte within one episode are one review item ---------------------------------
+
+
+def test_consecutive_critical_values_are_one_item_with_their_run():
+    rows = [("2024-01-01 06:00", K, 6.8), ("2024-01-01 12:00", K, 7.1), ("2024-01-02 07:00", K, 6.5),  # one run
+            ("2024-01-02 12:00", K, 5.0),                                                        # not critical
+            ("2024-01-02 18:00", K, 6.6),                                                        # a new item
+            ("2024-01-05 06:00", K, 6.9)]                                                        # 2.5 days later
+    a = detect_anomalies(tl(rows), ADULT_F, rules=["critical_value"])
+    assert a["result_id"].tolist() == [1, 5, 6] and (a["rule"] == "critical_value").all()
+    run = a["evidence"].iloc[0]["run"]
+    assert run["n"] == 3 and run["result_ids"] == [1, 2, 3] and run["peak"]["value"] == 7.1
+    assert a["value"].iloc[0] == 7.1  # the peak
+    assert a["text"].iloc[0].startswith("Potassium critical high on 3 consecutive results from 2024-01-01 06:00 to "
+                                        "2024-01-02 07:00 (1 day): first 6.8, peak 7.1 (2024-01-01 12:00), last 6.5 "
+                                        "mmol/L, above the critical limit 6.2 mmol/L")
+    assert "run" not in a["evidence"].iloc[1]  # a single flag keeps its own text
+    per_result = detect_anomalies(tl(rows), ADULT_F, rules=["critical_value"], group=False)
+    assert len(per_result) == 5
+    # a critical low after a critical high is another emergency: another item
+    both = detect_anomalies(tl([("2024-01-01", K, 6.8), ("2024-01-01 06:00", K, 2.5)]), ADULT_F, rules=["critical_value"])
+    assert both["flag"].tolist() == ["HH", "LL"]
+
+
+def test_runs_follow_the_admission_when_known():
+    rows = [("2024-01-01 06:00", K, 6.8), ("2024-01-03 06:00", K, 6.9), ("2024-01-05 06:00", K, 7.0)]  # 48 h apart
+    assert len(detect_anomalies(tl(rows), ADULT_F, rules=["critical_value"])) == 3
+    stay = pd.DataFrame({"patient_id": ["P"], "start": [pd.Timestamp("2023-12-31")], "end": [pd.Timestamp("2024-01-04")]})
+    a = detect_anomalies(tl(rows), ADULT_F, rules=["critical_value"], episodes=stay)
+    assert a["result_id"].tolist() == [1, 3] and a["evidence"].iloc[0]["run"]["episode"] == "admission"
+
+
+def test_a_delta_check_run_names_its_baseline():
+    """The issue's creatinine: 1.0 -> 1.4 -> 2.1 mg/dL in 9 days is x2.1 from 1.0 mg/dL, not '+50 % from the previous'."""
+    rows = [("2024-01-01", CREA, 1.0), ("2024-01-05", CREA, 1.4), ("2024-01-10", CREA, 2.1)]
+    stay = pd.DataFrame({"patient_id": ["P"], "start": [pd.Timestamp("2023-12-31")], "end": [pd.Timestamp("2024-01-11")]})
+    a = detect_anomalies(tl(rows), ADULT_F, rules=["delta_check"], episodes=stay)
+    assert len(a) == 1 and a["evidence"].iloc[0]["run"]["result_ids"] == [2, 3]
+    assert ("2.1 mg/dL is +1.1 mg/dL (x2.1) from 1.0 mg/dL 9 days earlier (the result before this run)"
+            in a["text"].iloc[0])
