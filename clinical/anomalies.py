@@ -1374,6 +1374,8 @@ def group_runs(anomalies: pd.DataFrame, timeline: pd.DataFrame, reference: Clini
         row = dict(first, value=peak["value"], score=peak["score"], evidence=ev, text=_run_text(g, ref))
         rows.append(row)
     out = pd.DataFrame(rows).drop(columns=["_run"])
+    out["model_version"] = pd.Series([v if isinstance(v, str) else None for v in out["model_version"]], dtype=object,
+                                     index=out.index)  # rule-based rows: None, never NaN
     return out.sort_values(["patient_id", "collected_at", "analyte_code", "rule"], kind="stable").reset_index(drop=True)[
         ANOMALY_COLUMNS]
 

@@ -204,7 +204,8 @@ def anomaly_outputs(anomalies: pd.DataFrame, reference_version: str) -> list[dic
     """
     recs = []
     for r in anomalies.to_dict("records"):
-        version = r.get("model_version") or reference_version
+        mv = r.get("model_version")
+        version = mv if isinstance(mv, str) and mv else reference_version  # None / NaN: a rule-based anomaly
         payload = {k: r.get(k) for k in ("result_id", "analyte_name", "collected_at", "rule", "flag", "score", "value",
                                          "unit", "evidence", "source", "text")}
         ev = r.get("evidence") if isinstance(r.get("evidence"), dict) else {}

@@ -407,3 +407,18 @@ def test_superseded_rule_based_outputs_leave_the_queue_reviewed_ones_stay(store)
     left = set(O.load_outputs(store)["output_id"])
     assert left == {recs[0]["output_id"], recs[1]["output_id"], recs[3]["output_id"], recs[4]["output_id"]}
     assert O.prune_superseded(store, "P1", "anomaly", [], before=pd.Timestamp("2025-01-01"), version_prefix="model-") == 0
+
+
+def test_rule_based_anomaly_runs_are_stored_under_the_rule_set_version():
+    """A run (group_runs) beside a model-surprise row: the rule-based rows keep the reference version, never 'nan'."""
+    from clinical.anomalies import detect_anomalies, load_reference
+    from test_anomalies import ADULT_F, K, NA, StubForecaster, tl
+
+    rows = [("2024-01-01 06:00", K, 6.8), ("2024-01-01 12:00", K, 7.1)] + \
+        [(f"2024-01-0{d}", NA, 140) for d in range(1, 4)] + [("2024-01-04", NA, 155)]
+    a = detect_anomalies(tl(rows), ADULT_F, forecaster=StubForecaster(140, 2))
+    assert {"critical_value", "model_surprise"} <= set(a["rule"])  # (and the sodium delta check)
+    version = load_reference().version
+    recs = {r["rule"]: r["model_version"] for r in O.anomaly_outputs(a, version)}
+    assert recs["critical_value"] == version and recs["model_surprise"] == "stub-1"
+    assert all(v == version for rule, v in recs.items() if rule != "model_surprise")
