@@ -56,12 +56,14 @@ __all__ = [
     "explanation_outputs",
     "recommendation_outputs",
     "store_outputs",
+    "prune_superseded",
     "load_outputs",
     "VerdictResult",
     "record_verdict",
     "annotation_log",
     "current_verdicts",
     "PRIORITY_TIERS",
+    "review_priority",
     "pending_outputs",
     "gwet_ac1",
     "agreement_stats",
@@ -76,14 +78,15 @@ VERDICTS = ("valid", "invalid", "unsure")
 OUTPUT_COLUMNS = ["output_id", "patient_id", "analyte_code", "analyte_name", "kind", "forecast_for", "predicted_value",
                   "unit", "model_version", "status", "output_time", "rule", "summary", "priority", "priority_reason",
                   "payload"]
-# Review priority tiers (1 is reviewed first); see pending_outputs for the order within a tier.
+# Review priority tiers (1 is reviewed first): clinical priority, the same numbers as a recommendation's
+# ``priority`` (clinical.recommendations.BASES); see pending_outputs for the order within a tier.
 PRIORITY_TIERS = {
-    1: "critical value, or a recommendation of high urgency",
-    2: "pre-analytical pattern, model surprise, multivariate inconsistency, or a recommendation of medium urgency",
-    3: "forecast or explanation to validate (and any other output)",
-    4: "recommendation of low urgency",
-    5: "delta check",
-    6: "outside the reference interval",
+    1: "actual critical value (or a recommendation resting on one)",
+    2: "pre-analytical error (or a recommendation to recollect)",
+    3: "delta check, model surprise, multivariate inconsistency (or a recommendation resting on an observed change)",
+    4: "forecast-based warning (a recommendation resting on a forecast)",
+    5: "forecast or explanation to validate (and any other output)",
+    6: "outside the reference interval (stored by versions before it became a flag on the result)",
 }
 
 
@@ -193,13 +196,22 @@ def forecast_outputs(forecasts: pd.DataFrame, history: pd.DataFrame | None = Non
 
 
 def anomaly_outputs(anomalies: pd.DataFrame, reference_version: str) -> list[dict]:
-    """One record per anomaly; rule-based ones carry ``reference_version`` as their version."""
+    """One record per anomaly (a run of consecutive flags is one record: :func:`clinical.anomalies.group_runs`);
+    rule-based ones carry ``reference_version`` as their version.
+
+    The id is keyed on the run's first result, so a result joining the run later updates the
+    payload (``based_on.result_ids`` lists the run) instead of adding an output.
+    """
     recs = []
     for r in anomalies.to_dict("records"):
-        version = r.get("model_version") or reference_version
+        mv = r.get("model_version")
+        version = mv if isinstance(mv, str) and mv else reference_version  # None / NaN: a rule-based anomaly
         payload = {k: r.get(k) for k in ("result_id", "analyte_name", "collected_at", "rule", "flag", "score", "value",
                                          "unit", "evidence", "source", "text")}
-        payload["based_on"] = {"result_id": r.get("result_id"), "rule": r.get("rule"), "version": version}
+        ev = r.get("evidence") if isinstance(r.get("evidence"), dict) else {}
+        run = ev.get("run") or {}
+        payload["based_on"] = {"result_id": r.get("result_id"), "rule": r.get("rule"), "version": version,
+                               "result_ids": run.get("result_ids") or [r.get("result_id")]}
         recs.append(_record("anomaly", r["patient_id"], r["analyte_code"], r["collected_at"], version, r["rule"],
                             payload, key=r.get("result_id")))
     return recs
@@ -220,7 +232,8 @@ def recommendation_outputs(recommendations: pd.DataFrame) -> list[dict]:
     """One record per recommendation (version = the rule file's version)."""
     recs = []
     for r in recommendations.to_dict("records"):
-        payload = {k: r.get(k) for k in ("rule_id", "title", "text", "urgency", "source", "triggered_by", "result_ids")}
+        payload = {k: r.get(k) for k in ("rule_id", "title", "text", "urgency", "source", "triggered_by", "result_ids",
+                                         "priority", "basis")}
         payload["based_on"] = {"triggered_by": r.get("triggered_by"), "result_ids": r.get("result_ids"),
                                "rule_version": r.get("rule_version")}
         recs.append(_record("recommendation", r["patient_id"], r.get("analyte_code"), r["at"],
@@ -262,6 +275,28 @@ def store_outputs(store: Store, records: list[dict]) -> dict:
             cur.execute("UPDATE model_outputs SET payload = ?, payload_sha256 = ?, updated_at = ? WHERE output_id = ?",
                         [r[7], r[8], now, r[0]])
     return counts
+
+
+def prune_superseded(store: Store, patient_id: str, kind: str, keep_ids, *, before, version_prefix: str) -> int:
+    """Remove a patient's outputs of ``kind`` that an evaluation no longer produces; returns how many.
+
+    Only outputs whose ``model_version`` starts with ``version_prefix`` (e.g. ``'rules-'``: the
+    rule-based anomalies, recomputed from the whole history on every evaluation), collected
+    before ``before`` (the evaluated period), not in ``keep_ids`` and **without any verdict**:
+    what an expert judged is history and stays. Stale items of an earlier rule version (a delta
+    check the cited minimum change no longer admits, a run now one output) would otherwise stay
+    in the review queue for ever.
+    """
+    with store.write() as cur:
+        ids = [r[0] for r in cur.execute(
+            """SELECT output_id FROM model_outputs o
+               WHERE patient_id = ? AND kind = ? AND starts_with(model_version, ?) AND output_time < ?
+                 AND NOT list_contains(?::VARCHAR[], output_id)
+                 AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.output_id = o.output_id)""",
+            [str(patient_id), kind, version_prefix, pd.Timestamp(before).to_pydatetime(), list(keep_ids)]).fetchall()]
+        if ids:
+            cur.execute("DELETE FROM model_outputs WHERE list_contains(?::VARCHAR[], output_id)", [ids])
+    return len(ids)
 
 
 def load_outputs(store: Store, *, patient_id: str | None = None, kind: str | None = None,
@@ -378,11 +413,14 @@ def current_verdicts(store: Store, kind: str | None = None) -> pd.DataFrame:
         return cur.execute(_CURRENT_SQL, [kind, kind]).df()
 
 
-def _summary(kind: str, p: dict) -> tuple[str | None, float | None, str | None, str]:
-    """(summary text, predicted value, unit, status) of one payload for review lists."""
+def _summary(kind: str, p: dict, code: str | None = None) -> tuple[str | None, float | None, str | None, str]:
+    """(summary text, predicted value, unit, status) of one payload for review lists (numbers with the
+    analyte's reporting precision, :mod:`clinical.format`)."""
+    from clinical.format import format_quantity
+
     if kind == "forecast":
-        return (f"forecast median {p.get('median')} {p.get('unit') or ''}".strip(), p.get("median"), p.get("unit"),
-                "pending" if p.get("status") == "ok" else str(p.get("status")))
+        return (f"forecast median {format_quantity(code, p.get('median'), p.get('unit'))}".strip(), p.get("median"),
+                p.get("unit"), "pending" if p.get("status") == "ok" else str(p.get("status")))
     if kind == "anomaly":
         return p.get("text"), p.get("value"), p.get("unit"), "pending"
     if kind == "explanation":
@@ -394,21 +432,20 @@ def _summary(kind: str, p: dict) -> tuple[str | None, float | None, str | None, 
 _PRIORITY_SQL = """
     CASE
         WHEN o.kind = 'anomaly' AND o.rule = 'critical_value' THEN 1
-        WHEN o.kind = 'recommendation' AND json_extract_string(o.payload, '$.urgency') = 'high' THEN 1
-        WHEN o.kind = 'anomaly' AND (o.rule LIKE 'preanalytical:%'
-                                     OR o.rule IN ('model_surprise', 'multivariate_inconsistency')) THEN 2
-        WHEN o.kind = 'recommendation' AND json_extract_string(o.payload, '$.urgency') = 'medium' THEN 2
-        WHEN o.kind = 'recommendation' AND json_extract_string(o.payload, '$.urgency') = 'low' THEN 4
-        WHEN o.kind = 'anomaly' AND o.rule = 'delta_check' THEN 5
+        WHEN o.kind = 'anomaly' AND o.rule LIKE 'preanalytical:%' THEN 2
+        WHEN o.kind = 'anomaly' AND o.rule IN ('delta_check', 'model_surprise', 'multivariate_inconsistency') THEN 3
         WHEN o.kind = 'anomaly' AND o.rule = 'reference_interval' THEN 6
-        ELSE 3
+        WHEN o.kind = 'recommendation'
+            THEN coalesce(TRY_CAST(json_extract_string(o.payload, '$.priority') AS INTEGER), 3)
+        ELSE 5
     END"""
 _REASON_SQL = """
     CASE
         WHEN o.kind = 'anomaly' AND o.rule = 'critical_value'
             THEN 'critical value (' || coalesce(json_extract_string(o.payload, '$.flag'), '?') || ')'
         WHEN o.kind = 'recommendation'
-            THEN 'recommendation, ' || coalesce(json_extract_string(o.payload, '$.urgency'), 'unknown') || ' urgency'
+            THEN 'recommendation (' || coalesce(json_extract_string(o.payload, '$.basis'), 'earlier version') || ', '
+                 || coalesce(json_extract_string(o.payload, '$.urgency'), 'unknown') || ' urgency)'
         WHEN o.kind = 'anomaly' AND o.rule LIKE 'preanalytical:%'
             THEN 'pre-analytical pattern: ' || replace(substr(o.rule, 15), '_', ' ')
         WHEN o.kind = 'anomaly' AND o.rule = 'model_surprise' THEN 'model surprise'
@@ -418,6 +455,32 @@ _REASON_SQL = """
         WHEN o.kind IN ('forecast', 'explanation') THEN o.kind || ' to validate'
         ELSE coalesce(o.kind, 'output') || coalesce(' ' || o.rule, '')
     END"""
+def review_priority(kind: str, rule: str | None = None, payload: dict | None = None) -> int:
+    """The clinical priority tier (:data:`PRIORITY_TIERS`, 1 first) of an output: the Python twin of
+    the review queue's SQL (tested equal), for lists built outside the store (the timeline's
+    anomaly table). ``payload``: a recommendation's (its ``priority``)."""
+    rule = rule or ""
+    if kind == "anomaly":
+        if rule == "critical_value":
+            return 1
+        if rule.startswith("preanalytical:"):
+            return 2
+        if rule in ("delta_check", "model_surprise", "multivariate_inconsistency"):
+            return 3
+        if rule == "reference_interval":
+            return 6
+        return 5
+    if kind == "recommendation":
+        try:
+            return int((payload or {}).get("priority"))
+        except (TypeError, ValueError):
+            return 3
+    return 5
+
+
+# within a tier: a recommendation of higher urgency first
+_URGENCY_SQL = """
+    CASE json_extract_string(payload, '$.urgency') WHEN 'high' THEN 0 WHEN 'medium' THEN 1 WHEN 'low' THEN 2 ELSE 1 END"""
 
 
 def pending_outputs(store: Store, annotator: str, kind: str | None = None, patient_id: str | None = None,
@@ -428,26 +491,25 @@ def pending_outputs(store: Store, annotator: str, kind: str | None = None, patie
     ``'critical value (HH)'``, ``'pre-analytical pattern: haemolysis'``) are computed in the
     query, so ``limit`` (None: no limit) keeps the most important outputs, not the oldest:
 
-    1. critical values; recommendations of high urgency
-    2. pre-analytical patterns, model surprise, multivariate inconsistency; recommendations of
-       medium urgency
-    3. forecasts and their explanations (and any output kind or rule not listed here)
-    4. recommendations of low urgency
-    5. delta checks
-    6. results outside the reference interval
+    1. actual critical values (and recommendations resting on one)
+    2. pre-analytical errors (and recommendations to recollect)
+    3. delta checks, model surprises, multivariate inconsistencies (and recommendations resting
+       on an observed change)
+    4. forecast-based warnings (recommendations resting on a forecast): "forecast potassium may
+       reach the critical limit" always after an actual critical potassium
+    5. forecasts and their explanations to validate (and any output kind or rule not listed here)
+    6. reference-interval anomalies stored by earlier versions (a result outside its interval is
+       a flag on the result now, not a review item)
 
-    Within a tier: newest first (``output_time``: the result's collection time, the
+    A recommendation's tier is its stored ``priority`` (:data:`clinical.recommendations.BASES`;
+    3 for payloads stored before it existed). Within a tier: recommendations of higher urgency
+    first, then newest first (``output_time``: the collection time of the run's first result, the
     recommendation's evaluation time), then the larger ``|score|``; forecasts and explanations
     soonest forecast time first (the forecast that can be checked against a result first; a
     forecast comes before its explanation). Ties: ``output_id``.
 
-    Repeated reference-interval flags of one analyte are not collapsed into one output per
-    analyte and day: an anomaly's id is keyed on its result (:func:`output_id`), verdicts and
-    the timeline's markers refer to that id, and a group output would either orphan the
-    verdicts already given or need one verdict row per member for one submission (UI-17 keeps
-    one row per submission). On MIMIC-IV demo the collapse would remove about a quarter of the
-    flags (mean 376 -> 290 per patient, ``benchmarks/results/clinical.json``,
-    ``collapse_reference_interval_per_analyte_day``); ranking them last does more for the reviewer.
+    Consecutive flags of one analyte within one episode are already one output with its run of
+    results (:func:`clinical.anomalies.group_runs`), keyed on the run's first result.
     """
     sql = f"""
         WITH p AS (
@@ -457,7 +519,7 @@ def pending_outputs(store: Store, annotator: str, kind: str | None = None, patie
               AND (?::VARCHAR IS NULL OR o.kind = ?) AND (?::VARCHAR IS NULL OR o.patient_id = ?)
         )
         SELECT * FROM p
-        ORDER BY priority,
+        ORDER BY priority, {_URGENCY_SQL},
                  CASE WHEN kind IN ('forecast', 'explanation') THEN epoch_us(output_time)
                       ELSE -epoch_us(output_time) END NULLS LAST,
                  CASE kind WHEN 'forecast' THEN 0 WHEN 'explanation' THEN 1 ELSE 2 END,
@@ -470,7 +532,7 @@ def pending_outputs(store: Store, annotator: str, kind: str | None = None, patie
 
     cat = load_catalogue()
     payloads = [json.loads(p) for p in df["payload"]]
-    info = [_summary(k, p) for k, p in zip(df["kind"], payloads)]
+    info = [_summary(k, p, c) for k, p, c in zip(df["kind"], payloads, df["analyte_code"])]
     out = pd.DataFrame({
         "output_id": df["output_id"], "patient_id": df["patient_id"], "analyte_code": df["analyte_code"],
         "analyte_name": [getattr(cat.get(c), "name", None) if c else None for c in df["analyte_code"]],
@@ -603,7 +665,7 @@ def export_frame(store: Store, all_verdicts: bool = False, kind: str | None = No
     """
     with store.read() as cur:
         df = cur.execute(sql, [kind, kind]).df()
-    df["summary"] = [_summary(k, json.loads(p))[0] for k, p in zip(df["kind"], df["payload"])]
+    df["summary"] = [_summary(k, json.loads(p), c)[0] for k, p, c in zip(df["kind"], df["payload"], df["analyte_code"])]
     df["n_verdicts"] = df["n_verdicts"].astype("Int64")
     df["annotation_id"] = df["annotation_id"].astype("Int64")
     return df[EXPORT_COLUMNS]

@@ -12,7 +12,9 @@
    ``model_window_days`` days, since they cost one model row per result time;
 4. a SHAP explanation of each forecast that has one (:func:`model.explain.explain_forecast`);
 5. recommendations from the rule file;
-6. every item stored in ``model_outputs`` (idempotent upsert) with its deterministic id.
+6. every item stored in ``model_outputs`` (idempotent upsert) with its deterministic id; the
+   patient's unreviewed rule-based anomalies before ``at`` that this evaluation no longer
+   produces (an earlier rule version's) are removed (``stored['superseded']``).
 """
 
 from __future__ import annotations
@@ -133,7 +135,14 @@ def predict_patient(
                           rules=rs, reference=ref)
     r_recs = out_mod.recommendation_outputs(recs)
 
-    stored = out_mod.store_outputs(store, f_recs + a_recs + e_recs + r_recs) if save else None
+    stored = None
+    if save:
+        stored = out_mod.store_outputs(store, f_recs + a_recs + e_recs + r_recs)
+        # rule-based anomalies are recomputed from the whole history before `at`: unreviewed ones an
+        # earlier rule version stored and this evaluation no longer produces leave the review queue
+        rule_based = [r["output_id"] for r in a_recs if str(r["model_version"]).startswith("rules-")]
+        stored["superseded"] = out_mod.prune_superseded(store, patient_id, "anomaly", rule_based, before=at,
+                                                        version_prefix="rules-")
     return {
         "patient_id": str(patient_id),
         "model_version": pipeline.model_version,

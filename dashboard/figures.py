@@ -93,10 +93,6 @@ _UNIT_DISPLAY = {
     "u[IU]/mL": "µIU/mL", "m[IU]/L": "mIU/L", "[IU]/mL": "IU/mL", "[IU]/L": "IU/L", "mm[Hg]": "mmHg",
     "ug/dL": "µg/dL", "ug/L": "µg/L", "umol/L": "µmol/L", "meq/L": "mEq/L", "1": "", "N/A": "",
 }
-_FLAG_ALIASES = {
-    "h": "H", "high": "H", "hu": "H", ">": "H", "l": "L", "low": "L", "lu": "L", "<": "L", "hh": "HH", "ll": "LL",
-    "a": "A", "aa": "A", "abnormal": "A", "abn": "A", "*": "A", "n": "", "normal": "", "": "",
-}
 
 
 # =============================================================================================
@@ -154,38 +150,22 @@ def _interval(row) -> tuple[float | None, float | None]:
 
 
 def flag_label(row) -> str:
-    """The abnormal flag to print next to a result: 'HH', 'H', 'L', 'LL', 'A' or ''.
+    """The abnormal flag to print next to a result: 'HH', 'H', 'L', 'LL', 'A', 'AA' or ''.
 
-    Direction comes from the value against the reference interval (critical limits for
-    HH/LL) when those are known; otherwise from the flag as reported ('abnormal' -> 'A').
-    A censored value is flagged only when the limit itself settles it ('<3' below a low of
-    3.3 is 'L'; '<10' with a low of 3.3 is not flagged). Text, implausible and unit-missing
-    results get no flag here (they have their own markers).
+    One rule with the anomaly rules and the Patients list (:func:`clinical.flags.flag_of`): the
+    critical limits always; then the flag as reported; then the result's own reference interval,
+    else the catalogue's for this sex and age. A censored value is flagged only when the limit
+    itself settles it ('<3' below a low of 3.3 is 'L'; '<10' with a low of 3.3 is not flagged).
+    Implausible results get no flag (they have their own marker).
     """
-    kind = row.get("result_kind")
-    if kind not in ("numeric", "censored") or bool(row.get("implausible")) or bool(row.get("unit_missing")):
-        return ""
-    v = _num(row.get("value_canonical"))
-    reported = _FLAG_ALIASES.get(_s(row.get("flag")).strip().lower(), "A" if _s(row.get("flag")).strip() else "")
-    if v is None:
-        return reported
-    comp = _s(row.get("comparator")) or "="
+    from clinical.flags import flag_of
+
     lo, hi = _interval(row)
-    clo, chi = _num(row.get("critical_low")), _num(row.get("critical_high"))
-    below_ok = comp in ("=", "<", "<=")  # the true value is <= v: "below" is settled
-    above_ok = comp in ("=", ">", ">=")
-    if chi is not None and above_ok and v >= chi:
-        return "HH"
-    if clo is not None and below_ok and v <= clo:
-        return "LL"
-    if hi is not None and above_ok and v > hi:
-        return "H"
-    if lo is not None and below_ok and v < lo:
-        return "L"
-    if lo is not None or hi is not None:
-        # inside the interval as far as we can tell; keep an explicit H/L/A from the lab
-        return reported if comp == "=" else ""
-    return reported
+    f = flag_of(row.get("value_canonical"), _s(row.get("comparator")) or None, row.get("result_kind"),
+                reported=row.get("flag"), low=lo, high=hi, critical_low=row.get("critical_low"),
+                critical_high=row.get("critical_high"), implausible=bool(row.get("implausible")),
+                unit_missing=bool(row.get("unit_missing")))
+    return "" if f in (None, "N") else f
 
 
 def _catalogue():
@@ -685,6 +665,7 @@ def _add_anomalies(fig, an: pd.DataFrame, rows: pd.DataFrame, rc: pd.Series, i: 
         an = an[an["rule"].astype(str) != "reference_interval"]
     if an.empty:
         return
+    an = _run_members(an)
     plotted = rows[rc.isin(["numeric", "conflicting", "censored"])]
     edge = rows[rc.isin(["gap", "unit_missing"])]  # drawn at the bottom edge
     groups: dict[str, tuple[list, list, list]] = {}
@@ -716,6 +697,20 @@ def _add_anomalies(fig, an: pd.DataFrame, rows: pd.DataFrame, rc: pd.Series, i: 
             marker=dict(symbol=symbol, size=20, color=COLORS["anomaly"], line=dict(width=2.5, color=COLORS["anomaly"])),
             customdata=hover, hovertemplate="%{customdata}<extra></extra>", cliponaxis=False,
         ), row=i, col=1)
+
+
+def _run_members(an: pd.DataFrame) -> pd.DataFrame:
+    """One row per result an anomaly stands for: a run of consecutive flags (``evidence['run']``,
+    :func:`clinical.anomalies.group_runs`) rings every result of the run, each with the run's text."""
+    rows = []
+    for a in an.to_dict("records"):
+        run = (a.get("evidence") or {}).get("run") if isinstance(a.get("evidence"), dict) else None
+        if not run or not run.get("result_ids"):
+            rows.append(a)
+            continue
+        for rid, at in zip(run["result_ids"], run.get("collected_at") or []):
+            rows.append(dict(a, result_id=rid, collected_at=pd.Timestamp(at)))
+    return pd.DataFrame(rows, columns=an.columns)
 
 
 # rule -> (legend label, open marker symbol): the legend names the rule behind each ring
@@ -889,7 +884,7 @@ def style_cumulative_table(table: pd.DataFrame):
 
     def css(v):
         s = str(v)
-        if " HH" in s or " LL" in s:
+        if " HH" in s or " LL" in s or " AA" in s:
             return f"color: {COLORS['critical']}; font-weight: 700"
         if " H" in s or " L" in s or s.endswith(" A"):
             return f"color: {COLORS['abnormal']}; font-weight: 600"

@@ -38,25 +38,41 @@ TIMELINE_COLUMNS = [
 def patients(store: Store, search: str | None = None, limit: int = 500) -> pd.DataFrame:
     """Patients with result counts.
 
-    Returns columns ``patient_id, sex, age_at_ref, ref_date, birth_date, n_results,
-    n_abnormal (rows with an abnormal flag as given), n_implausible, first_result,
-    last_result``, ordered by patient id. ``search`` matches a substring of the id (cleaned
-    as ids are: ``data.identifiers.patient_key``).
+    Returns columns ``patient_id, sex, age_at_ref, ref_date, birth_date, age_years (at the last
+    result, else today: from the birth date, else from the age the source gave at its reference
+    date), n_results, n_abnormal (flags H, L, HH, LL, A, AA), n_critical (HH, LL, AA),
+    n_implausible, first_result, last_result``, ordered by patient id. Flags follow
+    :mod:`clinical.flags` for every source: the file's flag, else its reference limits, else the
+    catalogue's interval for the patient's sex and age; the critical value list always.
+    ``search`` matches a substring of the id (cleaned as ids are: ``data.identifiers.patient_key``).
     """
-    sql = """
+    from clinical.flags import flag_counts_sql, register_reference
+
+    sql = f"""
+        WITH c AS ({flag_counts_sql()})
         SELECT p.patient_id, p.sex, p.age_at_ref, p.ref_date, p.birth_date,
-               count(r.result_id) AS n_results,
-               count(r.result_id) FILTER (WHERE r.flag IS NOT NULL AND lower(r.flag) NOT IN ('n', 'normal', '')) AS n_abnormal,
-               count(r.result_id) FILTER (WHERE r.implausible) AS n_implausible,
-               min(r.collected_at) AS first_result, max(r.collected_at) AS last_result
-        FROM patients p LEFT JOIN lab_results r ON r.patient_id = p.patient_id
+               CASE WHEN p.birth_date IS NOT NULL
+                        THEN (epoch(coalesce(c.last_result, now()::TIMESTAMP)) - epoch(p.birth_date::TIMESTAMP))
+                             / 86400.0 / 365.25
+                    WHEN p.age_at_ref IS NOT NULL
+                        THEN p.age_at_ref + coalesce((epoch(coalesce(c.last_result, now()::TIMESTAMP))
+                                                      - epoch(p.ref_date::TIMESTAMP)) / 86400.0 / 365.25, 0.0)
+               END AS age_years,
+               coalesce(c.n_results, 0) AS n_results, coalesce(c.n_abnormal, 0) AS n_abnormal,
+               coalesce(c.n_critical, 0) AS n_critical, coalesce(c.n_implausible, 0) AS n_implausible,
+               c.first_result, c.last_result
+        FROM patients p LEFT JOIN c USING (patient_id)
         WHERE (? IS NULL OR contains(lower(p.patient_id), lower(?)))
-        GROUP BY ALL ORDER BY p.patient_id LIMIT ?
+        ORDER BY p.patient_id LIMIT ?
     """
     if search is not None:  # typed or pasted with the same invisible characters ids are cleaned of
         search = patient_key(search)
     with store.read() as cur:
-        return cur.execute(sql, [search, search, limit]).df()
+        register_reference(cur)
+        df = cur.execute(sql, [search, search, limit]).df()
+    for c in ("n_results", "n_abnormal", "n_critical", "n_implausible"):
+        df[c] = df[c].astype("int64")
+    return df
 
 
 def patient_info(store: Store, patient_id: str) -> dict | None:

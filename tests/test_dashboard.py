@@ -384,7 +384,7 @@ def test_review_shows_the_priority_and_keeps_the_service_order(env):
     assert queue["summary"].tolist() == expected["summary"].tolist()
     assert at.session_state["review_current"]["output"]["output_id"] == expected["output_id"].iloc[0]
     assert set(expected["output_id"]) <= set(ids.values()) and expected["forecast_for"].is_monotonic_increasing
-    assert "priority 3: forecast to validate" in texts(at)
+    assert "priority 5: forecast to validate" in texts(at)
 
 
 def test_review_without_the_verdict_service_says_so(env, monkeypatch):
@@ -528,6 +528,30 @@ def test_patients_search_filters_and_opens_the_timeline(env):
     assert at.selectbox(key="timeline_patient").value == "P0001"
 
 
+def test_patients_list_counts_critical_results_of_a_file_without_flags(env, tmp_path, monkeypatch):
+    """Issue 11: a canonical CSV without a flag column (potassium 6.8, sodium 127, creatinine 2.1) is counted
+    abnormal and critical from the catalogue limits; age comes from the birth date."""
+    db = tmp_path / "noflags.duckdb"
+    csv = tmp_path / "no_flags.csv"
+    csv.write_text("patient_id,collected_at,loinc,test_name,value,unit,sex,birth_date\n"
+                   "P1,2024-03-01 08:00,2823-3,Potassium,6.8,mmol/L,F,1950-05-01\n"
+                   "P1,2024-03-01 08:00,2951-2,Sodium,127,mmol/L,F,1950-05-01\n"
+                   "P1,2024-03-01 08:00,2160-0,Creatinine,2.1,mg/dL,F,1950-05-01\n"
+                   "P2,2024-03-01 08:00,2823-3,Potassium,4.1,mmol/L,M,1980-01-01\n", encoding="utf-8")
+    run_import(open_store(db), csv)
+    monkeypatch.setenv("LABTREND_DB", str(db))
+    at = signed_in("clinician")
+    table = frame_with(at, "patient_id").set_index("patient_id")
+    assert table.loc["P1", ["n_abnormal", "n_critical"]].tolist() == [3, 1]
+    assert int(table.loc["P1", "age_years"]) == 73 and "age_at_ref" not in table.columns
+    at.number_input(key="patients_min_critical").set_value(1).run()
+    assert list(frame_with(at, "patient_id")["patient_id"]) == ["P1"]
+    at.number_input(key="patients_min_critical").set_value(0).run()
+    at.number_input(key="patients_min_abnormal").set_value(1).run()
+    assert list(frame_with(at, "patient_id")["patient_id"]) == ["P1"]
+    assert not at.exception
+
+
 def test_page_waits_while_another_process_writes_and_says_so(env, monkeypatch):
     """UI-18: another process holds the DuckDB file for 3 s; the page waits, says "busy", then renders."""
     import subprocess
@@ -573,7 +597,8 @@ def test_timeline_names_anomaly_rules_and_shows_recommendations_in_full(env, mon
     assert not at.exception
     flags = frame_with(at, "rule")
     assert "Pre-analytical pattern: haemolysis reported by the laboratory" in set(flags["rule"])
-    assert "Outside the reference interval" in set(flags["rule"])
+    # a result outside its reference interval is its H/L label on the chart and in the table, not a review row
+    assert "Outside the reference interval" not in set(flags["rule"])
     assert not any("_" in r for r in flags["rule"])
     assert advice in [m.value for m in at.markdown]
     assert any("Potassium in a haemolysed specimen" in m.value and "urgency high" in m.value for m in at.markdown)

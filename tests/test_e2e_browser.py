@@ -391,4 +391,35 @@ def test_an_admins_cookie_replayed_after_sign_out_shows_the_sign_in_form(served)
         assert mine[-1] == ("login_failed", "", "cookie", "signed out")  # the replay is refused and audited
     finally:
         thief.close()
+
+
+# ---- issue 11: flags counted for every source, age from the birth date or the source's age ---------------------------
+def test_patients_list_counts_abnormal_and_critical_results(served):
+    from data import queries
+
+    pats = queries.patients(served.store, limit=1_000_000)
+    top = pats.sort_values(["n_critical", "patient_id"], ascending=[False, True]).iloc[0]
+    assert top["n_critical"] > 0
+    page = sign_in(served, "clinician")
+    try:
+        heading(page, "Patients")
+        grid = page.locator(".st-key-patients_table table[role='grid']")
+        grid.wait_for(state="attached")
+        headers = grid.evaluate("t => [...t.querySelectorAll('thead th')].map(c => c.innerText.trim())")
+        for name in ("Age (y)", "Abnormal", "Critical", "Implausible"):
+            assert name in headers, headers
+        search = page.get_by_role("textbox", name="Patient id contains")
+        search.fill(str(top["patient_id"]))
+        search.press("Enter")
+        page.get_by_role("button", name=f"Open timeline of {top['patient_id']}").wait_for()
+        settled(page)
+        page.wait_for_function("() => document.querySelectorAll(\".st-key-patients_table table[role='grid'] tbody tr\")"
+                               ".length === 1")
+        rows = grid_texts(page, "patients_table")
+        assert len(rows) == 1, rows
+        row = dict(zip([h for h in headers if h], [c for c in rows[0]][-len([h for h in headers if h]):]))
+        assert row["Critical"] == str(int(top["n_critical"])) and row["Abnormal"] == str(int(top["n_abnormal"]))
+        assert row["Age (y)"] == str(int(top["age_years"]))
+        screenshot(page, "clinician_patients_critical")
+    finally:
         page.context.close()

@@ -334,7 +334,7 @@ def test_calibrated_server_and_model_surprise_match_in_process(pipeline, mimic_s
         assert client.calibrated and client.model_version == calibrated.model_version
         assert client.conformal.to_dict() == calibrated.conformal.to_dict()
         results, info, _ = patient_inputs(mimic_store, pids[0])
-        since = results["collected_at"].max() - pd.Timedelta(days=30)
+        since = results["collected_at"].max() - pd.Timedelta(days=365)  # a year: model surprise on core analytes only
         local = services.load_anomalies(results, info, forecaster=calibrated, model_rules_since=since)
         remote = services.load_anomalies(results, info, forecaster=client, model_rules_since=since)
     assert (local.frame["rule"] == "model_surprise").any()

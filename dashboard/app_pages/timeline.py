@@ -195,10 +195,15 @@ else:
     if a.empty:
         st.caption("No anomaly flags in this view.")
     else:
+        from clinical.outputs import review_priority
+
+        # clinical priority first (critical values, pre-analytical errors, then changes), newest first within it
         shown = a.assign(rule=a["rule"].map(figures.rule_label), unit=a["unit"].map(figures.display_unit),
-                         text=a["text"].map(figures.readable_units))
-        st.dataframe(shown[["collected_at", "analyte_name", "rule", "flag", "value", "unit", "text", "source"]]
-                     .sort_values("collected_at", ascending=False), hide_index=True, width="stretch",
+                         text=a["text"].map(figures.readable_units),
+                         _p=[review_priority("anomaly", r) for r in a["rule"]])
+        shown = shown.sort_values(["_p", "collected_at"], ascending=[True, False], kind="stable")
+        st.dataframe(shown[["collected_at", "analyte_name", "rule", "flag", "value", "unit", "text", "source"]],
+                     hide_index=True, width="stretch",
                      key="timeline_anomalies", row_height=72, column_config={  # 72 px: the text wraps over 3 lines
                          "collected_at": st.column_config.DatetimeColumn("Collected", format="YYYY-MM-DD HH:mm"),
                          "analyte_name": "Analyte", "rule": st.column_config.TextColumn("Rule", width="medium"),
@@ -206,7 +211,8 @@ else:
                          "text": st.column_config.TextColumn("What it means", width="large"), "source": "Source"})
     for note in anomalies.extra.get("notes", []):
         st.caption(note)
-    st.caption("Rings on the chart mark every rule except the reference interval (that one is the H/L label).")
+    st.caption("Review-worthy flags, most urgent first. Rings on the chart mark each result of a flag (a run of "
+               "consecutive flags is one row); a result outside its reference interval is the H/L label, not a row.")
 
 st.subheader("Explanation")
 if not mstatus.available:
@@ -241,8 +247,9 @@ if not recs.available:
 elif recs.frame.empty:
     st.caption("No recommendations.")
 else:
-    order = {"high": 0, "medium": 1, "low": 2}
-    for _, rec in recs.frame.sort_values("urgency", key=lambda u: u.map(order).fillna(3), kind="stable").iterrows():
+    # clinical priority (an actual critical value before a forecast warning), then urgency: the order
+    # clinical.recommendations.evaluate_rules returns them in
+    for _, rec in recs.frame.iterrows():
         with st.container(border=True):  # in full: a clipped table cell would hide what to consider
             st.markdown(f"**{rec['title']}** · urgency {rec['urgency']}")
             st.markdown(figures.readable_units(rec["text"]).replace("$", "\\$"))  # "$" is text here, not LaTeX
