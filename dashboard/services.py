@@ -56,6 +56,7 @@ __all__ = [
     "OUTPUT_COLUMNS",
     "FORECAST_HORIZONS_DAYS",
     "NO_MODEL_MESSAGE",
+    "age_years",
     "model_status",
     "is_model_url",
     "remote_model_status",
@@ -303,6 +304,16 @@ def with_reference_limits(results: pd.DataFrame, sex: str | None = None, age_yea
 # =============================================================================================
 # Forecasts
 # =============================================================================================
+def age_years(patient: dict | None, at) -> float | None:
+    """Age in years at ``at`` for choosing reference intervals: from the birth date when known, else the
+    age the source gave (at its reference date); None when neither is known."""
+    patient = patient or {}
+    birth, age = patient.get("birth_date"), patient.get("age_at_ref")
+    if birth is not None and not pd.isna(birth):
+        return None if at is None or pd.isna(at) else (pd.Timestamp(at) - pd.Timestamp(birth)).days / 365.25
+    return None if age is None or pd.isna(age) else float(age)
+
+
 def patient_history(results: pd.DataFrame, patient: dict | None) -> pd.DataFrame:
     """The model's history frame (``model.HISTORY_COLUMNS``) from one patient's timeline.
 

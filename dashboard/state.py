@@ -32,6 +32,7 @@ __all__ = [
     "db_path", "model_dir", "get_store", "data_version", "set_busy_slot", "clear_busy_slot",
     "patients", "timeline", "patient_info", "results_with_limits", "batches", "model_url", "model_status",
     "torch_threads", "get_pipeline", "forecasts", "anomalies", "explanation", "timeline_figure", "recommendations",
+    "reporting_decimals", "admissions",
 ]
 
 VERSION_TTL_S = 5
@@ -142,6 +143,20 @@ def results_with_limits(path: str, version: str, patient_id: str, sex: str | Non
                         ) -> pd.DataFrame:
     """One patient's timeline with the catalogue's reference and critical limits for this sex and age."""
     return services.with_reference_limits(timeline(path, version, patient_id), sex, age_years)
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner=False)
+def reporting_decimals(path: str, version: str, patient_id: str) -> dict[str, int]:
+    """``{analyte_code: decimals}`` of one patient's results (:func:`dashboard.precision.reporting_decimals`)."""
+    from dashboard.precision import reporting_decimals as decimals_of
+
+    return decimals_of(timeline(path, version, patient_id))
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner=False)
+def admissions(path: str, version: str, patient_id: str) -> pd.DataFrame:
+    """One patient's admissions (empty when the source had none): the timeline's latest episode."""
+    return queries.admissions(get_store(path), patient_id)
 
 
 @st.cache_data(ttl=60, max_entries=8, show_spinner=False)
@@ -291,27 +306,29 @@ def _model_key() -> tuple[str, float]:
 @st.cache_resource(ttl=QUERY_TTL_S, max_entries=32, show_spinner=False)
 def _timeline_figure(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,
                      analytes: tuple[str, ...], date_range: tuple | None, model_key: tuple[str, float],
-                     _results: pd.DataFrame, _forecasts: pd.DataFrame, _anomalies: pd.DataFrame):
+                     _results: pd.DataFrame, _forecasts: pd.DataFrame, _anomalies: pd.DataFrame, _decimals: dict):
     # cache_resource: the figure object itself comes back, where cache_data would unpickle a copy
     # (a Figure rebuilds and revalidates itself: 0.2 s on a busy 2-core machine)
     from dashboard import figures
 
     return figures.make_timeline_figure(_results, list(analytes), forecasts=_forecasts, anomalies=_anomalies,
-                                        date_range=date_range)
+                                        date_range=date_range, decimals=_decimals)
 
 
 def timeline_figure(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,
                     analytes: tuple[str, ...], date_range: tuple | None, results: pd.DataFrame,
-                    forecasts: services.ServiceResult, anomalies: services.ServiceResult):
+                    forecasts: services.ServiceResult, anomalies: services.ServiceResult, decimals: dict | None = None):
     """:func:`dashboard.figures.make_timeline_figure` of ``results_with_limits(path, version, patient_id, sex,
-    age_years)`` with this patient's :func:`forecasts` of ``analytes`` and :func:`anomalies`."""
+    age_years)`` with this patient's :func:`forecasts` of ``analytes``, :func:`anomalies` and
+    :func:`reporting_decimals` (the cache key names all of them)."""
+    decimals = reporting_decimals(path, version, patient_id) if decimals is None else decimals
     if forecasts.extra.get("retry") or anomalies.extra.get("retry"):
         from dashboard import figures
 
         return figures.make_timeline_figure(results, list(analytes), forecasts=forecasts.frame,
-                                            anomalies=anomalies.frame, date_range=date_range)
+                                            anomalies=anomalies.frame, date_range=date_range, decimals=decimals)
     return _timeline_figure(path, version, patient_id, sex, age_years, analytes, date_range, _model_key(),
-                            results, forecasts.frame, anomalies.frame)
+                            results, forecasts.frame, anomalies.frame, decimals)
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
