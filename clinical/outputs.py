@@ -287,6 +287,7 @@ class VerdictResult:
     submission_id: str
     output_id: str
     created: bool
+    verdict: str | None = None  # the verdict stored (this one, or the one already there)
 
     def __bool__(self) -> bool:
         return self.created
@@ -303,8 +304,15 @@ def record_verdict(
     submission_id: str | None = None,
     *,
     dedupe_window_s: float = 10.0,
+    only_if_pending: bool = False,
 ) -> VerdictResult:
     """Append one expert verdict on an output; idempotent per submission (see the module docstring).
+
+    ``only_if_pending``: store the verdict only if ``annotator`` has none on the output yet
+    (checked inside the write transaction). The review queue saves this way, so that a
+    double click, a click during a rerun and the same output open in two tabs store exactly
+    one verdict; the result is then the verdict already there (``created`` False; its
+    ``submission_id`` tells a repeat of the same click from another tab's).
 
     Raises ``ValueError`` for an unknown output, a verdict outside :data:`VERDICTS`, an empty
     annotator or role, a non-finite corrected value, or a submission id already used for a
@@ -323,6 +331,12 @@ def record_verdict(
         row = cur.execute("SELECT payload_sha256 FROM model_outputs WHERE output_id = ?", [output_id]).fetchone()
         if row is None:
             raise ValueError(f"unknown output {output_id!r}: store the output before recording a verdict on it")
+        if only_if_pending:
+            have = cur.execute("""SELECT annotation_id, submission_id, verdict FROM annotations
+                                  WHERE output_id = ? AND annotator = ? ORDER BY annotation_id DESC LIMIT 1""",
+                               [output_id, annotator]).fetchone()
+            if have is not None:
+                return VerdictResult(int(have[0]), have[1], output_id, False, have[2])
         if submission_id is None:
             last = cur.execute(
                 """SELECT annotation_id, submission_id, role, verdict, comment, corrected_value, created_at
@@ -330,7 +344,7 @@ def record_verdict(
                 [output_id, annotator]).fetchone()
             if last is not None and (last[2], last[3], last[4], last[5]) == (role, verdict, comment, corrected_value) \
                     and (_utcnow() - last[6]).total_seconds() <= dedupe_window_s:
-                return VerdictResult(int(last[0]), last[1], output_id, False)
+                return VerdictResult(int(last[0]), last[1], output_id, False, last[3])
             submission_id = "auto-" + new_submission_id()
         inserted = cur.execute(
             """INSERT INTO annotations (submission_id, output_id, annotator, role, verdict, comment, corrected_value,
@@ -339,12 +353,12 @@ def record_verdict(
             [submission_id, output_id, annotator, role, verdict, comment, corrected_value, row[0], _utcnow()],
         ).fetchall()
         if inserted:
-            return VerdictResult(int(inserted[0][0]), submission_id, output_id, True)
-        prior = cur.execute("SELECT annotation_id, output_id, annotator FROM annotations WHERE submission_id = ?",
+            return VerdictResult(int(inserted[0][0]), submission_id, output_id, True, verdict)
+        prior = cur.execute("SELECT annotation_id, output_id, annotator, verdict FROM annotations WHERE submission_id = ?",
                             [submission_id]).fetchone()
     if (prior[1], prior[2]) != (output_id, annotator):
         raise ValueError(f"submission {submission_id!r} was already used for output {prior[1]!r} by {prior[2]!r}")
-    return VerdictResult(int(prior[0]), submission_id, output_id, False)
+    return VerdictResult(int(prior[0]), submission_id, output_id, False, prior[3])
 
 
 def annotation_log(store: Store, output_id: str | None = None) -> pd.DataFrame:

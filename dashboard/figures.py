@@ -64,6 +64,10 @@ __all__ = [
     "explanation_difference",
     "make_shap_bar",
     "make_calibration_plot",
+    "flag_labels",
+    "thin",
+    "make_results_list",
+    "agreement_table",
 ]
 
 # Okabe-Ito based palette: distinguishable with colour-vision deficiency, and every colour
@@ -1277,3 +1281,33 @@ def make_drift_heatmap(drift: pd.DataFrame, names: dict[str, str] | None = None,
         yaxis=dict(automargin=True, autorange="reversed"),
     )
     return fig
+
+
+# =============================================================================================
+# Agreement between experts
+# =============================================================================================
+_AGREEMENT = (("raw_agreement", "Raw agreement"), ("cohen_kappa", "Cohen's κ"), ("fleiss_kappa", "Fleiss' κ"),
+              ("gwet_ac1", "Gwet's AC1"))
+
+
+def agreement_table(stats: pd.DataFrame) -> pd.DataFrame:
+    """``clinical.outputs.agreement`` as a readable table: one row per output kind, each coefficient
+    written ``0.82 (0.71–0.93)`` with its 95 % interval, ``–`` where undefined (Cohen's κ needs
+    exactly two experts; every coefficient needs outputs judged by at least two)."""
+    cols = ["Output kind", "Judged by ≥ 2 experts", "Experts", "Share valid"] + [label for _, label in _AGREEMENT]
+    if stats is None or stats.empty:
+        return pd.DataFrame(columns=cols)
+
+    def cell(r, key):
+        v, lo, hi = r.get(key), r.get(f"{key}_low"), r.get(f"{key}_high")
+        if _num(v) is None:
+            return "–"
+        return f"{v:.2f}" + (f" ({lo:.2f}–{hi:.2f})" if _num(lo) is not None and _num(hi) is not None else "")
+
+    rows = []
+    for r in stats.to_dict("records"):
+        rows.append({"Output kind": str(r["kind"]).capitalize(), "Judged by ≥ 2 experts": int(r["n_items_multi"]),
+                     "Experts": int(r["n_raters"]),
+                     "Share valid": "–" if _num(r.get("share_valid")) is None else f"{r['share_valid']:.0%}",
+                     **{label: cell(r, key) for key, label in _AGREEMENT}})
+    return pd.DataFrame(rows, columns=cols)

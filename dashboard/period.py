@@ -27,7 +27,7 @@ from urllib.parse import urlencode
 import pandas as pd
 
 __all__ = ["EPISODE_DAYS", "PERIODS", "PERIOD_TOKENS", "Episode", "latest_episode", "parse_period", "period_token",
-           "timeline_link", "parse_analytes"]
+           "timeline_link", "around_period", "parse_analytes"]
 
 EPISODE_DAYS = 90
 # label shown on the page -> days back from the newest result (None: all; "episode"/"custom": special)
@@ -120,6 +120,12 @@ def parse_analytes(value: str | None) -> list[str]:
     return out
 
 
+def around_period(t, days: int = 7) -> str:
+    """The ``period=`` value of the dates ``t - days .. t + days``."""
+    t = pd.Timestamp(t)
+    return f"{t - pd.Timedelta(days=days):%Y-%m-%d}..{t + pd.Timedelta(days=days):%Y-%m-%d}"
+
+
 def timeline_link(patient_id: str, analytes=None, period: str | None = None, around=None, days: int = 7) -> str:
     """The relative address of a timeline: ``timeline?patient=...&analyte=...&period=...``.
 
@@ -131,8 +137,7 @@ def timeline_link(patient_id: str, analytes=None, period: str | None = None, aro
     if codes:
         params["analyte"] = ",".join(str(c) for c in codes)
     if around is not None and not pd.isna(around):
-        t = pd.Timestamp(around)
-        period = f"{t - pd.Timedelta(days=days):%Y-%m-%d}..{t + pd.Timedelta(days=days):%Y-%m-%d}"
+        period = around_period(around, days)
     if period:
         params["period"] = period
     return "timeline?" + urlencode(params)

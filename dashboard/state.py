@@ -373,3 +373,17 @@ def monitoring_data(period: str):
     status = model_status()
     local = status.path if status.available and Path(status.path).is_dir() else model_dir()
     return _monitoring(path, data_version(path), _outputs_version(path), local, status.stamp, period)
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=16, show_spinner=False)
+def _agreement(path: str, outputs_version: str) -> pd.DataFrame:
+    from clinical import outputs
+
+    return outputs.agreement(get_store(path))
+
+
+def agreement() -> pd.DataFrame:
+    """``clinical.outputs.agreement`` of the store (per output kind, with 95 % intervals), recomputed only
+    when an output or a verdict is stored."""
+    path = db_path()
+    return _agreement(path, _outputs_version(path))
