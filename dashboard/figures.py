@@ -646,6 +646,24 @@ def make_timeline_figure(
                                    hoverinfo="skip", showlegend=False, name="Trend"),
                           row=i, col=1)
 
+        # ---- the result under review (review card) and the output time: drawn first, under the points, so that
+        #      the point's own H/L label stays readable over the ring
+        if highlight:
+            mark = rows[rows["result_id"].isin(highlight) & rc.isin(["numeric", "conflicting", "censored"])]
+            if len(mark):
+                recs = mark.to_dict("records")
+                fig.add_trace(_scatter(
+                    x=mark["collected_at"], y=list(mark["value_canonical"].astype(float)), mode="markers",
+                    name="Result under review", legendgroup="review", showlegend=legend("Result under review"),
+                    marker=dict(symbol="circle-open", size=24, color="#111111", line=dict(width=3, color="#111111")),
+                    customdata=[_hover(r, name, unit, lab, "The result this output is about", dec)
+                                for r, lab in zip(recs, labels[mark.index])],
+                    hovertemplate="%{customdata}<extra></extra>", cliponaxis=False), row=i, col=1)
+        if marker_at is not None:
+            fig.add_shape(type="line", x0=pd.Timestamp(marker_at), x1=pd.Timestamp(marker_at), y0=0, y1=1,
+                          yref=f"y{i if i > 1 else ''} domain", xref=f"x{i if i > 1 else ''}",
+                          line=dict(color="#111111", width=1.2, dash="dash"), layer="below")
+
         # ---- results by category (each thinned to max_points when longer)
         drawn_total = [0, 0]
 
@@ -735,23 +753,6 @@ def make_timeline_figure(
         # ---- anomalies
         if an is not None:
             _add_anomalies(fig, an[an["analyte_code"] == code], rows, rc, i, legend, name, y0, dec, max_points)
-
-        # ---- the result under review (review card) and the output time
-        if highlight:
-            mark = rows[rows["result_id"].isin(highlight) & rc.isin(["numeric", "conflicting", "censored"])]
-            if len(mark):
-                recs = mark.to_dict("records")
-                fig.add_trace(_scatter(
-                    x=mark["collected_at"], y=list(mark["value_canonical"].astype(float)), mode="markers",
-                    name="Result under review", legendgroup="review", showlegend=legend("Result under review"),
-                    marker=dict(symbol="circle-open", size=24, color="#111111", line=dict(width=3, color="#111111")),
-                    customdata=[_hover(r, name, unit, lab, "The result this output is about", dec)
-                                for r, lab in zip(recs, labels[mark.index])],
-                    hovertemplate="%{customdata}<extra></extra>", cliponaxis=False), row=i, col=1)
-        if marker_at is not None:
-            fig.add_shape(type="line", x0=pd.Timestamp(marker_at), x1=pd.Timestamp(marker_at), y0=0, y1=1,
-                          yref=f"y{i if i > 1 else ''} domain", xref=f"x{i if i > 1 else ''}",
-                          line=dict(color="#111111", width=1.2, dash="dash"), layer="below")
 
         # ---- forecasts
         if fc_rows is not None and len(fc_rows):

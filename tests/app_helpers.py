@@ -9,9 +9,11 @@ from streamlit.testing.v1 import AppTest
 APP = Path(__file__).resolve().parent.parent / "dashboard" / "streamlit_app.py"
 
 
-def signed_in(username: str, role: str, timeout: float = 60) -> AppTest:
+def signed_in(username: str, role: str, timeout: float = 600) -> AppTest:
     """The app run once with ``username`` signed in as ``role``, the way streamlit-authenticator
-    records a login in the session (``authentication_status``, ``username``, ``name``, ``roles``)."""
+    records a login in the session (``authentication_status``, ``username``, ``name``, ``roles``).
+
+    ``timeout`` only stops a hung run: a run on a loaded machine takes as long as it takes."""
     at = AppTest.from_file(str(APP), default_timeout=timeout)
     at.session_state["authentication_status"] = True
     at.session_state["username"] = username

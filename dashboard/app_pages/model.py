@@ -149,7 +149,8 @@ else:
     })
 
 st.subheader("Agreement between experts")
-agreement = figures.agreement_table(state.agreement())
+stats = state.agreement()
+agreement = figures.agreement_table(stats[stats["n_items_multi"] > 0] if len(stats) else stats)
 if agreement.empty:
     st.caption("No output has verdicts from two experts yet: agreement needs at least two experts judging the same "
                "outputs on the Review page.")

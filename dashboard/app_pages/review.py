@@ -61,7 +61,8 @@ def _said(row: dict) -> str:
 
 def _agreement() -> None:
     st.subheader("Agreement between experts")
-    table = figures.agreement_table(state.agreement())
+    stats = state.agreement()
+    table = figures.agreement_table(stats[stats["n_items_multi"] > 0] if len(stats) else stats)
     if table.empty:
         st.caption("No output has verdicts from two experts yet.")
         return
@@ -95,8 +96,9 @@ def _my_verdicts() -> None:
                       "patient_id": st.column_config.TextColumn("Patient"),
                       "kind": st.column_config.TextColumn("Output"), "analyte": st.column_config.TextColumn("Analyte"),
                       "verdict": st.column_config.TextColumn("Verdict"),
-                      "comment": st.column_config.TextColumn("Comment", width="large"),
-                      "n_verdicts": st.column_config.NumberColumn("Verdicts given", help="Including earlier ones"),
+                      "comment": st.column_config.TextColumn("Comment", width="medium"),
+                      "n_verdicts": st.column_config.NumberColumn("Verdicts", help="Verdicts you gave on this output, "
+                                                                                   "including earlier ones"),
                       "timeline": st.column_config.LinkColumn("Timeline", display_text="open"),
                       "output_id": st.column_config.TextColumn("Output id", width="medium")})
 
@@ -173,7 +175,8 @@ with st.container(border=True, key="review_card"):
         if out.get("summary") and kind != "forecast":  # a forecast's numbers are in the lines below, rounded
             st.markdown("> " + figures.readable_units(out["summary"]).replace("$", "\\$"))
         for line in review_card.evidence_lines(out, dec):
-            st.markdown(figures.readable_units(line).replace("$", "\\$"))
+            text = figures.readable_units(line).replace("$", "\\$")
+            (st.caption if line.startswith("Source:") else st.markdown)(text)
         model = str(out.get("model_version") or "")
         st.caption(f"Output `{oid}` · " + (f"rule set {model}" if model.startswith("rules-") else f"model {model}"))
         st.page_link("app_pages/timeline.py", label="Open the timeline around this output", icon=":material/monitoring:",

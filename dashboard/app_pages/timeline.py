@@ -13,6 +13,8 @@ the page keeps the address in step with what is on screen. An id the store does 
 said so, never replaced by another patient.
 """
 
+import re
+
 import pandas as pd
 import streamlit as st
 
@@ -54,7 +56,8 @@ if link.get("patient") and st.session_state.get("_timeline_link") != link_key:
     st.session_state["timeline_patient"] = wanted
     pending = {"analytes": periods.parse_analytes(link.get("analyte")), "period": periods.parse_period(link.get("period")),
                "bad_period": link.get("period") if link.get("period") and not periods.parse_period(link.get("period")) else None}
-    st.session_state["_timeline_link"] = link_key
+    # marked as applied only at the end of a run that drew it (below): a run cut short by a rerun (the sign-in
+    # cookie's, a reconnecting browser's widget values) applies the link again instead of losing it
 
 if st.session_state.get("timeline_patient") not in id_set:
     st.session_state["timeline_patient"] = ids[0]
@@ -101,7 +104,7 @@ if link_codes and any(link_codes[0] in codes for codes in panels.values()):
 elif st.session_state.get(panel_key) not in panel_keys and panel_keys:
     last_panel = st.session_state.get("timeline_last_panel")  # kept across patients
     st.session_state[panel_key] = last_panel if last_panel in panel_keys else panel_keys[0]
-c1, c2, c3 = st.columns([1.2, 2.6, 2.6])
+c1, c2 = st.columns([1.2, 3])
 panel = c1.selectbox("Panel", panel_keys, key=panel_key,
                      format_func=lambda p: f"{figures.PANEL_LABELS.get(p, p)} ({len(panels[p])})") if panel_keys else None
 st.session_state["timeline_last_panel"] = panel
@@ -132,6 +135,7 @@ elif pending.get("bad_period"):
                f"{', '.join(periods.PERIOD_TOKENS)} or YYYY-MM-DD..YYYY-MM-DD; showing the latest episode.")
 if st.session_state.get("timeline_period") not in periods.PERIODS:
     st.session_state["timeline_period"] = "Latest episode"
+c3, c4 = st.columns([2.3, 3], vertical_alignment="bottom")
 period = c3.segmented_control(
     "Period", list(periods.PERIODS), key="timeline_period",
     help="Latest episode: the admission that holds the newest result when admissions are known, else the last "
@@ -169,7 +173,7 @@ if date_range is not None:
     start, end = figures.date_bounds(date_range)
     in_range = results[(results["collected_at"] >= start) & (results["collected_at"] <= end)]
 if period == "Latest episode" and episode is not None:
-    st.caption(f"Showing the latest episode: **{episode.label}** ({len(in_range):,} of {len(results):,} results). "
+    c4.caption(f"Showing the latest episode: **{episode.label}** ({len(in_range):,} of {len(results):,} results). "
                "Choose **All** for the whole history.")
 
 # ---- forecasts and anomalies (plug-ins) -------------------------------------------------------------
@@ -217,10 +221,13 @@ if chosen:
                    "result as reported.")
     fc_notes, fc_status = meta.get("forecast_notes") or {}, meta.get("forecast_status") or {}
     if fc_notes:
-        spans = sorted(set(fc_notes.values()))
+        spans = [re.search(r"up to ([\d.]+ [hd])", note) for note in fc_notes.values()]
+        hours = {m.group(1): float(m.group(1).split()[0]) * (24 if m.group(1).endswith("d") else 1) for m in spans if m}
         model = fc.frame["model_version"].dropna().iloc[0] if len(fc.frame) and fc.frame["model_version"].notna().any() else ""
-        st.caption(f"Forecasts (dashed, with 80 % and outer bands) reach {' / '.join(spans)}"
-                   + (f", model {model}" if model else "") + ". Decision support, not results.")
+        days = ", ".join(str(d) for d in services.FORECAST_HORIZONS_DAYS)
+        st.caption(f"Forecasts (dashed line, 80 % and outer interval bands) for {days} days after the patient's newest "
+                   "result" + (f", at most {max(hours, key=hours.get)} after an analyte's own last result" if hours else "")
+                   + (f"; model {model}" if model else "") + ". Decision support, not results.")
     for code, why in fc_status.items():
         st.caption(f"No forecast for {labels.get(code, code)}: {why}.")
 elif panel_keys:

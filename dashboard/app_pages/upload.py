@@ -81,7 +81,7 @@ if upload is not None:
 
 def _outcomes(outcome: pd.DataFrame, batch_id: int, key: str) -> None:
     """The table of what happened to every row, and the download of the rejected (quarantined) rows."""
-    st.dataframe(outcome, hide_index=True, width="stretch", key=f"{key}_outcomes", column_config={
+    st.container(key=f"{key}_outcomes_box").dataframe(outcome, hide_index=True, width="stretch", key=f"{key}_outcomes", column_config={
         "Outcome": st.column_config.TextColumn("Outcome", width="small"),
         "Reason": st.column_config.TextColumn("Reason", width="large"),
         "Rows": st.column_config.NumberColumn("Rows", format="%d")})
