@@ -482,6 +482,18 @@ MAX_TREND_POINTS = 3000  # vertices of one chart's trend line
 MAX_TEXT_MARKS = 60  # text results marked one by one on a time axis; more are grouped per stretch of the axis
 
 
+def thin_positions(x: np.ndarray, y: np.ndarray, n_out: int) -> np.ndarray:
+    """Positions (sorted) of at most ``n_out`` points of the series ``x`` (int64, ascending) / ``y`` (finite
+    floats) chosen by MinMaxLTTB (:func:`thin`); every position when there are few enough."""
+    if len(x) <= n_out:
+        return np.arange(len(x))
+    from tsdownsample import MinMaxLTTBDownsampler
+
+    idx = MinMaxLTTBDownsampler().downsample(np.ascontiguousarray(x, dtype=np.int64),
+                                             np.ascontiguousarray(y, dtype=np.float64), n_out=max(n_out, 4))
+    return np.sort(np.asarray(idx, dtype=np.int64))
+
+
 def thin(sel: pd.DataFrame, n_out: int, y: str = "value_canonical") -> pd.DataFrame:
     """At most ``n_out`` rows of ``sel`` (sorted by ``collected_at``) that keep the series' shape: every
     local minimum and maximum of a pixel-sized bucket and the visually important points between
@@ -490,8 +502,6 @@ def thin(sel: pd.DataFrame, n_out: int, y: str = "value_canonical") -> pd.DataFr
     """
     if len(sel) <= n_out:
         return sel
-    from tsdownsample import MinMaxLTTBDownsampler
-
     x = sel["collected_at"].to_numpy(dtype="datetime64[ns]").astype(np.int64)
     yy = pd.to_numeric(sel[y], errors="coerce").to_numpy(float)
     ok = np.isfinite(yy)
@@ -499,8 +509,7 @@ def thin(sel: pd.DataFrame, n_out: int, y: str = "value_canonical") -> pd.DataFr
         sel, x, yy = sel[ok], x[ok], yy[ok]
         if len(sel) <= n_out:
             return sel
-    idx = MinMaxLTTBDownsampler().downsample(x, np.ascontiguousarray(yy), n_out=max(n_out, 4))
-    return sel.iloc[np.sort(np.asarray(idx, dtype=np.int64))]
+    return sel.iloc[thin_positions(x, yy, n_out)]
 
 
 def make_timeline_figure(
@@ -552,7 +561,9 @@ def make_timeline_figure(
         df = df[df["collected_at"] >= start]
     if end is not None:
         df = df[df["collected_at"] <= end]
-    df = df.sort_values(["collected_at", "result_id"]).reset_index(drop=True)
+    if not df["collected_at"].is_monotonic_increasing:  # the store's timeline is in time order already
+        df = df.sort_values(["collected_at", "result_id"])
+    df = df.reset_index(drop=True)
     if decimals is None:
         from dashboard.precision import reporting_decimals
 
@@ -632,15 +643,23 @@ def make_timeline_figure(
                           row=i, col=1)
 
         # ---- trend line through the model's series, broken at text results
-        trend = _trend_rows(rows, rc)
+        rc_arr = rc.to_numpy(object)
+        x_ns = rows["collected_at"].to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        y_val = pd.to_numeric(rows["value_canonical"], errors="coerce").to_numpy(float)
+        if (rc_arr == "conflicting").any():  # one value per time, the one reported last (as the model)
+            trend = _trend_rows(rows, rc)
+        else:
+            trend = rows.iloc[np.flatnonzero(np.isin(rc_arr, ["numeric", "censored"]))]
         gaps = rows[rc == "gap"]
         gap_marks = _text_marks(gaps, x0, x1)
         if len(trend) >= 2:
-            line = thin(trend, MAX_TREND_POINTS)
-            tl = pd.concat([
-                line[["collected_at", "value_canonical"]],
-                pd.DataFrame({"collected_at": [m[0] for m in gap_marks], "value_canonical": np.nan}),
-            ]).sort_values("collected_at", kind="stable")
+            tx = trend["collected_at"].to_numpy(dtype="datetime64[ns]")
+            ty = pd.to_numeric(trend["value_canonical"], errors="coerce").to_numpy(float)
+            keep = thin_positions(tx.astype(np.int64), ty, MAX_TREND_POINTS)
+            tl = pd.DataFrame({"collected_at": np.concatenate([tx[keep], np.array([m[0] for m in gap_marks],
+                                                                                  dtype="datetime64[ns]")]),
+                               "value_canonical": np.concatenate([ty[keep], np.full(len(gap_marks), np.nan)])}
+                              ).sort_values("collected_at", kind="stable")
             fig.add_trace(_scatter(x=tl["collected_at"], y=tl["value_canonical"], mode="lines",
                                    line=dict(color=COLORS["trend"], width=1.3), connectgaps=False,
                                    hoverinfo="skip", showlegend=False, name="Trend"),
@@ -664,28 +683,36 @@ def make_timeline_figure(
                           yref=f"y{i if i > 1 else ''} domain", xref=f"x{i if i > 1 else ''}",
                           line=dict(color="#111111", width=1.2, dash="dash"), layer="below")
 
-        # ---- results by category (each thinned to max_points when longer)
+        # ---- results by category (each thinned to max_points when longer): positions first, rows only for
+        #      the points drawn (a year of 5-minute results is 105,120 rows)
         drawn_total = [0, 0]
+        lab_arr = labels.to_numpy(object)
 
-        def add_points(sel, trace_name, symbol, color_of, note="", size=9, text_of=None, y_of=None,
-                       textposition="top center", line_color=None, y_col="value_canonical"):
-            if sel.empty:
+        def add_points(mask, trace_name, symbol, color_of, note="", size=9, text_of=None, y_of=None,
+                       textposition="top center", line_color=None):
+            pos = np.flatnonzero(mask)
+            if not len(pos):
                 return None
-            total = len(sel)
-            sel = thin(sel, max_points, y_col) if y_of is None else sel.iloc[:: max(1, math.ceil(total / max_points))]
-            drawn_total[0] += len(sel)
+            total = len(pos)
+            if y_of is None:
+                pos = pos[thin_positions(x_ns[pos], y_val[pos], max_points)]
+            else:
+                pos = pos[:: max(1, math.ceil(total / max_points))]
+            drawn_total[0] += len(pos)
             drawn_total[1] += total
+            sel = rows.iloc[pos]
             recs = sel.to_dict("records")  # plain dicts of the drawn rows only
-            labs = list(labels[sel.index])
+            labs = list(lab_arr[pos])
             colors = [color_of(lab) for lab in labs]
-            ys = [y_of(r) for r in recs] if y_of else list(sel["value_canonical"].astype(float))
+            color = colors[0] if len(set(colors)) == 1 else colors  # one colour: no per-point validation
+            ys = [y_of(r) for r in recs] if y_of else list(y_val[pos])
             texts = [text_of(r, lab) for r, lab in zip(recs, labs)] if text_of else list(labs)
             hover = [_hover(r, name, unit, lab, note, dec) for r, lab in zip(recs, labs)]
             fig.add_trace(_scatter(
-                x=sel["collected_at"], y=ys, mode="markers+text" if any(texts) else "markers", name=trace_name,
-                legendgroup=trace_name, showlegend=legend(trace_name),
-                marker=dict(symbol=symbol, size=size, color=colors, line=dict(width=1.2, color=line_color or colors)),
-                text=texts, textposition=textposition, textfont=dict(size=12, color=colors),
+                x=sel["collected_at"].to_numpy(), y=ys, mode="markers+text" if any(texts) else "markers",
+                name=trace_name, legendgroup=trace_name, showlegend=legend(trace_name),
+                marker=dict(symbol=symbol, size=size, color=color, line=dict(width=1.2, color=line_color or color)),
+                text=texts if any(texts) else None, textposition=textposition, textfont=dict(size=12, color=color),
                 customdata=hover, hovertemplate="%{customdata}<extra></extra>", cliponaxis=False,
             ), row=i, col=1)
             return fig.data[-1]
@@ -693,41 +720,40 @@ def make_timeline_figure(
         def color_of(lab):
             return COLORS["critical"] if lab in ("HH", "LL") else COLORS["abnormal"] if lab else COLORS["normal"]
 
-        num = rows[rc == "numeric"]
-        flagged_mask = (labels[num.index] != "").to_numpy()
-        add_points(num[~flagged_mask], "Result", "circle", color_of)
-        flagged = add_points(num[flagged_mask], "Result outside reference (H/L label)", "circle", color_of)
+        numeric = rc_arr == "numeric"
+        add_points(numeric & (lab_arr == ""), "Result", "circle", color_of)
+        flagged = add_points(numeric & (lab_arr != ""), "Result outside reference (H/L label)", "circle", color_of)
         if flagged is not None:
             # flag labels that would touch a more severe or more recent one are left off (the point stays red
             # and its hover names the flag): two "L" side by side must never read as "LL"
             keep = declutter_labels(list(flagged["x"]), flagged["y"], flagged["text"], (x0, x1), (y0, y1))
             meta["hidden_flag_labels"] += sum(1 for k in keep if not k)
             flagged["text"] = [t if k else "" for t, k in zip(flagged["text"], keep)]
-        add_points(rows[rc == "conflicting"], "Conflicting results, same time", "diamond", color_of,
+        add_points(rc_arr == "conflicting", "Conflicting results, same time", "diamond", color_of,
                    note="Conflicting results at the same collection time: all shown; the trend uses the one reported last")
-        cens = rows[rc == "censored"]
-        below = cens[cens["comparator"].astype(str).str.startswith("<")]
-        above = cens[~cens.index.isin(below.index)]
+        below_cmp = rows["comparator"].astype(str).str.startswith("<").to_numpy()
         cens_text = lambda r, lab: f"{_s(r['comparator'])}{fmt_value(r['value_canonical'], dec)}" + (f" {lab}" if lab else "")  # noqa: E731
-        add_points(below, "Below limit (<), drawn at the limit", "triangle-down", color_of, size=12,
-                   text_of=cens_text, textposition="bottom center",
+        add_points((rc_arr == "censored") & below_cmp, "Below limit (<), drawn at the limit", "triangle-down", color_of,
+                   size=12, text_of=cens_text, textposition="bottom center",
                    note="Censored result: the true value is below this limit")
-        add_points(above, "Above limit (>), drawn at the limit", "triangle-up", color_of, size=12,
-                   text_of=cens_text, note="Censored result: the true value is above this limit")
+        add_points((rc_arr == "censored") & ~below_cmp, "Above limit (>), drawn at the limit", "triangle-up", color_of,
+                   size=12, text_of=cens_text, note="Censored result: the true value is above this limit")
 
-        imp = rows[rc == "implausible"]
-        if len(imp):
+        implausible = rc_arr == "implausible"
+        if implausible.any():
             mid = (y0 + y1) / 2
-            hi_side = imp[imp["value_canonical"].astype(float) >= mid]
-            lo_side = imp[imp["value_canonical"].astype(float) < mid]
             note = "Physiologically implausible, possible entry error: off scale, left out of the trend and the model"
             imp_text = lambda r, lab: f"{fmt_value(r['value_canonical'], dec)}?"  # noqa: E731
-            add_points(hi_side, "Implausible value (off scale)", "arrow-bar-up", lambda _: COLORS["implausible"],
-                       note=note, size=13, text_of=imp_text, y_of=lambda r: y1, textposition="middle right")
-            add_points(lo_side, "Implausible value (off scale)", "arrow-bar-down", lambda _: COLORS["implausible"],
-                       note=note, size=13, text_of=imp_text, y_of=lambda r: y0, textposition="middle right")
+            with np.errstate(invalid="ignore"):
+                high_side = y_val >= mid
+            add_points(implausible & high_side, "Implausible value (off scale)", "arrow-bar-up",
+                       lambda _: COLORS["implausible"], note=note, size=13, text_of=imp_text, y_of=lambda r: y1,
+                       textposition="middle right")
+            add_points(implausible & ~high_side, "Implausible value (off scale)", "arrow-bar-down",
+                       lambda _: COLORS["implausible"], note=note, size=13, text_of=imp_text, y_of=lambda r: y0,
+                       textposition="middle right")
 
-        add_points(rows[rc == "unit_missing"], "Unit missing (not to scale)", "circle-open",
+        add_points(rc_arr == "unit_missing", "Unit missing (not to scale)", "circle-open",
                    lambda _: "#757575", size=10,
                    text_of=lambda r, lab: "no unit", y_of=lambda r: y0, textposition="middle right",
                    note="No unit reported: not converted, not to scale; left out of the trend and the model")

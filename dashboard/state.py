@@ -255,12 +255,14 @@ def _anomalies(path: str, version: str, patient_id: str, model_path: str | None,
     if pipe is not None and len(results):
         since = pd.Timestamp(results["collected_at"].max()) - pd.Timedelta(days=MODEL_RULES_WINDOW_DAYS)
     return _keep_unless_retry(services.load_anomalies(results, patient_info(path, version, patient_id),
-                                                      forecaster=pipe, model_rules_since=since))
+                                                      forecaster=pipe, model_rules_since=since,
+                                                      rules=services.flag_rules()))
 
 
 def anomalies(path: str, version: str, patient_id: str) -> services.ServiceResult:
-    """Anomaly flags of one patient (``clinical.anomalies``): the rule-based rules, and model surprise
-    over the last :data:`MODEL_RULES_WINDOW_DAYS` days when a model (in-process or served) is available.
+    """Anomaly flags of one patient (``clinical.anomalies``): the rule-based rules but the reference interval
+    (``services.flag_rules``: that one is the H/L flag on each result), and model surprise over the last
+    :data:`MODEL_RULES_WINDOW_DAYS` days when a model (in-process or served) is available.
     """
     status = model_status()
     try:

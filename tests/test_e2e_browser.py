@@ -22,6 +22,7 @@ when the MIMIC-IV demo is not on the machine).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -58,7 +59,7 @@ GUARD_S = 600
 STEP_MS = 2_000  # how often a long wait checks that the app is still alive
 IDLE_FAIL_S = 60  # the app done and idle this long without the awaited state: the state is not coming
 WIDTH, HEIGHT = 1440, 900
-_SERVER: dict = {}  # the served app's process and log, for the waits' liveness checks
+_SERVER: dict = {}  # port -> (process, log) of each served app, for the waits' liveness checks
 
 
 # ---- the served dashboard ---------------------------------------------------------------------------------
@@ -113,6 +114,43 @@ def _wait_until_served(url: str, proc: subprocess.Popen, log: Path, timeout_s: f
     raise RuntimeError(f"streamlit did not answer on {url} within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+@contextlib.contextmanager
+def _serving(root: Path, db: Path, users: Path, model: Path):
+    """``streamlit run dashboard/streamlit_app.py`` on a free port with this store, users file and model folder,
+    and a headless Chromium; yields ``(url, browser)`` and stops both at the end."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, LABTREND_DB=str(db), LABTREND_USERS=str(users), LABTREND_MODEL=str(model),
+               LABTREND_COOKIE_KEY="e2e-cookie-key-not-a-secret-0123456789abcdef",
+               STREAMLIT_SERVER_HEADLESS="true", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    env.pop("LABTREND_MODEL_URL", None)  # the model runs in the dashboard's process
+    log = root / "streamlit.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.fileWatcherType", "none", "--server.runOnSave", "false"],
+            cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    _SERVER[port] = (proc, log)
+    try:
+        _wait_until_served(url, proc, log)
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=["--no-sandbox", "--disable-background-networking",
+                                               "--disable-dev-shm-usage"])
+            try:
+                yield url, browser
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        _SERVER.pop(port, None)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, mimic_dir):
     from clinical.predict import predict_patient
@@ -131,46 +169,43 @@ def served(tmp_path_factory, mimic_dir):
     users = root / "users.yaml"
     for role, (username, name) in USERS.items():
         access.add_user(username, name, role, PASSWORD, users)
+    with _serving(root, db, users, root / "model") as (url, browser):
+        yield types.SimpleNamespace(url=url, store=store, db=db, potassium=code, patient=pid,
+                                    model_version=pipe.model_version, browser=browser)
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, LABTREND_DB=str(db), LABTREND_USERS=str(users), LABTREND_MODEL=str(root / "model"),
-               LABTREND_COOKIE_KEY="e2e-cookie-key-not-a-secret-0123456789abcdef",
-               STREAMLIT_SERVER_HEADLESS="true", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
-    env.pop("LABTREND_MODEL_URL", None)  # the model runs in the dashboard's process
-    log = root / "streamlit.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.fileWatcherType", "none", "--server.runOnSave", "false"],
-            cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    _SERVER.update(proc=proc, log=log)
-    try:
-        _wait_until_served(url, proc, log)
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                         args=["--no-sandbox", "--disable-background-networking",
-                                               "--disable-dev-shm-usage"])
-            try:
-                yield types.SimpleNamespace(url=url, store=store, db=db, potassium=code, patient=pid,
-                                            model_version=pipe.model_version, browser=browser, log=log)
-            finally:
-                browser.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+
+@pytest.fixture(scope="module")
+def served_ui17(tmp_path_factory, cases):
+    """The UI-17 case: a store holding only its queue of three pending forecasts, an expert, no model."""
+    import pandas as pd
+
+    from clinical import outputs
+    from dashboard import access
+    from data.db import open_store
+
+    root = tmp_path_factory.mktemp("e2e_ui17")
+    store = open_store(root / "ui17.duckdb")
+    q = pd.read_csv(cases / "UI-17.csv")
+    frame = pd.DataFrame({
+        "patient_id": q["patient_id"], "analyte_code": q["loinc"], "at": pd.to_datetime(q["forecast_for"]),
+        **{c: q["predicted_value"].astype(float) for c in ("q05", "q10", "q25", "q50", "q75", "q90", "q95")},
+        "unit": q["unit"], "n_history": 3, "status": "ok", "model_version": "lt-ui17",
+    })
+    records = outputs.forecast_outputs(frame)
+    outputs.store_outputs(store, records)
+    users = root / "users.yaml"
+    access.add_user(USERS["expert"][0], USERS["expert"][1], "expert", PASSWORD, users)
+    with _serving(root, root / "ui17.duckdb", users, root / "no-model") as (url, browser):
+        yield types.SimpleNamespace(url=url, store=store, browser=browser,
+                                    ids={r["patient_id"]: r["output_id"] for r in records})
 
 
 # ---- page helpers --------------------------------------------------------------------------------------------
 def _alive(page) -> None:
     """Fail at once (not after a timeout) when the served app has exited or the page shows an exception."""
-    proc = _SERVER.get("proc")
+    proc, log = _SERVER.get(urlparse(page.url).port, (None, None))
     if proc is not None and proc.poll() is not None:
-        raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{_SERVER['log'].read_text()[-3000:]}")
+        raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
     exc = page.locator('[data-testid="stException"]')
     if exc.count():
         raise AssertionError(f"the page shows an exception: {exc.first.inner_text()[:2000]}")
@@ -251,6 +286,12 @@ def sign_in(served, role: str, url: str | None = None):
     until(page, lambda ms: page.wait_for_function(
         "() => document.cookie.split('; ').some(c => c.startsWith('labtrend_auth='))", timeout=ms))
     return page
+
+
+def verdict_button(card, verdict: str):
+    """The review card's button for ``verdict`` ('valid' must not match 'Invalid'); its name also holds its icon
+    and its key."""
+    return card.get_by_role("button", name=re.compile(rf"\b{verdict.capitalize()}\b"))
 
 
 def nav_links(page) -> dict[str, str]:
@@ -362,7 +403,8 @@ def test_expert_sees_the_potassium_forecast_and_reviews_with_one_click_or_one_ke
         oid = card.locator("code").first.inner_text().strip()
         comment = f"e2e {uuid.uuid4().hex[:8]}: plausible given the trend"
         card.get_by_role("textbox").fill(comment)
-        card.get_by_role("button", name="Invalid").dblclick()
+        shown(verdict_button(card, "invalid"))
+        verdict_button(card, "invalid").dblclick()
         shown(page.get_by_text(re.compile(rf"Saved( once)?: {oid} is invalid")))
         settled(page)
         with served.store.read() as cur:
@@ -526,5 +568,41 @@ def test_admin_opens_every_page(served):
                 timeline_figure(page, page.get_by_role("combobox", name="Patient").input_value())
             shots[title] = screenshot(page, f"admin_{links[title] or 'patients'}")
         assert set(shots) == set(links) and all(p.stat().st_size > 20_000 for p in shots.values())
+    finally:
+        page.context.close()
+
+
+# ---- (e) UI-17 in a real browser: the verdict lands on the output shown; a double click stores one verdict ----------
+def test_ui17_review_in_the_browser_with_a_double_click(served_ui17):
+    """UI-17 as written: PR-0101 'invalid' with the comment 'baseline wrong', PR-0102 'valid' (the two due first,
+    on 2024-10-07, in the queue's order), the second saved by a double click; exactly two rows, each on the output
+    shown, PR-0103 still pending and shown next with an empty comment box."""
+    ids = served_ui17.ids
+    by_output = {v: k for k, v in ids.items()}
+    wanted = {"P0022": ("invalid", "baseline wrong"), "P0023": ("valid", "")}
+    page = sign_in(served_ui17, "expert")
+    try:
+        open_nav(page, "Review", "Expert review")
+        card = page.locator(".st-key-review_card")
+        for step in ("click", "dblclick"):
+            oid = card.locator("code").first.inner_text().strip()
+            assert by_output[oid] in wanted, f"{by_output[oid]} shown before the two outputs due on 2024-10-07"
+            verdict, comment = wanted.pop(by_output[oid])
+            assert card.get_by_role("textbox").input_value() == ""  # an empty form for each output
+            if comment:
+                card.get_by_role("textbox").fill(comment)
+            button = verdict_button(card, verdict)
+            shown(button)
+            getattr(button, step)()
+            shown(page.get_by_text(re.compile(rf"Saved( once)?: {oid} is {verdict}")))
+            settled(page)
+            assert card.locator("code").first.inner_text().strip() != oid  # the next output at once
+        with served_ui17.store.read() as cur:
+            rows = cur.execute("SELECT output_id, verdict, comment, annotator FROM annotations").fetchall()
+        assert sorted(rows) == sorted([(ids["P0022"], "invalid", "baseline wrong", "ed"),
+                                       (ids["P0023"], "valid", None, "ed")])
+        assert card.locator("code").first.inner_text().strip() == ids["P0024"]  # PR-0103 stays pending
+        assert card.get_by_role("textbox").input_value() == ""
+        screenshot(page, "expert_review_ui17")
     finally:
         page.context.close()

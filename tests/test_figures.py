@@ -31,6 +31,12 @@ def traces(fig, name_part: str):
     return [t for t in fig.data if t.name and name_part.lower() in t.name.lower() and not t.name.endswith("(low)")]
 
 
+def colors(trace) -> set[str]:
+    """The marker colours of a trace (one colour is given once, not per point)."""
+    c = trace.marker.color
+    return {c} if isinstance(c, str) else set(c)
+
+
 def yaxis(fig, row: int):
     return fig.layout["yaxis" if row == 1 else f"yaxis{row}"]
 
@@ -55,7 +61,7 @@ def test_abnormal_values_have_text_labels_not_only_colour(case_store):
     fig = figures.make_timeline_figure(results(case_store, "P0020"), None)
     high = traces(fig, "outside reference")[0]
     assert set(high.text) == {"H"}  # 5.2 .. 5.8 above 5.1
-    assert len(set(high.marker.color)) == 1 and high.marker.color[0] == figures.COLORS["abnormal"]
+    assert colors(high) == {figures.COLORS["abnormal"]}
     hover = " ".join(high.customdata)
     assert "Flag: H" in hover and "mmol/L" in hover and "As reported" in hover
 
@@ -84,7 +90,7 @@ def test_crowded_abnormal_results_print_one_label_each_cluster(case_store):
     fig = figures.make_timeline_figure(pd.concat([k, late]), ["2823-3"])
     low = traces(fig, "outside reference")[0]
     assert list(low.text) == ["", "", "L", "H"]  # the latest of the cluster keeps its label; 30 days later: apart
-    assert set(low.marker.color) == {figures.COLORS["abnormal"]}  # every abnormal point is still red
+    assert colors(low) == {figures.COLORS["abnormal"]}  # every abnormal point is still red
     assert all("Flag: L" in h for h in low.customdata[:3])
     assert fig.layout.meta["hidden_flag_labels"] == 2
 

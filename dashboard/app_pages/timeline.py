@@ -24,6 +24,7 @@ from data.export import csv_bytes
 
 MAX_PICKER = 5000  # above this many patients the picker is a text box
 MAX_FLAG_ROWS = 1000  # anomaly flags listed on the page (newest first); all of them in the download
+LONG_SERIES = 20_000  # results of a patient above which the chart is drawn before its anomaly rings are computed
 
 user = auth.require_page("timeline")
 db = state.db_path()
@@ -182,7 +183,6 @@ if mstatus.available and chosen:
     fc = state.forecasts(db, version, mstatus.path, mstatus.stamp, pid, tuple(chosen))
 else:
     fc = services.load_forecasts(None, results, info, chosen, mstatus)
-anomalies = state.anomalies(db, version, pid)
 
 # ---- the chart --------------------------------------------------------------------------------------
 if not mstatus.available:
@@ -190,13 +190,28 @@ if not mstatus.available:
 elif fc.message:
     st.warning(fc.message)
 fig = None
+chart = st.container(key="timeline_chart").empty()  # keyed: a stable hook for the browser test and benchmarks
+
+
+def _draw(flags: services.ServiceResult, key: str = "timeline_figure"):
+    figure = state.timeline_figure(db, version, pid, info.get("sex"), age, tuple(chosen),
+                                   tuple(date_range) if date_range is not None else None, results, fc, flags, decimals)
+    chart.plotly_chart(figure, width="stretch", key=key,
+                       config={"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"],
+                               "toImageButtonOptions": {"filename": f"labtrend_{pid}_{panel}"}})
+    return figure
+
+
+if chosen and len(results) > LONG_SERIES:  # the values first; the anomaly rings follow when they are computed
+    fig = _draw(services.ServiceResult(pd.DataFrame(columns=services.ANOMALY_COLUMNS), True, ""), "timeline_values")
+anomalies = state.anomalies(db, version, pid)
 if chosen:
-    fig = state.timeline_figure(db, version, pid, info.get("sex"), age, tuple(chosen),
-                                tuple(date_range) if date_range is not None else None, results, fc, anomalies,
-                                decimals)
-    st.plotly_chart(fig, width="stretch", key="timeline_chart",
-                    config={"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"],
-                            "toImageButtonOptions": {"filename": f"labtrend_{pid}_{panel}"}})
+    rings = anomalies.frame
+    rings = rings[rings["analyte_code"].isin(chosen) & (rings["rule"].astype(str) != "reference_interval")]
+    if date_range is not None:
+        rings = rings[(rings["collected_at"] >= start) & (rings["collected_at"] <= end)]
+    if fig is None or len(rings):
+        fig = _draw(anomalies)
     meta = fig.layout.meta or {}
     sel = in_range[in_range["analyte_code"].isin(chosen)]
     notes = []
@@ -257,7 +272,7 @@ else:
         "Result": st.column_config.TextColumn("Result", help="Canonical unit, reporting precision"),
         "As reported": st.column_config.TextColumn("As reported", width="medium"),
         "Comment": st.column_config.TextColumn("Comment", width="large")})
-    st.download_button("Download these results (CSV)", csv_bytes(listing), file_name=f"labtrend_{pid}_results.csv",
+    st.download_button("Download these results (CSV)", lambda: csv_bytes(listing), file_name=f"labtrend_{pid}_results.csv",
                        mime="text/csv", key="timeline_results_csv", icon=":material/download:",
                        on_click=auth.record, args=("view_patient",),
                        kwargs={"patient_id": pid, "detail": {"page": "timeline", "download": "results csv",
@@ -303,28 +318,34 @@ else:
     if a.empty:
         st.caption("No anomaly flags in this view.")
     else:
-        shown = a.assign(rule=a["rule"].map(figures.rule_label), unit=a["unit"].map(figures.display_unit),
-                         text=a["text"].map(figures.readable_units),
-                         value=[figures.fmt_value(v, decimals.get(str(c))) for v, c in zip(a["value"], a["analyte_code"])])
-        shown = shown[["collected_at", "analyte_name", "rule", "flag", "value", "unit", "text", "source"]] \
-            .sort_values("collected_at", ascending=False)
-        if len(shown) > MAX_FLAG_ROWS:
-            st.caption(f"The newest {MAX_FLAG_ROWS:,} of {len(shown):,} flags in this view; all of them in the download.")
-        st.dataframe(shown.head(MAX_FLAG_ROWS), hide_index=True, width="stretch",
+        def _readable(flags: pd.DataFrame) -> pd.DataFrame:
+            """The flags as the table shows them (rule by name, units as written, values at reporting precision)."""
+            return flags.assign(
+                rule=flags["rule"].map(figures.rule_label), unit=flags["unit"].map(figures.display_unit),
+                text=flags["text"].map(figures.readable_units),
+                value=[figures.fmt_value(v, decimals.get(str(c))) for v, c in zip(flags["value"], flags["analyte_code"])],
+            )[["collected_at", "analyte_name", "rule", "flag", "value", "unit", "text", "source"]]
+
+        newest = a.sort_values("collected_at", ascending=False, kind="stable")
+        if len(newest) > MAX_FLAG_ROWS:
+            st.caption(f"The newest {MAX_FLAG_ROWS:,} of {len(newest):,} flags in this view; all of them in the download.")
+        st.dataframe(_readable(newest.head(MAX_FLAG_ROWS)), hide_index=True, width="stretch",
                      key="timeline_anomalies", row_height=72, column_config={  # 72 px: the text wraps over 3 lines
                          "collected_at": st.column_config.DatetimeColumn("Collected", format="YYYY-MM-DD HH:mm"),
                          "analyte_name": "Analyte", "rule": st.column_config.TextColumn("Rule", width="medium"),
                          "flag": "Flag", "value": "Value", "unit": "Unit",
                          "text": st.column_config.TextColumn("What it means", width="large"), "source": "Source"})
-        if len(shown) > MAX_FLAG_ROWS:
-            st.download_button("Download all flags in this view (CSV)", csv_bytes(shown),
+        if len(newest) > MAX_FLAG_ROWS:  # written when clicked, not on every run
+            st.download_button("Download all flags in this view (CSV)", lambda: csv_bytes(_readable(newest)),
                                file_name=f"labtrend_{pid}_flags.csv", mime="text/csv", key="timeline_flags_csv",
                                icon=":material/download:", on_click=auth.record, args=("view_patient",),
                                kwargs={"patient_id": pid, "detail": {"page": "timeline", "download": "flags csv",
-                                                                     "rows": len(shown)}})
+                                                                     "rows": len(newest)}})
     for note in anomalies.extra.get("notes", []):
         st.caption(note)
-    st.caption("Rings on the chart mark every rule except the reference interval (that one is the H/L label).")
+    st.caption("Results outside the reference interval carry their H/L flag on the chart and in the results table; "
+               "this list and the rings on the chart are the other rules: critical values, delta checks, "
+               "pre-analytical patterns and model surprises.")
 
 st.subheader("Explanation")
 if not mstatus.available:
