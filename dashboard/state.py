@@ -128,7 +128,11 @@ def patients(path: str, version: str) -> pd.DataFrame:
     return queries.patients(get_store(path), limit=1_000_000)
 
 
-@st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner="Loading results…")
+# One patient's frames are kept as shared objects (cache_resource), not pickled copies (cache_data): a year
+# of 5-minute results is 105,120 rows, and a pickled copy in the cache plus a fresh copy on every rerun cost
+# hundreds of MB and a third of a second per run. Nothing in the dashboard changes them in place
+# (tests/test_dashboard.py::test_cached_patient_frames_are_not_changed_by_a_page_run).
+@st.cache_resource(ttl=QUERY_TTL_S, max_entries=64, show_spinner="Loading results…")
 def timeline(path: str, version: str, patient_id: str) -> pd.DataFrame:
     return queries.timeline(get_store(path), patient_id)
 
@@ -138,7 +142,7 @@ def patient_info(path: str, version: str, patient_id: str) -> dict | None:
     return queries.patient_info(get_store(path), patient_id)
 
 
-@st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner=False)
+@st.cache_resource(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
 def results_with_limits(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None
                         ) -> pd.DataFrame:
     """One patient's timeline with the catalogue's reference and critical limits for this sex and age."""
@@ -246,7 +250,7 @@ def forecasts(path: str, version: str, model_path: str, stamp: float, patient_id
         return exc.result
 
 
-@st.cache_data(ttl=QUERY_TTL_S, max_entries=128, show_spinner="Checking for anomalies…")
+@st.cache_resource(ttl=QUERY_TTL_S, max_entries=64, show_spinner="Checking for anomalies…")
 def _anomalies(path: str, version: str, patient_id: str, model_path: str | None, stamp: float
                ) -> services.ServiceResult:
     pipe = get_pipeline(model_path, stamp) if model_path else None

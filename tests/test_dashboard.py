@@ -836,3 +836,31 @@ def test_upload_says_what_happened_to_every_row_with_reasons_and_the_rejected_ro
     at.selectbox(key="upload_history_batch").set_value(batch).run()
     hist = [d.value for d in at.dataframe if "Outcome" in getattr(d.value, "columns", [])]
     assert len(hist) == 2 and hist[1].equals(hist[0])
+
+
+def test_cached_patient_frames_are_not_changed_by_a_page_run(env, monkeypatch):
+    """state.timeline / results_with_limits / anomalies are shared objects (cache_resource): after the timeline
+    and review pages ran on them, they still equal a fresh computation."""
+    from dashboard import services, state
+    from data import queries
+
+    fresh_timeline = queries.timeline
+    state.timeline.clear()
+    at = signed_in("expert")
+    _timeline(at, patient="P0020", period="all")
+    at.segmented_control(key="timeline_period").set_value("7 d").run()
+    at.switch_page("app_pages/review.py").run()
+    assert not at.exception
+    db = str(env.db)
+    version = state.data_version(db)
+    info = queries.patient_info(env.store, "P0020")
+    monkeypatch.setattr(state.queries, "timeline", lambda *a, **k: pytest.fail("not the page's cached frame"))
+    raw = state.timeline(db, version, "P0020")  # the object the pages used
+    monkeypatch.setattr(state.queries, "timeline", fresh_timeline)
+    pd.testing.assert_frame_equal(raw, queries.timeline(env.store, "P0020"))
+    age = services.age_years(info, raw["collected_at"].max())
+    pd.testing.assert_frame_equal(state.results_with_limits(db, version, "P0020", info.get("sex"), age),
+                                  services.with_reference_limits(queries.timeline(env.store, "P0020"), info.get("sex"), age))
+    fresh = services.load_anomalies(queries.timeline(env.store, "P0020"), info, rules=services.flag_rules()).frame
+    pd.testing.assert_frame_equal(state.anomalies(db, version, "P0020").frame.reset_index(drop=True),
+                                  fresh.reset_index(drop=True))
