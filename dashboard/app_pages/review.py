@@ -84,7 +84,7 @@ def _my_verdicts() -> None:
     if mine.empty:
         st.caption("You have not given a verdict yet.")
         return
-    mine = mine.assign(analyte=[_NAMES.get(c, c) if isinstance(c, str) else "" for c in mine["analyte_code"]],
+    mine = mine.assign(comment=mine["comment"].fillna(""), analyte=[_NAMES.get(c, c) if isinstance(c, str) else "" for c in mine["analyte_code"]],
                        timeline=[periods.timeline_link(p, [c] if isinstance(c, str) else None)
                                  for p, c in zip(mine["patient_id"], mine["analyte_code"])])
     st.caption(f"{len(mine)} output(s) judged: your latest verdict on each (earlier ones are kept). Times in UTC.")
@@ -185,8 +185,10 @@ with st.container(border=True, key="review_card"):
                                    if v})
     with right:
         codes = review_card.chart_analytes(out, results)
-        if codes and at is not None:
-            window = (at - pd.Timedelta(days=7), at + pd.Timedelta(days=7))
+        window = (at - pd.Timedelta(days=7), at + pd.Timedelta(days=7)) if at is not None else None
+        near = results[results["analyte_code"].isin(codes) & results["collected_at"].between(*window)] \
+            if codes and window is not None else results.iloc[0:0]
+        if len(near):
             fig = figures.make_timeline_figure(results, codes, forecasts=review_card.forecast_frame(out),
                                                date_range=window, decimals=decimals,
                                                highlight=review_card.result_ids(out), marker_at=at, row_height=190)
@@ -196,7 +198,8 @@ with st.container(border=True, key="review_card"):
             st.caption("± 7 days around the output (dashed line); the result it is about is ringed in black; "
                        "shaded: reference interval.")
         else:
-            st.caption("No results of this analyte to chart around this output.")
+            st.caption(f"No stored result of {out.get('analyte_name') or 'this analyte'} for patient {pid} within "
+                       "± 7 days of this output: nothing to chart beside it.")
         expl = review_card.explanation_dict(out)
         if expl is not None:
             try:
