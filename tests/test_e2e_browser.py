@@ -114,10 +114,22 @@ def _wait_until_served(url: str, proc: subprocess.Popen, log: Path, timeout_s: f
     raise RuntimeError(f"streamlit did not answer on {url} within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module (one Playwright per thread: the served apps share it)."""
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                      args=["--no-sandbox", "--disable-background-networking", "--disable-dev-shm-usage"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
 @contextlib.contextmanager
 def _serving(root: Path, db: Path, users: Path, model: Path):
-    """``streamlit run dashboard/streamlit_app.py`` on a free port with this store, users file and model folder,
-    and a headless Chromium; yields ``(url, browser)`` and stops both at the end."""
+    """``streamlit run dashboard/streamlit_app.py`` on a free port with this store, users file and model folder;
+    yields its URL and stops it at the end."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, LABTREND_DB=str(db), LABTREND_USERS=str(users), LABTREND_MODEL=str(model),
@@ -133,14 +145,7 @@ def _serving(root: Path, db: Path, users: Path, model: Path):
     _SERVER[port] = (proc, log)
     try:
         _wait_until_served(url, proc, log)
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                         args=["--no-sandbox", "--disable-background-networking",
-                                               "--disable-dev-shm-usage"])
-            try:
-                yield url, browser
-            finally:
-                browser.close()
+        yield url
     finally:
         proc.terminate()
         try:
@@ -152,7 +157,7 @@ def _serving(root: Path, db: Path, users: Path, model: Path):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, mimic_dir):
+def served(tmp_path_factory, mimic_dir, browser):
     from clinical.predict import predict_patient
     from dashboard import access
     from data.db import open_store
@@ -169,13 +174,13 @@ def served(tmp_path_factory, mimic_dir):
     users = root / "users.yaml"
     for role, (username, name) in USERS.items():
         access.add_user(username, name, role, PASSWORD, users)
-    with _serving(root, db, users, root / "model") as (url, browser):
+    with _serving(root, db, users, root / "model") as url:
         yield types.SimpleNamespace(url=url, store=store, db=db, potassium=code, patient=pid,
                                     model_version=pipe.model_version, browser=browser)
 
 
 @pytest.fixture(scope="module")
-def served_ui17(tmp_path_factory, cases):
+def served_ui17(tmp_path_factory, cases, browser):
     """The UI-17 case: a store holding only its queue of three pending forecasts, an expert, no model."""
     import pandas as pd
 
@@ -195,7 +200,7 @@ def served_ui17(tmp_path_factory, cases):
     outputs.store_outputs(store, records)
     users = root / "users.yaml"
     access.add_user(USERS["expert"][0], USERS["expert"][1], "expert", PASSWORD, users)
-    with _serving(root, root / "ui17.duckdb", users, root / "no-model") as (url, browser):
+    with _serving(root, root / "ui17.duckdb", users, root / "no-model") as url:
         yield types.SimpleNamespace(url=url, store=store, browser=browser,
                                     ids={r["patient_id"]: r["output_id"] for r in records})
 

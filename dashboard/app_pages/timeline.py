@@ -116,6 +116,8 @@ if link_codes:
     st.session_state[analytes_key] = [c for c in link_codes if c in codes]
 elif analytes_key not in st.session_state:
     st.session_state[analytes_key] = codes[:8]
+else:  # analytes no longer among this patient's plottable ones (new data) are dropped, not an error
+    st.session_state[analytes_key] = [c for c in st.session_state[analytes_key] if c in codes]
 chosen = c2.multiselect("Analytes", codes, format_func=labels.get, key=analytes_key,
                         help="Up to 8 are preselected; each gets its own chart on the shared time axis.")
 if pending.get("analytes") and len(link_codes) < len(pending["analytes"]):
