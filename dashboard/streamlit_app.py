@@ -52,6 +52,10 @@ if not st.session_state.get("authentication_status"):  # just signed out
     st.stop()
 
 link_patient = st.query_params.get("patient")
+if link_patient and access.can_open(user.roles, "timeline") and page.url_path != "timeline":
+    # ?patient=ID on any page opens that timeline: a shared "/?patient=ID", or a timeline link whose page the
+    # sign-in form dropped (after signing in the app runs its main page with the link's query kept)
+    st.switch_page(access.page("timeline").path, query_params=st.query_params.to_dict())
 if link_patient and not access.can_open(user.roles, "timeline"):  # a timeline link opened by a role without timelines
     if st.session_state.get("_lt_link_refused") != link_patient:  # audited once per link
         auth.record("denied", patient_id=patient_key(link_patient), detail={"page": "timeline", "via": "link",

@@ -864,3 +864,14 @@ def test_cached_patient_frames_are_not_changed_by_a_page_run(env, monkeypatch):
     fresh = services.load_anomalies(queries.timeline(env.store, "P0020"), info, rules=services.flag_rules()).frame
     pd.testing.assert_frame_equal(state.anomalies(db, version, "P0020").frame.reset_index(drop=True),
                                   fresh.reset_index(drop=True))
+
+
+def test_patient_link_on_the_app_address_opens_the_timeline(env):
+    """'/?patient=ID' (a shared link, or a timeline link whose page the sign-in dropped) opens that timeline."""
+    at = signed_in("clinician")
+    at.query_params["patient"] = "P0020"
+    at.query_params["period"] = "all"
+    at.run()
+    assert not at.exception
+    assert at.title[0].value == "Patient timeline"
+    assert at.selectbox(key="timeline_patient").value == "P0020" and at.session_state["timeline_period"] == "All"

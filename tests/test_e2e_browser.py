@@ -558,9 +558,13 @@ def test_analyst_sees_what_happened_to_every_uploaded_row_and_downloads_the_reje
 def test_admin_opens_every_page(served):
     from dashboard import access
 
-    page = sign_in(served, "admin")
+    # signed out, a shared link first shows the sign-in form, then the linked view
+    page = sign_in(served, "admin", url=f"{served.url}/timeline?patient={served.patient}&period=all")
     try:
-        heading(page, "Patients")
+        heading(page, "Patient timeline")
+        timeline_figure(page, served.patient)
+        assert parse_qs(urlparse(page.url).query)["period"] == ["all"]
+        open_nav(page, "Patients", "Patients")
         links = nav_links(page)
         assert list(links) == [p.title for p in access.pages_for_roles(["admin"])]
         headings = {"Patients": "Patients", "Patient timeline": "Patient timeline", "Review": "Expert review",
