@@ -46,6 +46,7 @@ __all__ = [
     "critical_frame",
     "classify",
     "flag_of",
+    "flags_of",
     "result_flags",
     "flag_counts_sql",
     "register_reference",
@@ -261,6 +262,54 @@ def flag_of(value, comparator, kind, *, reported=None, low=None, high=None, crit
     if num and (_finite(low) is not None or _finite(high) is not None):
         return "N"
     return None
+
+
+def flags_of(value, comparator, kind, *, reported, low, high, critical_low, critical_high, implausible,
+             unit_missing) -> np.ndarray:
+    """:func:`flag_of` of many results at once (same rule, vectorised; tested against it row by row).
+
+    Every argument is an array-like of one length n: ``value`` canonical floats (NaN unknown),
+    ``comparator`` strings or None, ``kind`` ``'numeric'``/``'censored'``/..., ``reported`` the
+    file's flags as given, ``low/high/critical_low/critical_high`` floats (NaN: no limit),
+    ``implausible/unit_missing`` booleans. Returns an object array (n,) of :data:`FLAGS` or None.
+    """
+    v = np.asarray(pd.to_numeric(pd.Series(value), errors="coerce"), dtype=float)
+    n = len(v)
+    unit_missing = np.asarray(unit_missing, dtype=bool)
+    implausible = np.asarray(implausible, dtype=bool)
+    known = np.isfinite(v) & ~unit_missing
+    comp = np.array([c if isinstance(c, str) else None for c in comparator], dtype=object)
+    kind = np.asarray(kind, dtype=object)
+    num = known & (kind == "numeric")
+    cens = known & (kind == "censored") & np.isin(comp, ["<", "<=", ">", ">="])
+
+    def lim(x):
+        return np.asarray(pd.to_numeric(pd.Series(x), errors="coerce"), dtype=float)
+
+    lo, hi, clo, chi = lim(low), lim(high), lim(critical_low), lim(critical_high)
+    with np.errstate(invalid="ignore"):
+        def above(b):
+            return np.isfinite(b) & ((num & (v > b)) | (cens & (((comp == ">") & (v >= b)) | ((comp == ">=") & (v > b)))))
+
+        def below(b):
+            return np.isfinite(b) & ((num & (v < b)) | (cens & (((comp == "<") & (v <= b)) | ((comp == "<=") & (v < b)))))
+
+        a_hi, b_lo = above(hi), below(lo)
+        codes = {f: normalise_flag(f) for f in pd.unique(pd.Series(reported, dtype=object).dropna())}
+        rf = np.array([codes.get(f) if f is not None and not (isinstance(f, float) and np.isnan(f)) else None
+                       for f in reported], dtype=object)
+        conds = [implausible, above(chi), below(clo), np.isin(rf, ["HH", "LL", "H", "L", "N"]),
+                 (rf == "AA") & a_hi, (rf == "AA") & b_lo, rf == "AA",
+                 (rf == "A") & a_hi, (rf == "A") & b_lo, rf == "A",
+                 a_hi, b_lo, num & (np.isfinite(lo) | np.isfinite(hi))]
+        choices = [None, "HH", "LL", rf, "HH", "LL", "AA", "H", "L", "A", "H", "L", "N"]
+    out = np.full(n, None, dtype=object)
+    done = np.zeros(n, dtype=bool)
+    for c, ch in zip(conds, choices):
+        m = np.asarray(c, dtype=bool) & ~done
+        out[m] = ch[m] if isinstance(ch, np.ndarray) else ch
+        done |= m
+    return out
 
 
 def result_flags(timeline: pd.DataFrame, patients=None, reference=None) -> pd.DataFrame:

@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterable, Iterator
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
+import numpy as np
 import pandas as pd
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "FALLBACK_SIGNIFICANT",
     "reporting_decimals",
     "decimals_from_reported",
+    "text_decimals",
     "decimals_by_code",
     "reported_precision",
     "format_value",
@@ -109,25 +111,64 @@ def decimals_from_reported(values: Iterable) -> int | None:
 _REPORTED: contextvars.ContextVar[dict] = contextvars.ContextVar("labtrend_reported_decimals", default={})
 
 
-def decimals_by_code(timeline: pd.DataFrame) -> dict[str, int]:
-    """Per analyte without a catalogue precision: the decimals of its values as reported (``value_text``).
+SAMPLE_ROWS = 20_000  # reports read per call at most (evenly spread over the rows): a long series says the same
+_NUMBER_TEXT = r"^\s*(?:[<>]=?|[≤≥])?\s*[+-]?\d+(?:[.,](\d+))?\s*$"
 
-    Only rows reported in the canonical unit count (a value's decimals do not carry over a unit
-    conversion). ``timeline``: :data:`data.queries.TIMELINE_COLUMNS` rows (``analyte_code``,
-    ``value_text``, ``unit``, ``unit_canonical``); returns ``{code: decimals}``.
+
+def text_decimals(texts: pd.Series) -> pd.Series:
+    """Digits after the decimal mark of each value as reported (``'4.10'`` -> 2, ``'136'`` -> 0,
+    ``'< 0.5'`` -> 1, ``'13,4'`` -> 1); ``<NA>`` for a text that is not a plain number (``'HEMOLYZED'``, ``''``).
+
+    ``texts``: any length; returns nullable integers (``Int64``) on the same index.
     """
-    need = ~timeline["analyte_code"].astype(str).isin(list(_table()))
-    if not need.any() or "value_text" not in timeline:
+    s = texts.astype("string")
+    digits = s.str.extract(_NUMBER_TEXT, expand=False)
+    number = s.str.match(_NUMBER_TEXT, na=False)
+    return digits.str.len().astype("Int64").fillna(0).where(number, pd.NA).astype("Int64")
+
+
+def decimals_by_code(timeline: pd.DataFrame, every_analyte: bool = False) -> dict[str, int]:
+    """Per analyte without a catalogue precision: the decimals of its values as the laboratory reported them.
+
+    The decimals of each reported value (:func:`text_decimals` of ``value_text``) move by the order of
+    magnitude of its conversion to the canonical unit (creatinine ``88`` umol/L -> mg/dL, factor 0.0113:
+    0 + 2 decimals; glucose ``5.6`` mmol/L -> mg/dL, factor 18: 1 - 1 = 0), clipped to 0..6; an analyte's
+    precision is then the largest such count found in at least :data:`MIN_SHARE` of its results (as for
+    ``reporting_precision.csv``). Beyond :data:`SAMPLE_ROWS` rows an even sample is read.
+
+    Args:
+        timeline: :data:`data.queries.TIMELINE_COLUMNS` rows (``analyte_code``, ``value_text``,
+            ``value_num``, ``value_canonical``), any number of patients.
+        every_analyte: also analytes the catalogue lists (the precision this site reports them with).
+    Returns:
+        ``{analyte_code: decimals}`` for analytes with at least one plain-number report.
+    """
+    if timeline is None or timeline.empty or "value_text" not in timeline:
         return {}
-    t = timeline[need]
-    if "unit" in t and "unit_canonical" in t:
-        t = t[(t["unit"].astype(object) == t["unit_canonical"].astype(object)) | t["unit"].isna()]
-    out = {}
-    for code, texts in t.groupby(t["analyte_code"].astype(str))["value_text"]:
-        d = decimals_from_reported(texts)
-        if d is not None:
-            out[code] = d
-    return out
+    t = timeline
+    if not every_analyte:
+        t = t[~t["analyte_code"].astype(str).isin(list(_table()))]
+    if t.empty:
+        return {}
+    if len(t) > SAMPLE_ROWS:
+        t = t.iloc[np.linspace(0, len(t) - 1, SAMPLE_ROWS).astype(np.int64)]
+    d = text_decimals(t["value_text"]).to_numpy(dtype=float, na_value=np.nan)
+    if "value_num" in t and "value_canonical" in t:
+        num = pd.to_numeric(t["value_num"], errors="coerce").to_numpy(float)
+        can = pd.to_numeric(t["value_canonical"], errors="coerce").to_numpy(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.abs(can / num)
+            ok = np.isfinite(ratio) & (ratio > 0)
+            shift = np.where(ok, -np.round(np.log10(np.where(ok, ratio, 1.0))), 0.0)
+        d = d + shift
+    frame = pd.DataFrame({"code": t["analyte_code"].astype(str).to_numpy(object), "d": np.clip(d, 0, 6)})
+    frame = frame.dropna(subset=["d"])
+    if frame.empty:
+        return {}
+    counts = frame.groupby(["code", "d"]).size().rename("n").reset_index()
+    counts["share"] = counts["n"] / counts.groupby("code")["n"].transform("sum")
+    kept = counts[counts["share"] >= MIN_SHARE]
+    return {str(c): int(v) for c, v in kept.groupby("code")["d"].max().items()}
 
 
 @contextlib.contextmanager
@@ -179,7 +220,17 @@ def format_value(code: str | None, value, decimals: int | None = None) -> str:
         return f"{x:.{d}f}"
     if q == 0:
         q = abs(q)  # never '-0.0'
-    return f"{q:f}"
+    text = f"{q:f}"
+    if _fallback(code, decimals) and "." in text:  # significant digits only: no precision is claimed (4.2, not 4.20)
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+def _fallback(code, decimals) -> bool:
+    """True when no precision is known for ``code`` (:func:`format_value` falls back to significant digits)."""
+    if decimals is not None or reporting_decimals(code) is not None:
+        return False
+    return code is None or _REPORTED.get().get(str(code)) is None
 
 
 def format_quantity(code: str | None, value, unit: str | None, decimals: int | None = None) -> str:

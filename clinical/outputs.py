@@ -19,11 +19,10 @@ Each verdict keeps the payload hash it was given on, so the export shows verdict
 an older version of an output.
 
 **Agreement** per output kind over current verdicts (valid / invalid / unsure): raw
-agreement, Cohen's kappa (scikit-learn; exactly two annotators), Fleiss' kappa
-(statsmodels; three or more, on outputs rated by all of them) and Gwet's AC1 (implemented
-here: no maintained PyPI package installs with current scipy/pandas). Kappa is misleading
-when nearly every output is valid (the "kappa paradox"); AC1 is not, which is why both are
-reported.
+agreement, Cohen's kappa (statsmodels; exactly two annotators), Fleiss' kappa and Gwet's
+AC1 (ratings with gaps), each with its 95 % confidence interval: :mod:`clinical.agreement`.
+Kappa is misleading when nearly every output is valid (the "kappa paradox"); AC1 is not,
+which is why both are reported.
 
 **Export** of outputs with their verdicts: CSV with spreadsheet formulas neutralised
 (:func:`data.export.write_safe_csv`) or Parquet (typed; text kept exactly as entered).
@@ -35,7 +34,6 @@ import hashlib
 import json
 import math
 import uuid
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -324,6 +322,7 @@ class VerdictResult:
     submission_id: str
     output_id: str
     created: bool
+    verdict: str | None = None  # the verdict stored (this one, or the one already there)
 
     def __bool__(self) -> bool:
         return self.created
@@ -340,8 +339,15 @@ def record_verdict(
     submission_id: str | None = None,
     *,
     dedupe_window_s: float = 10.0,
+    only_if_pending: bool = False,
 ) -> VerdictResult:
     """Append one expert verdict on an output; idempotent per submission (see the module docstring).
+
+    ``only_if_pending``: store the verdict only if ``annotator`` has none on the output yet
+    (checked inside the write transaction). The review queue saves this way, so that a
+    double click, a click during a rerun and the same output open in two tabs store exactly
+    one verdict; the result is then the verdict already there (``created`` False; its
+    ``submission_id`` tells a repeat of the same click from another tab's).
 
     Raises ``ValueError`` for an unknown output, a verdict outside :data:`VERDICTS`, an empty
     annotator or role, a non-finite corrected value, or a submission id already used for a
@@ -360,6 +366,12 @@ def record_verdict(
         row = cur.execute("SELECT payload_sha256 FROM model_outputs WHERE output_id = ?", [output_id]).fetchone()
         if row is None:
             raise ValueError(f"unknown output {output_id!r}: store the output before recording a verdict on it")
+        if only_if_pending:
+            have = cur.execute("""SELECT annotation_id, submission_id, verdict FROM annotations
+                                  WHERE output_id = ? AND annotator = ? ORDER BY annotation_id DESC LIMIT 1""",
+                               [output_id, annotator]).fetchone()
+            if have is not None:
+                return VerdictResult(int(have[0]), have[1], output_id, False, have[2])
         if submission_id is None:
             last = cur.execute(
                 """SELECT annotation_id, submission_id, role, verdict, comment, corrected_value, created_at
@@ -367,7 +379,7 @@ def record_verdict(
                 [output_id, annotator]).fetchone()
             if last is not None and (last[2], last[3], last[4], last[5]) == (role, verdict, comment, corrected_value) \
                     and (_utcnow() - last[6]).total_seconds() <= dedupe_window_s:
-                return VerdictResult(int(last[0]), last[1], output_id, False)
+                return VerdictResult(int(last[0]), last[1], output_id, False, last[3])
             submission_id = "auto-" + new_submission_id()
         inserted = cur.execute(
             """INSERT INTO annotations (submission_id, output_id, annotator, role, verdict, comment, corrected_value,
@@ -376,12 +388,12 @@ def record_verdict(
             [submission_id, output_id, annotator, role, verdict, comment, corrected_value, row[0], _utcnow()],
         ).fetchall()
         if inserted:
-            return VerdictResult(int(inserted[0][0]), submission_id, output_id, True)
-        prior = cur.execute("SELECT annotation_id, output_id, annotator FROM annotations WHERE submission_id = ?",
+            return VerdictResult(int(inserted[0][0]), submission_id, output_id, True, verdict)
+        prior = cur.execute("SELECT annotation_id, output_id, annotator, verdict FROM annotations WHERE submission_id = ?",
                             [submission_id]).fetchone()
     if (prior[1], prior[2]) != (output_id, annotator):
         raise ValueError(f"submission {submission_id!r} was already used for output {prior[1]!r} by {prior[2]!r}")
-    return VerdictResult(int(prior[0]), submission_id, output_id, False)
+    return VerdictResult(int(prior[0]), submission_id, output_id, False, prior[3])
 
 
 def annotation_log(store: Store, output_id: str | None = None) -> pd.DataFrame:
@@ -554,73 +566,22 @@ def pending_outputs(store: Store, annotator: str, kind: str | None = None, patie
 def gwet_ac1(counts: np.ndarray, n_categories: int | None = None) -> dict:
     """Gwet's AC1 from an items x categories table of rating counts (raters may vary per item).
 
-    Gwet KL, Computing inter-rater reliability and its variance in the presence of high
-    agreement, Br J Math Stat Psychol 2008;61(1):29-48, doi:10.1348/000711006X126600 (and
-    Handbook of Inter-Rater Reliability, 4th ed., 2014, ch. 4, for missing ratings):
-
-    * ``p_a`` = mean over items rated by >= 2 raters of ``sum_k r_ik (r_ik - 1) / (r_i (r_i - 1))``
-    * ``pi_k`` = mean over items rated at least once of ``r_ik / r_i``
-    * ``p_e`` = ``sum_k pi_k (1 - pi_k) / (q - 1)``, ``q`` = number of categories
-    * ``AC1 = (p_a - p_e) / (1 - p_e)``
-
-    Returns ``{'ac1', 'pa', 'pe', 'n_items'}`` (AC1 NaN when it is undefined).
+    :func:`clinical.agreement.gwet_ac1` (formulas, variance and sources there). Returns
+    ``{'ac1', 'pa', 'pe', 'n_items', 'low', 'high'}`` (NaN where undefined; ``low``/``high``:
+    the 95 % confidence interval).
     """
-    r = np.asarray(counts, dtype=float)
-    q = int(n_categories or r.shape[1])
-    ri = r.sum(axis=1)
-    rated, multi = ri >= 1, ri >= 2
-    if not multi.any() or q < 2:
-        return {"ac1": math.nan, "pa": math.nan, "pe": math.nan, "n_items": int(multi.sum())}
-    pa = float(np.mean((r[multi] * (r[multi] - 1)).sum(axis=1) / (ri[multi] * (ri[multi] - 1))))
-    pi = (r[rated] / ri[rated, None]).mean(axis=0)
-    pe = float((pi * (1 - pi)).sum() / (q - 1))
-    ac1 = (pa - pe) / (1 - pe) if pe < 1 else math.nan
-    return {"ac1": float(ac1), "pa": pa, "pe": pe, "n_items": int(multi.sum())}
+    from clinical.agreement import gwet_ac1 as _ac1
+
+    e = _ac1(counts, n_categories)
+    return {"ac1": e.value, "pa": e.pa, "pe": e.pe, "n_items": e.n_items, "low": e.low, "high": e.high}
 
 
 def agreement_stats(ratings: pd.DataFrame, categories=VERDICTS) -> dict:
-    """Agreement of a long frame ``item, rater, category`` (one current rating per item and rater).
+    """Agreement of a long frame ``item, rater, category``: :func:`clinical.agreement.agreement_stats`
+    (raw agreement, Cohen's kappa, Fleiss' kappa, Gwet's AC1, each with its 95 % interval)."""
+    from clinical.agreement import agreement_stats as _stats
 
-    ``raw_agreement``: mean over items with >= 2 ratings of the share of agreeing rater
-    pairs. ``cohen_kappa``: only with exactly 2 raters, on items both rated
-    (``sklearn.metrics.cohen_kappa_score``). ``fleiss_kappa``: with >= 3 raters, on items
-    rated by all of them (``statsmodels.stats.inter_rater.fleiss_kappa``). ``gwet_ac1``: all
-    items (:func:`gwet_ac1`). A statistic that is undefined (e.g. every rating 'valid') is NaN.
-    """
-    from sklearn.metrics import cohen_kappa_score
-    from statsmodels.stats.inter_rater import fleiss_kappa
-
-    cats = list(categories)
-    r = ratings[ratings["category"].isin(cats)]
-    raters = sorted(r["rater"].unique())
-    table = pd.crosstab(r["item"], pd.Categorical(r["category"], categories=cats), dropna=False).reindex(columns=cats, fill_value=0)
-    counts = table.to_numpy(float)
-    ri = counts.sum(axis=1)
-    multi = ri >= 2
-    out = {"n_items": int(len(table)), "n_items_multi": int(multi.sum()), "n_raters": len(raters),
-           "share_valid": float((r["category"] == cats[0]).mean()) if len(r) else math.nan}
-    if multi.any():
-        out["raw_agreement"] = float(np.mean((counts[multi] * (counts[multi] - 1)).sum(axis=1) / (ri[multi] * (ri[multi] - 1))))
-    else:
-        out["raw_agreement"] = math.nan
-    out["cohen_kappa"] = math.nan
-    out["fleiss_kappa"] = math.nan
-    wide = r.pivot_table(index="item", columns="rater", values="category", aggfunc="last")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # undefined kappa (all one category) -> NaN, reported as such
-        if len(raters) == 2:
-            both = wide.dropna()
-            if len(both):
-                k = cohen_kappa_score(both[raters[0]], both[raters[1]], labels=cats)
-                out["cohen_kappa"] = float(k) if np.isfinite(k) else math.nan
-        elif len(raters) >= 3:
-            full = table[(ri == len(raters))]
-            if len(full):
-                k = fleiss_kappa(full.to_numpy(), method="fleiss")
-                out["fleiss_kappa"] = float(k) if np.isfinite(k) else math.nan
-    g = gwet_ac1(counts, len(cats))
-    out["gwet_ac1"] = g["ac1"]
-    return out
+    return _stats(ratings, categories)
 
 
 def agreement(store: Store) -> pd.DataFrame:
@@ -630,8 +591,8 @@ def agreement(store: Store) -> pd.DataFrame:
     for kind, g in cur.groupby("kind", sort=True):
         stats = agreement_stats(g.rename(columns={"output_id": "item", "annotator": "rater", "verdict": "category"}))
         rows.append({"kind": kind, **stats})
-    cols = ["kind", "n_items", "n_items_multi", "n_raters", "share_valid", "raw_agreement", "cohen_kappa",
-            "fleiss_kappa", "gwet_ac1"]
+    cols = ["kind", "n_items", "n_items_multi", "n_raters", "share_valid"] + [
+        f"{m}{part}" for m in ("raw_agreement", "cohen_kappa", "fleiss_kappa", "gwet_ac1") for part in ("", "_low", "_high")]
     return pd.DataFrame(rows, columns=cols)
 
 

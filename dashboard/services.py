@@ -56,6 +56,8 @@ __all__ = [
     "OUTPUT_COLUMNS",
     "FORECAST_HORIZONS_DAYS",
     "NO_MODEL_MESSAGE",
+    "age_years",
+    "flag_rules",
     "model_status",
     "is_model_url",
     "remote_model_status",
@@ -303,6 +305,16 @@ def with_reference_limits(results: pd.DataFrame, sex: str | None = None, age_yea
 # =============================================================================================
 # Forecasts
 # =============================================================================================
+def age_years(patient: dict | None, at) -> float | None:
+    """Age in years at ``at`` for choosing reference intervals: from the birth date when known, else the
+    age the source gave (at its reference date); None when neither is known."""
+    patient = patient or {}
+    birth, age = patient.get("birth_date"), patient.get("age_at_ref")
+    if birth is not None and not pd.isna(birth):
+        return None if at is None or pd.isna(at) else (pd.Timestamp(at) - pd.Timestamp(birth)).days / 365.25
+    return None if age is None or pd.isna(age) else float(age)
+
+
 def patient_history(results: pd.DataFrame, patient: dict | None) -> pd.DataFrame:
     """The model's history frame (``model.HISTORY_COLUMNS``) from one patient's timeline.
 
@@ -389,12 +401,23 @@ def load_forecasts(pipeline, results: pd.DataFrame, patient: dict | None, analyt
 # =============================================================================================
 # Clinical outputs (colleague's clinical/ package)
 # =============================================================================================
+def flag_rules() -> tuple[str, ...] | None:
+    """The anomaly rules the timeline runs: every rule but ``reference_interval`` (an H/L outside the reference
+    interval is already the flag on the result: its chart label, its table cell, the counts), so a long series
+    does not compute, keep and list one anomaly per abnormal result. None: every rule (the module is older)."""
+    mod = _optional("clinical.anomalies", "RULES", "PATTERN_PREFIX")
+    if mod is None:
+        return None
+    return tuple(r for r in mod.RULES if r != "reference_interval") + ("preanalytical",)
+
+
 def load_anomalies(results: pd.DataFrame, patient: dict | None, forecaster=None,
-                   model_rules_since=None) -> ServiceResult:
+                   model_rules_since=None, rules=None) -> ServiceResult:
     """Anomaly flags (reference interval, critical value, delta check/RCV, pre-analytical
     patterns; model surprise when ``forecaster`` is given, on results collected at or after
     ``model_rules_since`` when that is given) for one patient's results.
 
+    ``rules``: the rule names to run (``clinical.anomalies.detect_anomalies``; None: all).
     ``extra['notes']`` carries the detector's notes (rules that could not run, and why).
     When the forecaster is a model server that cannot be reached, the other rules still
     run, a note names the URL and ``extra['retry']`` is True.
@@ -405,9 +428,10 @@ def load_anomalies(results: pd.DataFrame, patient: dict | None, forecaster=None,
                              "Anomaly detection is not installed yet: no anomaly flags are shown.")
     extra: dict = {}
     try:
-        frame = mod.detect_anomalies(results, patient, forecaster=forecaster, model_rules_since=model_rules_since)
+        frame = mod.detect_anomalies(results, patient, forecaster=forecaster, model_rules_since=model_rules_since,
+                                     **({"rules": list(rules)} if rules else {}))
     except ModelServerError as exc:
-        frame = mod.detect_anomalies(results, patient)
+        frame = mod.detect_anomalies(results, patient, **({"rules": list(rules)} if rules else {}))
         frame.attrs["notes"] = [*frame.attrs.get("notes", []), f"model_surprise not evaluated: {exc}"]
         extra["retry"] = True
     return ServiceResult(_conform(frame, ANOMALY_COLUMNS), True, "",

@@ -19,6 +19,7 @@ import streamlit as st  # noqa: E402
 
 from dashboard import access, auth, state  # noqa: E402
 from data.db import StoreBusyError  # noqa: E402
+from data.identifiers import patient_key  # noqa: E402
 
 st.set_page_config(page_title="LabTrend", page_icon=":material/biotech:", layout="wide",
                    initial_sidebar_state="expanded")
@@ -72,6 +73,19 @@ with st.sidebar:
                + (f"Model: `{status.version}`" if status.available else "Model: none loaded"))
     st.caption("Decision support for clinicians. Not a diagnosis.")
     auth.browser_scripts()
+
+link_patient = st.query_params.get("patient")
+if link_patient and access.can_open(user.roles, "timeline") and page.url_path != "timeline":
+    # ?patient=ID on any page opens that timeline: a shared "/?patient=ID", or a timeline link whose page the
+    # sign-in form dropped (after signing in the app runs its main page with the link's query kept)
+    st.switch_page(access.page("timeline").path, query_params=st.query_params.to_dict())
+if link_patient and not access.can_open(user.roles, "timeline"):  # a timeline link opened by a role without timelines
+    if st.session_state.get("_lt_link_refused") != link_patient:  # audited once per link
+        auth.record("denied", patient_id=patient_key(link_patient), detail={"page": "timeline", "via": "link",
+                                                                             "reason": "role may not open timelines"})
+        st.session_state["_lt_link_refused"] = link_patient
+    st.error(f"This link opens a patient timeline. Your role ({user.role_label}) does not give access to patient "
+             "timelines, so nothing about the patient is shown.")
 
 if st.session_state.get("_lt_page") != page.url_path:  # a new visit: the next patient view is audited again
     st.session_state.pop("_lt_viewed", None)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["neutralise_formulas", "write_safe_csv"]
+__all__ = ["neutralise_formulas", "csv_bytes", "write_safe_csv"]
 
 _TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -31,10 +31,16 @@ def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def csv_bytes(df: pd.DataFrame) -> bytes:
+    """``df`` as UTF-8 CSV bytes with formulas neutralised: every CSV the product writes (files and
+    dashboard downloads) goes through here."""
+    return neutralise_formulas(df).to_csv(index=False).encode("utf-8")
+
+
 def write_safe_csv(df: pd.DataFrame, path: Path) -> None:
-    """Write ``df`` as UTF-8 CSV with formulas neutralised."""
+    """Write ``df`` as UTF-8 CSV with formulas neutralised (:func:`csv_bytes`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    neutralise_formulas(df).to_csv(path, index=False, encoding="utf-8")
+    path.write_bytes(csv_bytes(df))
 
 
 def quarantine_table(df: pd.DataFrame) -> pd.DataFrame:

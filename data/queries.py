@@ -25,6 +25,7 @@ __all__ = [
     "batches",
     "quarantine_rows",
     "patient_info",
+    "admissions",
 ]
 
 TIMELINE_COLUMNS = [
@@ -260,3 +261,12 @@ def quarantine_rows(store: Store, batch_id: int) -> pd.DataFrame:
             """,
             [batch_id],
         ).df()
+
+
+def admissions(store: Store, patient_id: str) -> pd.DataFrame:
+    """One patient's admissions (``admission_id, admitted_at, discharged_at, admission_type``), oldest first;
+    empty when the source had none (only MIMIC-IV's ``admissions`` are imported)."""
+    with store.read() as cur:
+        return cur.execute(
+            "SELECT admission_id, admitted_at, discharged_at, admission_type FROM admissions "
+            "WHERE patient_id = ? ORDER BY admitted_at, admission_id", [patient_key(patient_id)]).df()

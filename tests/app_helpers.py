@@ -32,7 +32,7 @@ def start_session(store, username: str) -> str:
     return session.session_id
 
 
-def session_app(username: str, role: str, timeout: float = 60) -> AppTest:
+def session_app(username: str, role: str, timeout: float = 600) -> AppTest:
     """The app, not yet run, with ``username`` signed in as ``role``: the account is in the store of
     ``$LABTREND_DB`` (added when missing) and the browser session holds a live session id, as
     after a password sign-in."""
@@ -45,6 +45,7 @@ def session_app(username: str, role: str, timeout: float = 60) -> AppTest:
     return at
 
 
-def signed_in(username: str, role: str, timeout: float = 60) -> AppTest:
-    """:func:`session_app`, run once."""
+def signed_in(username: str, role: str, timeout: float = 600) -> AppTest:
+    """:func:`session_app`, run once. ``timeout`` only stops a hung run: a run on a loaded machine takes as long
+    as it takes."""
     return session_app(username, role, timeout).run()

@@ -142,7 +142,7 @@ def test_two_experts_at_the_same_moment_both_land(tmp_path):
 
     def go(name):
         try:
-            barrier.wait(timeout=30)
+            barrier.wait(timeout=600)  # a hang guard; the threads start on the barrier's event
             O.record_verdict(store, "PR-1", name, "expert", "valid" if name == "t1" else "invalid")
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
@@ -159,11 +159,11 @@ def test_two_experts_at_the_same_moment_both_land(tmp_path):
     flags.mkdir()
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(path), "PR-1", n, str(flags)], cwd=str(ROOT),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in ("p1", "p2")]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a hang guard; the wait is on the children's ready files
     while not all((flags / f"{n}.ready").exists() for n in ("p1", "p2")) and time.monotonic() < deadline:
         time.sleep(0.01)
     (flags / "go").touch()
-    results = [p.communicate(timeout=120) for p in procs]
+    results = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert sorted(O.current_verdicts(store)["annotator"]) == ["p1", "p2", "t1", "t2"]
 

@@ -65,7 +65,7 @@ class Server:
 
     def __enter__(self) -> str:
         self.thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 600  # a hang guard: the wait is on the server's state
         while not self.server.started:
             assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.02)
@@ -385,7 +385,7 @@ def dashboard_env(case_store, tmp_path, monkeypatch):
 
 
 def timeline_of(patient_id: str) -> AppTest:
-    at = signed_in("carla", "clinician", timeout=120)
+    at = signed_in("carla", "clinician")
     at.session_state["timeline_patient"] = patient_id
     return at.switch_page("app_pages/timeline.py").run()
 

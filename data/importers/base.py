@@ -60,6 +60,8 @@ class Staged:
     # how the file was read (encoding, delimiter, decimal mark, date order), stored with the batch
     options: dict = field(default_factory=dict)
     has_patients: bool = False
+    # stg_admissions (patient_id, admission_id, admitted_at, discharged_at, admission_type) was staged
+    has_admissions: bool = False
     # order of non-ISO dates in stg: 'dayfirst' / 'monthfirst'; None = decide from the data;
     # 'iso' = the format guarantees ISO 8601 (FHIR), so anything else is an unreadable time
     date_order: str | None = None

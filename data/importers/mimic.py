@@ -1,4 +1,4 @@
-"""MIMIC-IV ``hosp`` module: labevents + d_labitems + patients.
+"""MIMIC-IV ``hosp`` module: labevents + d_labitems + patients (+ admissions, for the timeline's episodes).
 
 Accepts the dataset root (with ``hosp/``) or the ``hosp`` folder itself; files may be
 ``.csv`` or ``.csv.gz``. Items are mapped to LOINC by ``data/reference/mimic_loinc.csv``
@@ -100,5 +100,20 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
             [str(pats)],
         )
         staged.has_patients = True
+    adm = _find(path, "admissions")
+    if adm is not None:  # not part of the import's identity: a store imported before keeps "already imported"
+        try:
+            cur.execute(
+                """
+                CREATE OR REPLACE TEMP TABLE stg_admissions AS
+                SELECT subject_id AS patient_id, hadm_id AS admission_id, admittime AS admitted_at,
+                       dischtime AS discharged_at, admission_type
+                FROM read_csv(?, header = true, all_varchar = true)
+                """,
+                [str(adm)],
+            )
+            staged.has_admissions = True
+        except Exception as exc:
+            raise ImportFileError(f"{label}: cannot read {adm.name} ({str(exc).splitlines()[0]})") from exc
     staged.options = {"mapping": "mimic_loinc.csv"}
     return staged

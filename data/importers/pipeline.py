@@ -487,6 +487,7 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str) -> ImportSu
             [staged.rejects_label.split(" cannot")[0]],
         )
     _upsert_patients(cur, staged, b)
+    _insert_admissions(cur, staged, b)
 
     counts = cur.execute(
         f"""
@@ -658,6 +659,25 @@ def _upsert_patients(cur, staged: Staged, batch_id: int) -> None:
         """,
         [staged.format],
     )
+
+
+def _insert_admissions(cur, staged: Staged, batch_id: int) -> None:
+    """Store the staged admissions of patients with results (an admission already stored is kept as it is);
+    an admission without a readable admission time is left out."""
+    if not staged.has_admissions:
+        return
+    cur.execute(
+        f"""
+        INSERT INTO admissions (patient_id, admission_id, admitted_at, discharged_at, admission_type, batch_id)
+        SELECT {patient_id_sql("patient_id")}, trim(admission_id), TRY_CAST(admitted_at AS TIMESTAMP),
+               TRY_CAST(NULLIF(trim(discharged_at), '') AS TIMESTAMP), NULLIF(trim(admission_type), ''), {batch_id}
+        FROM stg_admissions
+        WHERE TRY_CAST(admitted_at AS TIMESTAMP) IS NOT NULL AND NULLIF(trim(admission_id), '') IS NOT NULL
+          AND {patient_id_sql("patient_id")} IN (SELECT patient_id FROM patients)
+        ON CONFLICT DO NOTHING
+        """
+    )
+    drop_temp(cur, "stg_admissions")
 
 
 def summary_json(summary: ImportSummary) -> str:
