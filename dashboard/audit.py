@@ -18,7 +18,7 @@ __all__ = ["ACTIONS", "AUDIT_COLUMNS", "record", "read_log"]
 
 ACTIONS = (
     "view_patient", "upload", "verdict", "login", "login_failed", "logout", "download_quarantine",
-    "export_audit", "user_add", "denied",
+    "export_audit", "user_add", "denied", "code_map",
 )
 AUDIT_COLUMNS = ["audit_id", "logged_at", "username", "role", "action", "patient_id", "detail"]
 

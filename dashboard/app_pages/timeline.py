@@ -130,6 +130,9 @@ if chosen:
         ("implausible, possible entry errors (off scale)", sel["implausible"]),
         ("without a unit (greyed, not to scale)", sel["unit_missing"]),
         ("conflicting at the same time (all shown)", sel["conflicting"]),
+        ("with a date but no time (drawn at noon)", sel["time_unknown"].fillna(False).astype(bool)),
+        ("in an hour skipped or repeated by a clock change (time uncertain)", sel["time_flag"].notna()),
+        ("collected after their import (check the date)", sel["after_import"].fillna(False).astype(bool)),
     ):
         if int(mask.sum()):
             notes.append(f"{int(mask.sum())} {label}")
@@ -137,6 +140,8 @@ if chosen:
     if hidden:
         notes.append(f"{hidden} H/L label{'s' if hidden > 1 else ''} left off where labels would overlap "
                      "(those points stay red)")
+    if sel["utc_offset_min"].notna().any():  # times with a known zone: stored in UTC
+        notes.append("the time axis is UTC; hover and table show the local time at collection")
     if notes:
         st.caption("In this view: " + "; ".join(notes) + ". Hover a point for value, unit, time, flag and the "
                    "result as reported.")
@@ -196,7 +201,8 @@ else:
         st.caption("No anomaly flags in this view.")
     else:
         shown = a.assign(rule=a["rule"].map(figures.rule_label), unit=a["unit"].map(figures.display_unit),
-                         text=a["text"].map(figures.readable_units))
+                         text=a["text"].map(figures.readable_units),
+                         collected_at=figures.local_times(a, results))  # local time at collection
         st.dataframe(shown[["collected_at", "analyte_name", "rule", "flag", "value", "unit", "text", "source"]]
                      .sort_values("collected_at", ascending=False), hide_index=True, width="stretch",
                      key="timeline_anomalies", row_height=72, column_config={  # 72 px: the text wraps over 3 lines

@@ -6,8 +6,8 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard import auth, state, uploads
-from data import queries
-from data.export import neutralise_formulas, quarantine_table
+from data import queries, timezones
+from data.export import csv_bytes, quarantine_table
 from data.importers import FORMATS, ImportFileError, ImportOptions, detect_format, run_import
 
 FORMAT_LABELS = {"csv": "Long CSV (one result per row)", "mimic": "MIMIC-IV hosp", "fhir": "FHIR R4 Observations",
@@ -52,9 +52,22 @@ if upload is not None:
         order = c2.selectbox("Dates like 01/02/2024", ["decide from the data", "day first", "month first"],
                              key="upload_date_order")
         decimal = c3.selectbox("Decimal mark", ["decide from the data", ".", ","], key="upload_decimal")
+        z1, z2 = st.columns([2, 1])
+        site = timezones.site_zone()
+        no_zone = "none: store times as written (zone unknown)"
+        zones = [no_zone] + timezones.zone_names()
+        zone = z1.selectbox("Time zone of times written without an offset", zones, key="upload_timezone",
+                            index=zones.index(site) if site in zones else 0,
+                            help="Times are stored in UTC with this zone's offset; a time in an hour skipped or "
+                                 "repeated by a clock change is flagged. An offset written in the file wins.")
+        shifted = z2.checkbox("Dates shifted for de-identification", key="upload_shifted",
+                              help="Collection times after the import are then expected, not flagged "
+                                   "(MIMIC-IV declares this itself).")
         options = ImportOptions(
             date_order={"day first": "dayfirst", "month first": "monthfirst"}.get(order),
             decimal=decimal if decimal in (".", ",") else None,
+            timezone="" if zone == no_zone else zone,
+            shifted_dates=shifted,
         )
         if st.button("Import", type="primary", icon=":material/upload:", key="upload_import"):
             progress = st.progress(10, text="Reading and checking the file…")
@@ -89,12 +102,18 @@ if last:
         m[2].metric("Quarantined", f"{last['rows_quarantined']:,}")
         m[3].metric("Skipped (duplicates etc.)", f"{last['rows_skipped']:,}")
         m[4].metric("Patients", f"{last['patients']:,}")
+        if last.get("unmapped_codes"):
+            codes = last["unmapped_codes"]
+            st.warning(f"{len(codes)} local test code{'s' if len(codes) != 1 else ''} without a LOINC code "
+                       f"({', '.join(f'{c} ({n})' for c, n in list(codes.items())[:8])}"
+                       f"{' …' if len(codes) > 8 else ''}): their results are kept under the local code. Map them "
+                       "on the Local codes page; the results are re-keyed without a new import.")
         if last["rows_quarantined"]:
             q = quarantine_table(queries.quarantine_rows(store, last["batch_id"]))
             st.markdown(f"**Quarantined rows** ({len(q)}): not loaded; fix them in the source and import again.")
             st.dataframe(q.head(1000), hide_index=True, width="stretch", key="upload_quarantine")
             st.download_button(
-                "Download quarantined rows (CSV)", neutralise_formulas(q).to_csv(index=False).encode("utf-8"),
+                "Download quarantined rows (CSV)", csv_bytes(q),
                 file_name=f"quarantine_batch_{last['batch_id']}.csv", mime="text/csv", key="upload_quarantine_csv",
                 on_click=_record_download, args=(last["batch_id"], len(q)), icon=":material/download:",
             )
