@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "dashboard" / "streamlit_app.py"
 SHOTS = Path(__file__).resolve().parent / "_screenshots"
 PASSWORD = "a long e2e test password"
-USERS = {"expert": ("ed", "Dr Ed Expert"), "clinician": ("carla", "Dr Carla Clinician")}
+USERS = {"expert": ("ed", "Dr Ed Expert"), "clinician": ("carla", "Dr Carla Clinician"),
+         "analyst": ("ana", "Dr Ana Analyst")}
 POTASSIUM_CODES = ("2823-3", "6298-4")  # serum/plasma; whole blood (blood gas)
 TIMEOUT_MS = 60_000  # one wait; the first timeline of a process imports torch and loads the model
 WIDTH, HEIGHT = 1440, 900
@@ -348,5 +349,24 @@ def test_clinician_is_refused_the_upload_page(served):
         assert not page.url.rstrip("/").endswith("/upload")
         screenshot(page, "clinician_upload_refused")
         assert set(shots) == set(links) and all(p.stat().st_size > 20_000 for p in shots.values())
+    finally:
+        page.context.close()
+
+
+# ---- analyst: the local test codes of the MIMIC-IV demo, unmapped first --------------------------------------------
+def test_analyst_sees_the_unmapped_local_codes(served):
+    from dashboard import access
+
+    page = sign_in(served, "analyst")
+    try:
+        links = nav_links(page)
+        assert list(links) == [p.title for p in access.pages_for_roles(["analyst"])]
+        assert "Local codes" in links
+        open_nav(page, "Local codes", "Local test codes")
+        rows = grid_texts(page, "codes_table")
+        assert rows and all(r[0].startswith("mimic:") for r in rows)  # MIMIC items without a LOINC mapping
+        assert page.get_by_role("button", name="Map and re-key the results").count() == 1
+        shot = screenshot(page, "analyst_local_codes")
+        assert shot.stat().st_size > 20_000
     finally:
         page.context.close()

@@ -14,6 +14,7 @@ decided from the data (or ``--dayfirst`` / ``--monthfirst``).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data.importers.base import STAGING_COLUMNS, ImportFileError, ImportOptions, Staged
@@ -82,9 +83,13 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
 
     extras = [f"{_q(cols[c])} AS {c}" for c in ("sex", "birth_date") if c in cols]
     select_sql = "SELECT " + ", ".join([sel(c) for c in STAGING_COLUMNS] + extras) + " FROM raw"
-    encoding = read_csv_varchar(cur, dialect, "stg", select_sql, as_view=True)
+    # the byte scan for control characters runs while DuckDB reads the file (DuckDB releases the GIL)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        scan = pool.submit(has_control_bytes, path)
+        encoding = read_csv_varchar(cur, dialect, "stg", select_sql, as_view=True)
+        control = scan.result()
     staged = Staged(format=FORMAT, files=[path])
-    staged.control_possible = has_control_bytes(path) or encoding not in ("utf-8", "utf-8-sig")
+    staged.control_possible = control or encoding not in ("utf-8", "utf-8-sig")
     n_rej = cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
     if n_rej:
         staged.rejects_table = "csv_rejects"
