@@ -31,12 +31,13 @@ if codes.empty:
 
 unmapped = codes[~codes["mapped"]]
 m = st.columns(3)
-m[0].metric("Local codes", f"{len(codes):,}")
+m[0].metric("Local codes without a LOINC code from the source", f"{len(codes):,}")
 m[1].metric("Not mapped to LOINC", f"{len(unmapped):,}")
-m[2].metric("Results not on LOINC", f"{int(unmapped['n_results'].sum()):,}")
+m[2].metric("Results kept under a local code", f"{int(unmapped['n_results'].sum()):,}")
 show_all = st.toggle("Show mapped codes too", key="codes_show_all")
-table = codes if show_all else unmapped
-st.dataframe(table[["local_code", "names", "units", "n_results", "n_patients", "analyte_code", "first", "last"]],
+table = (codes if show_all else unmapped).fillna({"names": "", "units": ""})
+box = st.container(key="codes_table_box")  # keyed: a stable hook for the browser test
+box.dataframe(table[["local_code", "names", "units", "n_results", "n_patients", "analyte_code", "first", "last"]],
              hide_index=True, width="stretch", key="codes_table", column_config={
                  "local_code": "Local code", "names": "Names as exported", "units": "Units",
                  "n_results": "Results", "n_patients": "Patients", "analyte_code": "Keyed as now",
