@@ -267,7 +267,8 @@ def rekey(cur, rows: list[Mapping], by: str, map_file: Path | None = None, stric
     """
     from data.importers.pipeline import _unit_map
 
-    wanted = {code: m.loinc for code, m in latest(rows).items()}
+    current = latest(rows)
+    wanted = {code: m.loinc for code, m in current.items()}
     if not wanted:
         return []
     keys = cur.execute(
@@ -285,7 +286,7 @@ def rekey(cur, rows: list[Mapping], by: str, map_file: Path | None = None, stric
     file_id = f"{Path(map_file).name}@{file_sha256(map_file)[:12]}" if map_file else None
     events = []
     for code, grp in moving.groupby("local_code", sort=True):
-        m = latest(rows)[code]
+        m = current[code]
         moved = 0
         olds = set()
         for k in grp.itertuples(index=False):

@@ -196,7 +196,9 @@ def cohort(
 ) -> pd.DataFrame:
     """The model-ready cohort: numeric and censored results in canonical units.
 
-    One row per (patient, analyte, collection time); columns ``patient_id, collected_at,
+    One row per (patient, analyte, collection time); ``collected_at`` is UTC where the zone is
+    known, and a date given without a time is noon of that date (``time_unknown`` in the
+    timeline), never a precise midnight. Columns ``patient_id, collected_at,
     analyte_code, value (canonical unit), censor (-1: '<' or '<=', 0: exact, +1: '>' or
     '>='), unit_canonical, sex ('F'/'M'/None), age_years (at collection, NaN when unknown)``.
 

@@ -22,6 +22,7 @@ encodes a daylight-saving rule.
 
 from __future__ import annotations
 
+import functools
 import os
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -67,8 +68,9 @@ def site_zone() -> str | None:
     return value or None
 
 
+@functools.lru_cache(maxsize=1)
 def zone_names() -> list[str]:
-    """Every IANA zone name of the installed database, sorted (for a picker)."""
+    """Every IANA zone name of the installed database, sorted (for a picker; read once)."""
     return sorted(n for n in available_timezones() if "/" in n and not n.startswith(("Etc/", "SystemV/")))
 
 
