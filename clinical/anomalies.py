@@ -319,7 +319,7 @@ _REQUIRED = ("result_id", "patient_id", "collected_at", "analyte_code", "value_c
 _KEEP = (
     "result_id", "patient_id", "specimen_id", "collected_at", "reported_at", "analyte_code", "analyte_name",
     "value_text", "comparator", "value_canonical", "unit_canonical", "ref_low_canonical", "ref_high_canonical",
-    "comment", "result_kind", "implausible", "unit_missing", "conflicting", "flag",
+    "comment", "result_kind", "implausible", "unit_missing", "conflicting", "flag", "time_unknown",
 )
 
 
@@ -335,9 +335,14 @@ def _patients_frame(patients, patient_ids) -> pd.DataFrame:
 
 
 def specimen_keys(frame: pd.DataFrame) -> pd.Series:
-    """One key per specimen: the specimen id when given, else patient + collection time."""
+    """One key per specimen: the specimen id when given, else patient + collection time. A result
+    whose source gave a date without a time (``time_unknown``; stored at noon) is its own specimen:
+    two results of one day are not one draw because they share a placeholder time."""
     t = pd.to_datetime(frame["collected_at"]).astype("datetime64[us]").astype("int64").astype(str)
     by_time = frame["patient_id"].astype(str) + "|t" + t
+    if "time_unknown" in frame and "result_id" in frame:
+        unknown = frame["time_unknown"].fillna(False).astype(bool)
+        by_time = by_time.where(~unknown, frame["patient_id"].astype(str) + "|r" + frame["result_id"].astype(str))
     if "specimen_id" not in frame:
         return by_time
     sid = frame["specimen_id"]
@@ -363,7 +368,7 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     for col in ("specimen_id", "comparator", "value_text", "comment", "unit_canonical", "analyte_name", "flag"):
         if col not in t:
             t[col] = None
-    for col in ("implausible", "unit_missing", "conflicting"):
+    for col in ("implausible", "unit_missing", "conflicting", "time_unknown"):
         t[col] = t[col].fillna(False).astype(bool) if col in t else False
     for col in ("ref_low_canonical", "ref_high_canonical"):
         t[col] = pd.to_numeric(t[col], errors="coerce") if col in t else np.nan
@@ -658,6 +663,7 @@ def _with_previous(t: pd.DataFrame) -> pd.DataFrame:
     prev = pd.DataFrame({
         "patient_id": rep["patient_id"], "analyte_code": rep["analyte_code"], "collected_at": rep["collected_at"],
         "x_prev": g["value_canonical"].shift(1), "x_prev_at": g["collected_at"].shift(1), "x_prev_id": g["result_id"].shift(1),
+        "x_prev_time_unknown": g["time_unknown"].shift(1),
     })
     return num.merge(prev, on=["patient_id", "analyte_code", "collected_at"], how="left")
 
@@ -703,9 +709,15 @@ def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame
         src.append(f"{settings_source}; CVI/CVA: {bv_source}; minimum change: {min_source}")
         word = "rose" if f == "UP" else "fell"
         code, unit = r.analyte_code, r.x_unit
+        prev_unknown = isinstance(r.x_prev_time_unknown, (bool, np.bool_)) and bool(r.x_prev_time_unknown)
+        if r.time_unknown or prev_unknown:  # a date without a time: no hours to count
+            whole = round(days)
+            when = (f"{whole} day{'s' if whole != 1 else ''} earlier" if whole else "the same day") + ", time not given"
+        else:
+            when = f"{_when(days)} earlier"
         txt.append(f"{r.x_name} {_fmt(r.value_canonical, code)}{_u(unit)} {word} "
                    f"{_change_text(code, r.value_canonical, r.x_prev, unit)} from {_fmt(r.x_prev, code)}{_u(unit)} "
-                   f"{_when(days)} earlier (the previous result), beyond its reference change value "
+                   f"{when} (the previous result), beyond its reference change value "
                    f"({100 * l_:+.0f} %) and the minimum change of {_fmt(m, code)}{_u(unit)}{_SEP}consider whether "
                    f"this is a true clinical change or a specimen problem (RCV{', log-normal' if skewed else ''}: "
                    f"Fraser 2011; minimum: {short_citation(min_source)})")

@@ -5,7 +5,7 @@ No Streamlit here, so plain tests can use it. Accounts (with their roles) live i
 
 **Roles.** Each role opens the pages listed in :data:`PAGES`; a user with several roles
 gets the union. ``clinician``: patients and timelines; ``expert``: those plus expert
-review; ``analyst``: upload and model; ``admin``: everything, plus audit log and users.
+review; ``analyst``: upload, model and local test codes; ``admin``: everything, plus audit log and users.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec("upload", "app_pages/upload.py", "Upload", ":material/upload_file:", "Data and model",
              frozenset({"analyst", "admin"})),
     PageSpec("model", "app_pages/model.py", "Model", ":material/model_training:", "Data and model",
+             frozenset({"analyst", "admin"})),
+    PageSpec("codes", "app_pages/codes.py", "Local codes", ":material/link:", "Data and model",
              frozenset({"analyst", "admin"})),
     PageSpec("audit", "app_pages/audit.py", "Audit", ":material/policy:", "Admin", frozenset({"admin"})),
     PageSpec("users", "app_pages/users.py", "Users", ":material/manage_accounts:", "Admin", frozenset({"admin"})),

@@ -60,6 +60,8 @@ __all__ = [
     "analyte_label",
     "make_timeline_figure",
     "make_cumulative_table",
+    "time_label",
+    "local_times",
     "style_cumulative_table",
     "explanation_difference",
     "make_shap_bar",
@@ -286,9 +288,33 @@ def _trend_rows(df: pd.DataFrame, cats: pd.Series) -> pd.DataFrame:
     return use.drop_duplicates("collected_at", keep="last")
 
 
+def time_label(row, with_flag: bool = True) -> str:
+    """A result's collection time as the clinician reads it: local time at collection (stored UTC
+    plus its offset, :mod:`data.timezones`), the date alone when the source gave no time, and
+    what a daylight-saving flag means. ``row``: a mapping with ``collected_at`` and, when known,
+    ``utc_offset_min``, ``time_unknown``, ``time_flag``."""
+    from data.timezones import time_text
+
+    return time_text(row["collected_at"], row.get("utc_offset_min"), row.get("time_unknown"),
+                     row.get("time_flag"), with_flag=with_flag)
+
+
+def local_times(frame: pd.DataFrame, results: pd.DataFrame | None = None) -> pd.Series:
+    """``collected_at`` of ``frame`` as local time at collection: plus its own ``utc_offset_min``,
+    else the offset of the result with the same ``result_id`` in ``results`` (anomaly rows)."""
+    from data.timezones import local_time
+
+    if "utc_offset_min" in frame:
+        return local_time(frame["collected_at"], frame["utc_offset_min"])
+    if results is not None and "result_id" in frame and "utc_offset_min" in results:
+        off = frame["result_id"].map(results.drop_duplicates("result_id").set_index("result_id")["utc_offset_min"])
+        return local_time(frame["collected_at"], off)
+    return pd.to_datetime(frame["collected_at"])
+
+
 def _hover(row, name: str, unit: str, label: str, note: str = "", dec: int | None = None) -> str:
     u = display_unit(unit)
-    t = pd.Timestamp(row["collected_at"]).strftime(TIME_FMT)
+    t = time_label(row)
     comp = _s(row.get("comparator"))
     v = _num(row.get("value_canonical"))
     value = (comp if comp in ("<", "<=", ">", ">=") else "") + fmt_value(v, dec) if v is not None else _s(row.get("value_text"))
@@ -1036,11 +1062,13 @@ def make_cumulative_table(results_df: pd.DataFrame, decimals: dict | None = None
         decimals = reporting_decimals(results_df)
     df = results_df.sort_values(["collected_at", "result_id"])
     codes = panel_analytes(df, None)
-    times = sorted(df["collected_at"].unique())
-    columns = list(dict.fromkeys(pd.Timestamp(t).strftime(TIME_FMT) for t in times))
+    records = df.to_dict("records")  # oldest first (UTC order); plain dicts: much cheaper than iterrows
+    for r in records:  # column heads in local time at collection; a date alone says so
+        r["_col"] = _table_time(r)
+    columns = list(dict.fromkeys(r["_col"] for r in records))
     labels = flag_labels(df)
     by_code: dict = {}
-    for r, lab in zip(df.to_dict("records"), labels):  # oldest first; plain dicts: much cheaper than iterrows
+    for r, lab in zip(records, labels):
         by_code.setdefault(r["analyte_code"], []).append((r, lab))
     out = []
     for code in codes:
@@ -1055,7 +1083,7 @@ def make_cumulative_table(results_df: pd.DataFrame, decimals: dict | None = None
         rec = {"Analyte": name, "Unit": display_unit(unit), "Reference interval": ref}
         cells: dict[str, list[str]] = {}
         for r, lab in rows:  # results in the same minute share a column: all shown, oldest first
-            cells.setdefault(pd.Timestamp(r["collected_at"]).strftime(TIME_FMT), []).append(_cell(r, lab, dec))
+            cells.setdefault(r["_col"], []).append(_cell(r, lab, dec))
         rec.update({t: " | ".join(v) for t, v in cells.items()})
         out.append(rec)
     return pd.DataFrame(out, columns=fixed + columns).fillna("")
@@ -1101,11 +1129,21 @@ def make_results_list(results_df: pd.DataFrame, decimals: dict | None = None) ->
             for code, a, b in zip(codes, lo, hi)]
     reported = (df["value_text"].fillna("").astype(str) + " " + df["unit"].fillna("").astype(str)).str.strip()
     return pd.DataFrame({
-        "Collected": df["collected_at"].to_numpy(), "Analyte": [names[c][0] for c in codes], "Result": result,
+        "Collected": local_times(df).to_numpy(), "Analyte": [names[c][0] for c in codes], "Result": result,
         "Flag": labels.to_numpy(object), "Unit": [display_unit(names[c][1]) for c in codes],
         "Reference interval": refs, "As reported": reported.to_numpy(object),
         "Comment": df["comment"].fillna("").astype(str).to_numpy(object),
     }, columns=RESULTS_LIST_COLUMNS)
+
+
+def _table_time(r: dict) -> str:
+    """Column head of a result in the cumulative table: local time, '(time not given)' for a date
+    alone, '(clock change)' in a skipped or repeated daylight-saving hour."""
+    text = time_label(r, with_flag=False)
+    text = text.split(" (UTC")[0]
+    if r.get("time_flag") in ("skipped_hour", "repeated_hour"):
+        text += " (clock change)"
+    return text
 
 
 def style_cumulative_table(table: pd.DataFrame):

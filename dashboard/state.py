@@ -116,10 +116,12 @@ def get_store(path: str) -> Store:
 
 @st.cache_data(ttl=VERSION_TTL_S, show_spinner=False, max_entries=8)
 def data_version(path: str) -> str:
-    """Changes whenever an import batch is added: part of every query cache key."""
+    """Changes whenever an import batch is added or results are re-keyed by a local code
+    mapping: part of every query cache key."""
     with get_store(path).read() as cur:
-        n, last = cur.execute("SELECT count(*), max(batch_id) FROM import_batches").fetchone()
-    return f"{n}:{last}"
+        n, last, rekeyed = cur.execute(
+            "SELECT count(*), max(batch_id), (SELECT count(*) FROM code_map_events) FROM import_batches").fetchone()
+    return f"{n}:{last}:{rekeyed}"
 
 
 # -- cached queries ------------------------------------------------------------------------------

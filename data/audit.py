@@ -39,6 +39,8 @@ ACTIONS = (
     "user_add", "user_disable", "user_enable", "user_role", "user_password_reset", "user_import",
     # command line
     "import", "list_patients", "export", "predict", "forecast", "evaluate", "train",
+    # local test codes mapped to LOINC (analyst page and command line)
+    "code_map",
 )
 AUDIT_COLUMNS = ["audit_id", "logged_at", "username", "role", "action", "patient_id", "detail"]
 #: The role recorded for an action taken on the command line (the username is the OS account).

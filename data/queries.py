@@ -1,8 +1,11 @@
 """Read queries over the lab store (bound parameters only).
 
 Every function takes a :class:`data.db.Store` and returns pandas objects; none keeps a
-connection. Times are naive ``datetime64`` in the store's time base (UTC when the source
-gave an offset, else as exported).
+connection. Times are naive ``datetime64``: UTC where ``utc_offset_min`` is known (the local
+time at collection is ``collected_at + utc_offset_min``, :func:`data.timezones.local_time`),
+else as exported (zone unknown). ``time_unknown`` marks a date given without a time (stored
+as noon of that date), ``time_flag`` a local time in a skipped or repeated daylight-saving
+hour, ``after_import`` a collection time later than its import.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ TIMELINE_COLUMNS = [
     "analyte_name", "value_text", "comparator", "value_num", "unit", "value_canonical", "unit_canonical",
     "ref_low", "ref_high", "ref_low_canonical", "ref_high_canonical", "flag", "comment", "result_kind",
     "implausible", "unit_missing", "conflicting", "batch_id", "source_row",
+    "local_code", "utc_offset_min", "time_unknown", "time_flag", "after_import",
 ]
 
 
@@ -138,9 +142,10 @@ def timeline(
 _RESULT_COLUMNS = (
     "batch_id, source_row, specimen_id, collected_at, reported_at, key_id, value_text, "
     "comparator::VARCHAR AS comparator, value_num, ref_low, ref_high, flag, comment, "
-    "result_kind::VARCHAR AS result_kind, implausible, conflicting"
+    "result_kind::VARCHAR AS result_kind, implausible, conflicting, "
+    "utc_offset_min, time_unknown, time_flag::VARCHAR AS time_flag, after_import"
 )
-_KEY_TEXT = ("analyte_code", "loinc", "analyte_name", "unit", "unit_canonical")
+_KEY_TEXT = ("analyte_code", "loinc", "analyte_name", "unit", "unit_canonical", "local_code")
 
 
 class _ResultKeys:
@@ -208,7 +213,9 @@ def cohort(
 ) -> pd.DataFrame:
     """The model-ready cohort: numeric and censored results in canonical units.
 
-    One row per (patient, analyte, collection time); columns ``patient_id, collected_at,
+    One row per (patient, analyte, collection time); ``collected_at`` is UTC where the zone is
+    known, and a date given without a time is noon of that date (``time_unknown`` in the
+    timeline), never a precise midnight. Columns ``patient_id, collected_at,
     analyte_code, value (canonical unit), censor (-1: '<' or '<=', 0: exact, +1: '>' or
     '>='), unit_canonical, sex ('F'/'M'/None), age_years (at collection, NaN when unknown)``.
 

@@ -27,6 +27,32 @@ def db_path(explicit: str | os.PathLike | None = None) -> Path:
     return VAR_DIR / "labtrend.duckdb"
 
 
+#: DuckDB's memory limit when nothing else is configured: on a shared server one import, the
+#: dashboard or a training run must not take the whole machine (DuckDB's own default is 80 % of RAM);
+#: beyond it DuckDB spills to :func:`duckdb_temp_dir` (benchmarks/ingest.py --memory-limit).
+DUCKDB_MEMORY_LIMIT = "2GB"
+
+
+def duckdb_memory_limit(explicit: str | None = None) -> str:
+    """DuckDB ``memory_limit`` for every store this process opens (imports, dashboard, training):
+    explicit, else ``$LABTREND_DUCKDB_MEMORY_LIMIT`` (e.g. ``4GB``, ``512MB``), else :data:`DUCKDB_MEMORY_LIMIT`."""
+    return (explicit or os.environ.get("LABTREND_DUCKDB_MEMORY_LIMIT", "").strip() or DUCKDB_MEMORY_LIMIT)
+
+
+def duckdb_temp_dir(db_file: str | os.PathLike, explicit: str | os.PathLike | None = None) -> Path | None:
+    """Where DuckDB spills what does not fit in its memory limit: explicit, else
+    ``$LABTREND_DUCKDB_TEMP_DIR``, else ``<database file>.tmp`` beside the database (DuckDB's own
+    default, on the disk that already holds the data); None for an in-memory store."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("LABTREND_DUCKDB_TEMP_DIR", "").strip()
+    if env:
+        return Path(env)
+    if str(db_file) == ":memory:":
+        return None
+    return Path(f"{db_file}.tmp")
+
+
 def legacy_users_file() -> Path:
     """Where accounts were kept before they moved into the store: ``$LABTREND_USERS``, else
     ``var/users.yaml`` (``labtrend users import --file`` copies them in)."""

@@ -68,6 +68,12 @@ def add_import_args(p):
     order.add_argument("--dayfirst", action="store_true", help="dates like 01.02.2024 are day.month.year")
     order.add_argument("--monthfirst", action="store_true", help="dates like 01/02/2024 are month/day/year")
     p.add_argument("--decimal", choices=[".", ","], help="decimal mark of the value column")
+    p.add_argument("--timezone", help="IANA zone of times written without an offset, e.g. Europe/Berlin "
+                                      "(default: $LABTREND_TIMEZONE; without one, times are stored as written)")
+    p.add_argument("--shifted-dates", action="store_true",
+                   help="the export's dates are shifted for de-identification: times after the import are expected")
+    p.add_argument("--code-map", help="site mapping file of local test codes to LOINC "
+                                      "(default: $LABTREND_CODE_MAP, else var/local_code_map.csv)")
 
 
 def cmd_import(args) -> int:
@@ -76,7 +82,7 @@ def cmd_import(args) -> int:
     store = _store(args, create=True)
     opts = ImportOptions(
         date_order="dayfirst" if args.dayfirst else "monthfirst" if args.monthfirst else None,
-        decimal=args.decimal,
+        decimal=args.decimal, timezone=args.timezone, shifted_dates=args.shifted_dates, code_map=args.code_map,
     )
     status = 0
     for path in args.paths:
@@ -104,8 +110,10 @@ def add_patients_args(p):
 
 
 def _emit(df, fmt: str) -> None:
-    if fmt == "csv":
-        df.to_csv(sys.stdout, index=False)
+    if fmt == "csv":  # the product's one CSV writer: spreadsheet formulas neutralised
+        from data.export import write_csv
+
+        write_csv(df, sys.stdout)
     elif fmt == "json":
         print(df.to_json(orient="records", date_format="iso", force_ascii=False))
     else:
@@ -156,7 +164,7 @@ def add_quarantine_args(p):
 
 def cmd_quarantine(args) -> int:
     from data import queries
-    from data.export import quarantine_table, write_safe_csv
+    from data.export import quarantine_table, write_csv
 
     store = _store(args)
     known = queries.batches(store)["batch_id"].tolist()
@@ -165,7 +173,7 @@ def cmd_quarantine(args) -> int:
               f"(batches: {', '.join(map(str, sorted(known))) or 'none'})", file=sys.stderr)
         return 2
     df = quarantine_table(queries.quarantine_rows(store, args.batch))
-    write_safe_csv(df, Path(args.out))
+    write_csv(df, Path(args.out))
     print(json.dumps({"batch_id": args.batch, "rows": len(df), "out": args.out}))
     return 0
 
@@ -630,8 +638,9 @@ def cmd_forecast(args) -> int:
     ids = sorted(q["patient_id"].unique())
     history = queries.cohort(store, patients=ids)
     fc = pipe.forecast(history, q.rename(columns={"analyte": "analyte_code"})[["patient_id", "analyte_code", "at"]])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fc.to_csv(args.out, index=False)
+    from data.export import write_csv
+
+    write_csv(fc, Path(args.out))
     print(json.dumps({"queries": len(q), "ok": int((fc["status"] == "ok").sum()), "out": args.out}))
     return 0
 
@@ -727,6 +736,40 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# -- codes ----------------------------------------------------------------------------------
+def add_codes_args(p):
+    sub = p.add_subparsers(dest="codes_command", required=True)
+    ls = sub.add_parser("list", help="local test codes without a LOINC code from the source, unmapped first")
+    _add_db(ls)
+    ls.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    mp = sub.add_parser("map", help="map a local code to LOINC in the site mapping file and re-key its results")
+    _add_db(mp)
+    mp.add_argument("local_code", help="as listed, e.g. site:K or mimic:50971")
+    mp.add_argument("loinc", nargs="?", help="LOINC code; leave out to withdraw the mapping")
+    mp.add_argument("--specimen", required=True, help="specimen the laboratory measures it in (serum or plasma, "
+                                                      "blood, urine, other)")
+    mp.add_argument("--source", default="", help="where the mapping comes from (required with a LOINC code)")
+    mp.add_argument("--code-map", help="site mapping file (default: $LABTREND_CODE_MAP, else var/local_code_map.csv)")
+
+
+def cmd_codes(args) -> int:
+    """``codes list`` and ``codes map`` (data/codemap.py); a mapping is made as the OS user."""
+    from data import codemap
+
+    store = _store(args)
+    if args.codes_command == "list":
+        _emit(codemap.local_codes(store), args.format)
+        return 0
+    try:
+        event = codemap.map_code(store, codemap.map_path(args.code_map), args.local_code, args.loinc, args.specimen,
+                                 args.source, by=codemap.os_user())
+    except codemap.CodeMapError as exc:
+        print(f"labtrend codes map: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps({k: event.get(k) for k in ("local_code", "new_analyte", "results_moved")}, default=str))
+    return 0
+
+
 # -- annotations ----------------------------------------------------------------------------
 def add_annotations_args(p):
     sub = p.add_subparsers(dest="annotations_command", required=True)
@@ -768,6 +811,7 @@ COMMANDS = {
     "train": (add_train_args, cmd_train, "pretrain and fine-tune the forecaster (same flags as train.py)"),
     "predict": (add_predict_args, cmd_predict, "forecasts, anomalies, SHAP and recommendations for one patient"),
     "annotations": (add_annotations_args, cmd_annotations, "export expert verdicts; agreement between experts"),
+    "codes": (add_codes_args, cmd_codes, "local test codes: list them, map them to LOINC (re-keys stored results)"),
     "evaluate": (add_evaluate_args, cmd_evaluate, "model card: baselines and fine-tuning modes on held-out patients"),
     "forecast": (add_forecast_args, cmd_forecast, "batch forecasts for a CSV of (patient_id, analyte, at)"),
     "serve-model": (add_serve_model_args, cmd_serve_model, "serve forecasts and explanations over HTTP (GPU machine)"),

@@ -526,7 +526,7 @@ def test_analyst_sees_what_happened_to_every_uploaded_row_and_downloads_the_reje
     try:
         heading(page, "Upload lab results")
         links = nav_links(page)
-        assert list(links) == [p.title for p in access.pages_for_roles(["analyst"])] == ["Upload", "Model"]
+        assert list(links) == [p.title for p in access.pages_for_roles(["analyst"])] == ["Upload", "Model", "Local codes"]
         page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(upload))
         shown(page.get_by_role("button", name="Import"))
         settled(page)
@@ -545,6 +545,8 @@ def test_analyst_sees_what_happened_to_every_uploaded_row_and_downloads_the_reje
         shots = {"Upload": screenshot(page, "analyst_upload")}
         open_nav(page, "Model", "Forecasting model")
         shots["Model"] = screenshot(page, "analyst_model")
+        open_nav(page, "Local codes", "Local test codes")
+        shots["Local codes"] = screenshot(page, "analyst_local_codes_page")
         # a timeline link opened by a role without timelines: a message, nothing of the patient
         page.goto(f"{served.url}/timeline?patient={served.patient}")
         shown(page.get_by_text("does not give access to patient timelines"))
@@ -571,7 +573,8 @@ def test_admin_opens_every_page(served):
         links = nav_links(page)
         assert list(links) == [p.title for p in access.pages_for_roles(["admin"])]
         headings = {"Patients": "Patients", "Patient timeline": "Patient timeline", "Review": "Expert review",
-                    "Upload": "Upload lab results", "Model": "Forecasting model", "Audit": "Audit log",
+                    "Upload": "Upload lab results", "Model": "Forecasting model", "Local codes": "Local test codes",
+                    "Audit": "Audit log",
                     "Users": "Users"}
         shots = {}
         for title in links:
@@ -687,5 +690,22 @@ def test_patients_list_counts_abnormal_and_critical_results(served):
         assert row["Critical"] == str(int(top["n_critical"])) and row["Abnormal"] == str(int(top["n_abnormal"]))
         assert row["Age (y)"] == str(int(top["age_years"]))
         screenshot(page, "clinician_patients_critical")
+
+
+# ---- analyst: the local test codes of the MIMIC-IV demo, unmapped first --------------------------------------------
+def test_analyst_sees_the_unmapped_local_codes(served):
+    from dashboard import access
+
+    page = sign_in(served, "analyst")
+    try:
+        links = nav_links(page)
+        assert list(links) == [p.title for p in access.pages_for_roles(["analyst"])]
+        assert "Local codes" in links
+        open_nav(page, "Local codes", "Local test codes")
+        shot = screenshot(page, "analyst_local_codes")
+        assert shot.stat().st_size > 20_000
+        rows = grid_texts(page, "codes_table_box")
+        assert rows and all(r[0].startswith("mimic:") for r in rows)  # MIMIC items without a LOINC mapping
+        assert page.get_by_role("button", name="Map and re-key the results").count() == 1
     finally:
         page.context.close()

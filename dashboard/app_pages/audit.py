@@ -6,7 +6,7 @@ import streamlit as st
 
 from dashboard import auth, state
 from data import audit
-from data.export import neutralise_formulas
+from data.export import csv_bytes
 
 user = auth.require_page("audit")
 st.title("Audit log")
@@ -31,6 +31,6 @@ st.dataframe(log, hide_index=True, width="stretch", key="audit_table", column_co
     "logged_at": st.column_config.DatetimeColumn("When (UTC)", format="YYYY-MM-DD HH:mm:ss"),
     "username": "User", "role": "Role", "action": "Action", "patient_id": "Patient", "detail": "Detail",
 })
-st.download_button("Download (CSV)", neutralise_formulas(log).to_csv(index=False).encode("utf-8"),
+st.download_button("Download (CSV)", csv_bytes(log),
                    file_name="labtrend_audit.csv", mime="text/csv", key="audit_csv", icon=":material/download:",
                    on_click=lambda: auth.record("export_audit", detail={"rows": len(log)}))

@@ -223,6 +223,9 @@ if chosen:
         ("implausible, possible entry errors (off scale)", sel["implausible"]),
         ("without a unit (greyed, not to scale)", sel["unit_missing"]),
         ("conflicting at the same time (all shown)", sel["conflicting"]),
+        ("with a date but no time (drawn at noon)", sel["time_unknown"].fillna(False).astype(bool)),
+        ("in an hour skipped or repeated by a clock change (time uncertain)", sel["time_flag"].notna()),
+        ("collected after their import (check the date)", sel["after_import"].fillna(False).astype(bool)),
     ):
         if int(mask.sum()):
             notes.append(f"{int(mask.sum())} {label}")
@@ -233,6 +236,8 @@ if chosen:
     for code, (drawn, total) in (meta.get("thinned") or {}).items():
         notes.append(f"{labels.get(code, code)}: {drawn:,} of {total:,} results drawn (the highest and lowest of "
                      "every stretch of the axis kept); every result is in the table below")
+    if sel["utc_offset_min"].notna().any():  # times with a known zone: stored in UTC
+        notes.append("the time axis is UTC; hover and table show the local time at collection")
     if notes:
         st.caption("In this view: " + "; ".join(notes) + ". Hover a point for value, unit, time, flag and the "
                    "result as reported.")
@@ -328,6 +333,7 @@ else:
                 rule=flags["rule"].map(figures.rule_label), unit=flags["unit"].map(figures.display_unit),
                 text=flags["text"].map(figures.readable_units),
                 value=[figures.fmt_value(v, decimals.get(str(c))) for v, c in zip(flags["value"], flags["analyte_code"])],
+                collected_at=figures.local_times(flags, results),  # local time at collection
             )[["collected_at", "analyte_name", "rule", "flag", "value", "unit", "text", "source"]]
 
         # clinical priority first (critical values, pre-analytical errors, then changes), newest first within it

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import auth, state, uploads
-from data import queries
+from data import queries, timezones
 from data.export import csv_bytes, quarantine_table
 from data.importers import FORMATS, ImportFileError, ImportOptions, detect_format, run_import
 
@@ -53,9 +53,22 @@ if upload is not None:
         order = c2.selectbox("Dates like 01/02/2024", ["decide from the data", "day first", "month first"],
                              key="upload_date_order")
         decimal = c3.selectbox("Decimal mark", ["decide from the data", ".", ","], key="upload_decimal")
+        z1, z2 = st.columns([2, 1])
+        site = timezones.site_zone()
+        no_zone = "none: store times as written (zone unknown)"
+        zones = [no_zone] + timezones.zone_names()
+        zone = z1.selectbox("Time zone of times written without an offset", zones, key="upload_timezone",
+                            index=zones.index(site) if site in zones else 0,
+                            help="Times are stored in UTC with this zone's offset; a time in an hour skipped or "
+                                 "repeated by a clock change is flagged. An offset written in the file wins.")
+        shifted = z2.checkbox("Dates shifted for de-identification", key="upload_shifted",
+                              help="Collection times after the import are then expected, not flagged "
+                                   "(MIMIC-IV declares this itself).")
         options = ImportOptions(
             date_order={"day first": "dayfirst", "month first": "monthfirst"}.get(order),
             decimal=decimal if decimal in (".", ",") else None,
+            timezone="" if zone == no_zone else zone,
+            shifted_dates=shifted,
         )
         if st.button("Import", type="primary", icon=":material/upload:", key="upload_import"):
             progress = st.progress(10, text="Reading and checking the file…")
@@ -111,6 +124,12 @@ if last:
         m[2].metric("Quarantined", f"{last['rows_quarantined']:,}")
         m[3].metric("Skipped", f"{last['rows_skipped']:,}")
         m[4].metric("Patients", f"{last['patients']:,}")
+        if last.get("unmapped_codes"):
+            codes = last["unmapped_codes"]
+            st.warning(f"{len(codes)} local test code{'s' if len(codes) != 1 else ''} without a LOINC code "
+                       f"({', '.join(f'{c} ({n})' for c, n in list(codes.items())[:8])}"
+                       f"{' …' if len(codes) > 8 else ''}): their results are kept under the local code. Map them "
+                       "on the Local codes page; the results are re-keyed without a new import.")
         st.markdown("**What happened to every row**")
         _outcomes(uploads.row_outcomes(last), last["batch_id"], "upload")
 
