@@ -75,8 +75,8 @@ with st.sidebar:
     auth.browser_scripts()
 
 link_patient = st.query_params.get("patient")
-if link_patient and access.can_open(user.roles, "timeline") and page.url_path != "timeline":
-    # ?patient=ID on any page opens that timeline: a shared "/?patient=ID", or a timeline link whose page the
+if link_patient and access.can_open(user.roles, "timeline") and page.url_path in ("", default_key):
+    # ?patient=ID on the main page opens that timeline: a shared "/?patient=ID", or a timeline link whose page the
     # sign-in form dropped (after signing in the app runs its main page with the link's query kept)
     st.switch_page(access.page("timeline").path, query_params=st.query_params.to_dict())
 if link_patient and not access.can_open(user.roles, "timeline"):  # a timeline link opened by a role without timelines

@@ -690,6 +690,8 @@ def test_patients_list_counts_abnormal_and_critical_results(served):
         assert row["Critical"] == str(int(top["n_critical"])) and row["Abnormal"] == str(int(top["n_abnormal"]))
         assert row["Age (y)"] == str(int(top["age_years"]))
         screenshot(page, "clinician_patients_critical")
+    finally:
+        page.context.close()
 
 
 # ---- analyst: the local test codes of the MIMIC-IV demo, unmapped first --------------------------------------------

@@ -164,13 +164,9 @@ def test_analyst_maps_a_code_on_the_page(tmp_path, monkeypatch):
     store = open_store(tmp_path / "lab.duckdb")
     map_file = tmp_path / "local_code_map.csv"
     run_import(store, write_source("csv", tmp_path / "in", ROWS), options=ImportOptions(code_map=str(map_file)))
-    users = tmp_path / "users.yaml"
-    access.add_user("ana", "Dr Ana", "analyst", "a long test password", users)
     monkeypatch.setenv("LABTREND_DB", str(tmp_path / "lab.duckdb"))
-    monkeypatch.setenv("LABTREND_USERS", str(users))
     monkeypatch.setenv("LABTREND_CODE_MAP", str(map_file))
     monkeypatch.setenv("LABTREND_MODEL", str(tmp_path / "no-model"))
-    monkeypatch.setenv("LABTREND_COOKIE_KEY", "test-cookie-key-not-a-secret-0123456789")
     assert access.can_open(["analyst"], "codes") and not access.can_open(["clinician"], "codes")
     at = app_helpers.signed_in("ana", "analyst")
     at.switch_page("app_pages/codes.py").run()
