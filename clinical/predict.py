@@ -27,7 +27,7 @@ from data import queries
 from data.db import Store
 from model import MIN_HISTORY
 
-__all__ = ["default_at", "top_analytes_for", "predict_patient", "replay_forecasts", "PatientNotFound"]
+__all__ = ["default_at", "top_analytes_for", "predict_patient", "patient_outputs", "replay_forecasts", "PatientNotFound"]
 
 
 class PatientNotFound(LookupError):
@@ -87,10 +87,39 @@ def predict_patient(
     info = queries.patient_info(store, patient_id)
     if info is None:
         raise PatientNotFound(f"no patient {patient_id!r} in the store")
+    timeline = queries.timeline(store, info["patient_id"])
+    result = patient_outputs(pipeline, info, timeline, at, top_n=top_n, explain=explain,
+                             masked_predictor=masked_predictor, reference=reference, rules=rules,
+                             model_window_days=model_window_days)
+    records = result.pop("records")
+    result["stored"] = out_mod.store_outputs(store, records) if save else None
+    return result
+
+
+def patient_outputs(
+    pipeline,
+    info: dict,
+    timeline: pd.DataFrame,
+    at=None,
+    *,
+    top_n: int = 5,
+    explain: bool = True,
+    masked_predictor=None,
+    reference: ClinicalReference | None = None,
+    rules: RuleSet | None = None,
+    model_window_days: float | None = 30.0,
+) -> dict:
+    """The outputs of one patient from what the store holds, without touching the store (pure).
+
+    ``info``: :func:`data.queries.patient_info`; ``timeline``: :func:`data.queries.timeline`
+    of that patient. Returns what :func:`predict_patient` returns, less ``stored``, plus
+    ``records``: the ``model_outputs`` records (:mod:`clinical.outputs`) to store. The batch
+    job (``labtrend score``) computes this in its workers and stores the records in one
+    writer. Raises ``ValueError`` when the patient has no result and ``at`` is not given.
+    """
     patient_id = info["patient_id"]  # the id as stored (typed with a stray space or invisible character)
     ref = reference or default_reference()
     rs = rules or load_rules()
-    timeline = queries.timeline(store, patient_id)
     at = pd.Timestamp(at) if at is not None else default_at(timeline)
     before = timeline[timeline["collected_at"] < at]
     history = history_from_timeline(before, info)
@@ -114,26 +143,24 @@ def predict_patient(
     a_recs = out_mod.anomaly_outputs(anomalies, ref.version)
     anomalies = anomalies.assign(output_id=[r["output_id"] for r in a_recs])
 
-    # explanations
+    # explanations: the history is prepared once for all of the patient's forecasts
     e_recs = []
     if explain and codes:
-        from model.explain import explain_forecast
+        from model.explain import explain_forecasts
 
-        expl, fids = [], []
-        for f, rec in zip(forecasts.to_dict("records"), f_recs):
-            if f["status"] != "ok":
-                continue
-            expl.append(explain_forecast(pipeline, history, str(patient_id), f["analyte_code"], at,
-                                         forecast_median=float(f["q50"])))
-            fids.append(rec["output_id"])
-        e_recs = out_mod.explanation_outputs(expl, fids)
+        ok = [i for i, s in enumerate(forecasts["status"]) if s == "ok"]
+        if ok:
+            sel = forecasts.iloc[ok]
+            expl = explain_forecasts(pipeline, history, sel[["patient_id", "analyte_code", "at"]],
+                                     forecast_medians=[float(v) for v in sel["q50"]])
+            e_recs = out_mod.explanation_outputs(expl, [f_recs[i]["output_id"] for i in ok])
 
     # recommendations
     recs = evaluate_rules(before, info, at=at, forecasts=forecasts if codes else None, anomalies=anomalies,
                           rules=rs, reference=ref)
     r_recs = out_mod.recommendation_outputs(recs)
 
-    stored = out_mod.store_outputs(store, f_recs + a_recs + e_recs + r_recs) if save else None
+    records = f_recs + a_recs + e_recs + r_recs
     return {
         "patient_id": str(patient_id),
         "model_version": pipeline.model_version,
@@ -143,7 +170,7 @@ def predict_patient(
         "explanations": _items(e_recs),
         "recommendations": _items(r_recs),
         "notes": notes,
-        "stored": stored,
+        "records": records,
     }
 
 
