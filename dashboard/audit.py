@@ -19,6 +19,7 @@ __all__ = ["ACTIONS", "AUDIT_COLUMNS", "record", "read_log"]
 ACTIONS = (
     "view_patient", "upload", "verdict", "login", "login_failed", "logout", "download_quarantine",
     "export_audit", "user_add", "denied",
+    "score",  # a labtrend score run started from the review page
 )
 AUDIT_COLUMNS = ["audit_id", "logged_at", "username", "role", "action", "patient_id", "detail"]
 

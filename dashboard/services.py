@@ -69,6 +69,8 @@ __all__ = [
     "load_explanation",
     "review_backend",
     "pending_outputs",
+    "scoring_status",
+    "start_scoring",
 ]
 
 FORECAST_COLUMNS = ["patient_id", "analyte_code", "at", "q05", "q10", "q25", "q50", "q75", "q90", "q95",
@@ -491,3 +493,44 @@ def pending_outputs(store, expert: str) -> ServiceResult:
         return ServiceResult(_empty(OUTPUT_COLUMNS), False, "No model outputs to review yet.")
     return ServiceResult(frame, False, "Review is unavailable: the verdict service (clinical/outputs.py) is not "
                                        "installed yet. Outputs are listed read-only.")
+
+
+def scoring_status(store, model_dir: str | Path | None) -> ServiceResult:
+    """Where the batch job (``labtrend score``) stands for the model in ``model_dir``.
+
+    ``extra``: ``waiting`` (patients with results newer than their stored outputs, or never
+    scored with this model and settings; None without a local model), ``scored``,
+    ``last_run`` (the latest ``scoring_runs`` row as a dict, or None) and ``running`` (True
+    while that run has not finished). ``available`` is False without a local model folder.
+    """
+    from labtrend.scoring import ScoreConfig, scoring_key
+    from labtrend.scoring import scoring_status as _status
+
+    status = model_status(model_dir) if model_dir and not is_model_url(model_dir) else None
+    key = None
+    if status is not None and status.available and status.version:
+        key = scoring_key(status.version, ScoreConfig(db_path=str(store.settings.path), model_dir=str(model_dir)))
+    st = _status(store, key)
+    last = st["last_run"]
+    st["running"] = bool(last is not None and (last.get("finished_at") is None or pd.isna(last.get("finished_at"))))
+    if key is None:
+        return ServiceResult(_empty([]), False, "Outputs are computed by `labtrend score` with a local model folder.",
+                             extra=st)
+    return ServiceResult(_empty([]), True, "", extra=st)
+
+
+def start_scoring(db_path: str | Path, model_dir: str | Path, log_path: str | Path):
+    """Start ``labtrend score`` for the patients with new results, in its own process; returns the ``Popen``.
+
+    The run writes its outputs in short batches (the dashboard keeps reading between them)
+    and its progress into ``scoring_runs``; its output goes to ``log_path``.
+    """
+    import subprocess
+    import sys
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "labtrend.cli", "score", "--db", str(db_path), "--model",
+                                 str(model_dir), "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)

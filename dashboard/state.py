@@ -356,3 +356,10 @@ def monitoring_data(period: str):
     status = model_status()
     local = status.path if status.available and Path(status.path).is_dir() else model_dir()
     return _monitoring(path, data_version(path), _outputs_version(path), local, status.stamp, period)
+
+
+# -- the batch job -----------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def scoring_jobs() -> dict:
+    """The ``labtrend score`` process (``Popen``) this dashboard started, per database path: one at a time."""
+    return {}

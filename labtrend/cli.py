@@ -299,24 +299,33 @@ def cmd_demo(args) -> int:
     else:
         print(f"[2/4] using the trained model in {model_dir}", flush=True)
 
+    import time
+
+    t_outputs = time.perf_counter()
     print(f"[3/4] computing forecasts, anomalies, explanations and recommendations for "
-          f"{args.predict_patients} patients (stored for expert review)", flush=True)
-    from clinical.predict import predict_patient, replay_forecasts
+          f"{args.predict_patients} patients (labtrend score; stored for expert review)", flush=True)
+    from clinical.predict import replay_forecasts
+    from labtrend.scoring import ScoreConfig, run_scoring
     from model.inference import ForecastPipeline
 
     if label.startswith("MIMIC-IV") and _demo_model_card(model_dir):
         print(f"      model card: the committed evaluation of this training recipe on MIMIC-IV demo "
               f"(benchmarks/results/{DEMO_CARD}.md) copied into {model_dir.name}", flush=True)
 
-    pipe = ForecastPipeline.from_pretrained(model_dir)
     held = pats[pats["patient_id"].isin(holdout)].sort_values(["n_results", "patient_id"], ascending=[False, True])
-    for pid in held["patient_id"].head(args.predict_patients):
-        out = predict_patient(store, pipe, pid)
-        print(f"      patient {pid}: {len(out['forecasts'])} forecasts, {len(out['anomalies'])} anomalies, "
-              f"{len(out['explanations'])} explanations, {len(out['recommendations'])} recommendations", flush=True)
+    review = held["patient_id"].head(args.predict_patients).astype(str).tolist()
+    if review:
+        summary = run_scoring(ScoreConfig(db_path=str(db), model_dir=str(model_dir)), patients=review)
+        kinds = summary["by_kind"]
+        print(f"      {summary['scored']} patients scored by {summary['workers']} workers: "
+              f"{kinds.get('forecast', 0)} forecasts, {kinds.get('anomaly', 0)} anomalies, "
+              f"{kinds.get('explanation', 0)} explanations, {kinds.get('recommendation', 0)} recommendations"
+              + (f"; failed: {summary['failures']}" if summary["failed"] else ""), flush=True)
+    pipe = ForecastPipeline.from_pretrained(model_dir)
     n_replayed = sum(len(replay_forecasts(store, pipe, pid)) for pid in held["patient_id"])
     print(f"      {n_replayed} forecasts replayed at past collection times of the {len(held)} held-out patients "
           "(their targets have arrived: the Model page's monitoring scores them)", flush=True)
+    print(f"      outputs computed and stored in {time.perf_counter() - t_outputs:.1f} s", flush=True)
 
     from dashboard import access
 
