@@ -147,7 +147,10 @@ def _jsonable(v):
 
 
 def _payload_json(payload: dict) -> str:
-    return json.dumps(_jsonable(payload), sort_keys=True, allow_nan=False, ensure_ascii=False)
+    try:  # a record's payload is already JSON-native (_record converts it): one pass, not two
+        return json.dumps(payload, sort_keys=True, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError):  # timestamps, numpy scalars, NaN: converted first
+        return json.dumps(_jsonable(payload), sort_keys=True, allow_nan=False, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------

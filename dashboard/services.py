@@ -71,6 +71,7 @@ __all__ = [
     "pending_outputs",
     "scoring_status",
     "start_scoring",
+    "warm_explainer",
 ]
 
 FORECAST_COLUMNS = ["patient_id", "analyte_code", "at", "q05", "q10", "q25", "q50", "q75", "q90", "q95",
@@ -534,3 +535,31 @@ def start_scoring(db_path: str | Path, model_dir: str | Path, log_path: str | Pa
         return subprocess.Popen([sys.executable, "-m", "labtrend.cli", "score", "--db", str(db_path), "--model",
                                  str(model_dir), "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def warm_explainer(pipeline):
+    """Import shap and run one small explanation in a background thread; returns the thread (None when served).
+
+    shap takes seconds to import and compiles its numba kernels on its first explanation in a
+    process (:func:`model.explain.warm_up`: about 8 s of CPU on a busy 2-core machine), which the
+    first explanation a clinician asks for would otherwise wait for. Called when the page loads the
+    model, so by the time "Explain this forecast" is switched on the explainer is ready. A
+    failure here only means the first explanation pays that cost; it is logged, never raised.
+    """
+    import logging
+    import threading
+
+    if pipeline is None or hasattr(pipeline, "explain"):  # a served model explains on its server
+        return None
+
+    def run():
+        try:
+            from model.explain import warm_up
+
+            warm_up(pipeline)
+        except Exception:  # noqa: BLE001 - a warm-up only
+            logging.getLogger(__name__).warning("explainer warm-up failed", exc_info=True)
+
+    thread = threading.Thread(target=run, name="labtrend-explainer-warm-up", daemon=True)
+    thread.start()
+    return thread

@@ -209,7 +209,9 @@ def get_pipeline(path: str, stamp: float):
         import torch
 
         torch.set_num_threads(torch_threads())
-    return services.load_pipeline(status)
+    pipeline = services.load_pipeline(status)
+    services.warm_explainer(pipeline)  # the first explanation asked for then does not wait for shap's import
+    return pipeline
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=128, show_spinner="Forecasting…")

@@ -108,6 +108,10 @@ class _Worker:
             if config.pretrained else None
         self.reference = load_reference(config.critical_values) if config.critical_values else default_reference()
         self.rules = load_rules()
+        if config.explain:
+            from model.explain import warm_up
+
+            warm_up(self.pipeline)  # shap's import and numba compilation: once per worker, not in a patient's time
         self.loaded_at = time.time()
 
 

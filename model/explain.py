@@ -52,6 +52,7 @@ __all__ = [
     "EventGroupMasker",
     "explain_forecast",
     "explain_forecasts",
+    "warm_up",
     "NOT_ADDITIVE_MESSAGE",
     "GROUP_TIME",
     "GROUP_AGE",
@@ -109,10 +110,44 @@ class ForecastExplanation:
         return d
 
 
+_SHAP_JIT_MODULES = ("shap.links", "shap.utils._masked_model", "shap.explainers._exact")
+_shap_ready = False
+
+
 def _shap():
-    """shap, imported lazily: it is slow to import and only needed here."""
+    """shap, imported lazily: it is slow to import and only needed here.
+
+    shap compiles its numba kernels (masked-model bookkeeping, the exact explainer's
+    coalition sums) on first use **in every process**: 10-25 s of CPU on a busy 2-core machine,
+    which every scoring worker and the dashboard's first explanation paid. Numba's own on-disk
+    cache is switched on for those kernels (what ``@njit(cache=True)`` does), so they are
+    compiled once per installation and loaded in milliseconds afterwards; numba checks the
+    source file's timestamp, so an upgraded shap compiles afresh.
+    """
+    global _shap_ready
     import shap
 
+    if not _shap_ready:
+        import importlib
+
+        try:
+            from numba.core.dispatcher import Dispatcher
+        except ImportError:  # a numba without this layout: shap still works, it compiles per process
+            Dispatcher = None
+        if Dispatcher is not None:
+            for name in _SHAP_JIT_MODULES:
+                try:
+                    mod = importlib.import_module(name)
+                except ImportError:
+                    continue
+                for obj in vars(mod).values():
+                    if isinstance(obj, Dispatcher) and getattr(obj, "_cache", None) is not None \
+                            and type(obj._cache).__name__ == "NullCache":
+                        try:
+                            obj.enable_caching()
+                        except Exception:  # noqa: BLE001 - e.g. a read-only install: compile per process
+                            log.debug("numba cache not enabled for %s", obj, exc_info=True)
+        _shap_ready = True
     return shap
 
 
@@ -435,3 +470,21 @@ def _explain_row(pipeline, row, base: dict, unit, median: float, *, method, max_
         return ForecastExplanation("not_additive", NOT_ADDITIVE_MESSAGE.format(diff=f"{gap:.3g}"), groups=groups,
                                    **common)
     return ForecastExplanation("ok", None, groups=groups, **common)
+
+
+def warm_up(pipeline) -> None:
+    """Import shap and explain one made-up forecast with each explainer, so that shap's numba kernels
+    are compiled before a real explanation is asked for.
+
+    One of them (the masked model's output bookkeeping) takes shap's link function as an
+    argument and cannot be cached on disk, so every process compiles it once: seconds of CPU
+    (about 8 s on a busy 2-core machine). The history is three results at the analyte's
+    training centre; nothing is stored or returned.
+    """
+    code = pipeline.vocab.codes[0]
+    centre = float(pipeline.scaler.denormalise([code], np.zeros(1))[0])
+    t = pd.Timestamp("2000-01-01")
+    history = pd.DataFrame({"patient_id": "warm-up", "analyte_code": code, "censor": 0, "value": centre,
+                            "collected_at": [t + pd.Timedelta(days=d) for d in range(3)]})
+    for method in ("exact", "permutation"):
+        explain_forecast(pipeline, history, "warm-up", code, t + pd.Timedelta(days=3), method=method, permutations=1)
