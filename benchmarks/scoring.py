@@ -279,6 +279,14 @@ def main() -> int:
             result["throughput"] = throughput(base, tmp, args.model, engines, args.workers, args.runs)
         if "incremental" not in skip:
             result["incremental"] = incremental(base, tmp, args.model, args.workers)
+    previous = Path(__file__).resolve().parent / "results" / "scoring.json"
+    if skip and previous.is_file():  # sections not run now: kept from the last run, and marked so
+        import json
+
+        old = json.loads(previous.read_text())
+        for section in ("explanation", "per_patient", "demo_outputs", "throughput", "incremental"):
+            if section not in result and section in old:
+                result[section] = dict(old[section], carried_from_previous_run=True)
     save("scoring", result)
     return 0
 

@@ -46,6 +46,9 @@ class StoreSettings:
     # DuckDB memory limit, e.g. "4GB"; None lets DuckDB choose.
     memory_limit: str | None = None
     extra_config: dict = field(default_factory=dict)
+    # Open the file read-only: readers in several processes then share it (a read-write opening
+    # excludes every other process); writes and migrations are refused.
+    read_only: bool = False
 
 
 def _is_lock_error(exc: BaseException) -> bool:
@@ -98,7 +101,7 @@ class Store:
         delay = 0.05
         while True:
             try:
-                return duckdb.connect(self.settings.path, read_only=False, config=cfg)
+                return duckdb.connect(self.settings.path, read_only=self.settings.read_only, config=cfg)
             except duckdb.IOException as exc:
                 if not _is_lock_error(exc):
                     raise
@@ -144,7 +147,7 @@ class Store:
             if inst is None:
                 inst = _Instance(self._connect_with_retry())
                 Store._instances[self._key] = inst
-                if not self._migrated:
+                if not self._migrated and not self.settings.read_only:
                     with Store._write_locks[self._key]:
                         _migrate(inst.conn)
                     self._migrated = True

@@ -684,6 +684,10 @@ def cmd_score(args) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"labtrend score: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("labtrend score: interrupted; the patients already written are kept, run it again to go on",
+              file=sys.stderr)
+        return 130
     # The run is recorded in scoring_runs (who, when, what, counts); a CLI audit entry point, when the
     # project has one, belongs here.
     print(json.dumps(summary, default=str), flush=True)

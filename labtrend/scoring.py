@@ -100,9 +100,16 @@ class _Worker:
         from data.db import Store, StoreSettings
         from model.inference import ForecastPipeline
 
+        import multiprocessing
+
         torch.set_num_threads(max(1, int(config.torch_threads)))
         self.config = config
-        self.store = Store(StoreSettings(path=config.db_path, busy_timeout_s=300.0))
+        # A worker process opens the file read-only, so the workers read side by side (a read-write
+        # opening excludes every other process: two workers and the writer then queue for the file,
+        # which made a 2-worker pool slower than one process). The serial engine runs in the
+        # driver, which also writes: one process opens a file in one mode only.
+        in_worker_process = multiprocessing.parent_process() is not None
+        self.store = Store(StoreSettings(path=config.db_path, busy_timeout_s=300.0, read_only=in_worker_process))
         self.pipeline = ForecastPipeline.from_pretrained(config.model_dir, device=config.device)
         self.masked = MaskedValuePredictor.from_pretrained(config.pretrained, device=config.device) \
             if config.pretrained else None

@@ -117,12 +117,14 @@ _shap_ready = False
 def _shap():
     """shap, imported lazily: it is slow to import and only needed here.
 
-    shap compiles its numba kernels (masked-model bookkeeping, the exact explainer's
-    coalition sums) on first use **in every process**: 10-25 s of CPU on a busy 2-core machine,
-    which every scoring worker and the dashboard's first explanation paid. Numba's own on-disk
-    cache is switched on for those kernels (what ``@njit(cache=True)`` does), so they are
-    compiled once per installation and loaded in milliseconds afterwards; numba checks the
-    source file's timestamp, so an upgraded shap compiles afresh.
+    shap compiles its numba kernels on first use **in every process**: 10-25 s of CPU on a busy
+    2-core machine, which every scoring worker and the dashboard's first explanation paid.
+    Numba's own on-disk cache is switched on for them (what ``@njit(cache=True)`` does): the
+    link functions and the exact explainer's coalition sums are then compiled once per
+    installation (numba checks the source file's timestamp, so an upgraded shap compiles
+    afresh). The masked model's output bookkeeping takes the link function as an argument and
+    cannot be cached, so it is still compiled once per process: :func:`warm_up` does that ahead
+    of the first real explanation.
     """
     global _shap_ready
     import shap

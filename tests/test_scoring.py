@@ -198,3 +198,14 @@ def test_engines_give_the_same_outputs_and_load_the_model_once_per_worker(small_
         assert got["payload"].tolist() == ref["payload"].tolist(), engine  # forecasts bit for bit (JSON floats)
     fc = ref[ref["kind"] == "forecast"]
     assert len(fc) > 0 and all('"q50": ' in p for p in fc["payload"])
+
+
+def test_score_command_names_unknown_patients_and_a_missing_model(small_world, tmp_path):
+    from labtrend.cli import main
+
+    db = _fresh(small_world, "cli")
+    ids = tmp_path / "ids.txt"
+    ids.write_text(f"# review list\n{small_world['patients'][0]}\nNOBODY-1\n\n")
+    assert main(["score", "--db", str(db), "--model", str(small_world["model"]), "--patients", str(ids)]) == 2
+    assert main(["score", "--db", str(db), "--model", str(tmp_path / "no-model"), "--no-progress"]) == 2
+    assert main(["score", "--db", str(tmp_path / "missing.duckdb"), "--model", str(small_world["model"])]) == 2
