@@ -97,7 +97,8 @@ def throughput(base: Path, tmp: Path, model: str, engines: list[str], workers: i
 
 
 def incremental(base: Path, tmp: Path, model: str, workers: int) -> dict:
-    """Score everyone, import one new file, score again: only that file's patients are touched."""
+    """After a full run (the process engine's throughput run, else one here), import one new file and
+    score again: only that file's patients are touched."""
     import pandas as pd
 
     from data import queries
@@ -105,9 +106,12 @@ def incremental(base: Path, tmp: Path, model: str, workers: int) -> dict:
     from data.importers import run_import
     from labtrend.scoring import ScoreConfig, run_scoring
 
-    db = _fresh(base, tmp, "incremental")
+    db = tmp / "tp-process-0.duckdb"  # the store the process engine's first throughput run scored
     config = ScoreConfig(db_path=str(db), model_dir=model)
-    first = run_scoring(config, engine="process", workers=workers, progress=False)
+    if not db.is_file():
+        db = _fresh(base, tmp, "incremental")
+        config = ScoreConfig(db_path=str(db), model_dir=model)
+    first = run_scoring(config, engine="process", workers=workers, progress=False)  # nothing left, or everyone
     store = Store(StoreSettings(path=str(db)))
     pats = queries.patients(store).sort_values("patient_id")
     chosen = pats["patient_id"].iloc[[5, 40, 75]].tolist()

@@ -160,7 +160,7 @@ def _score_patient(config: ScoreConfig, patient_id: str, expected_version: str) 
                        "elapsed_s": time.perf_counter() - t0}
     try:
         info, timeline, last_batch, n = _read_patient(w.store, patient_id)
-        base.update(last_batch_id=last_batch, n_results=n)
+        base.update(last_batch_id=last_batch, n_results=n, read_s=time.perf_counter() - t0)
         if info is None or n == 0:
             return base | {"status": "failed: no results for this patient in the store",
                            "elapsed_s": time.perf_counter() - t0}

@@ -541,6 +541,7 @@ def test_page_waits_while_another_process_writes_and_says_so(env, monkeypatch):
     shown = []
     real = state._outside_cache_capture
     monkeypatch.setattr(state, "_outside_cache_capture", lambda draw, *a, **k: (shown.append(a[0]), real(draw, *a, **k)))
+    signed_in("clinician")  # imports done first: on a loaded machine they alone outlasted the 3 s hold
     state.data_version.clear()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('locked', flush=True); "

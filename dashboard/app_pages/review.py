@@ -41,7 +41,7 @@ def _scoring_panel() -> None:
                      + (" (running)" if info.get("running") else ""))
     if status.available and info.get("waiting") is not None:
         parts.append(f"{info['waiting']} patient(s) with results newer than their stored outputs")
-    st.caption("Outputs are computed for every patient by `labtrend score`: " + "; ".join(parts) + ".")
+    st.caption("Outputs are computed for every patient by the batch job (labtrend score): " + "; ".join(parts) + ".")
     if not status.available:
         return
     if running:
