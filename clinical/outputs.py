@@ -55,6 +55,8 @@ __all__ = [
     "recommendation_outputs",
     "store_outputs",
     "prune_superseded",
+    "prune_superseded_in",
+    "upsert_outputs",
     "load_outputs",
     "VerdictResult",
     "record_verdict",
@@ -147,7 +149,10 @@ def _jsonable(v):
 
 
 def _payload_json(payload: dict) -> str:
-    return json.dumps(_jsonable(payload), sort_keys=True, allow_nan=False, ensure_ascii=False)
+    try:  # a record's payload is already JSON-native (_record converts it): one pass, not two
+        return json.dumps(payload, sort_keys=True, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError):  # timestamps, numpy scalars, NaN: converted first
+        return json.dumps(_jsonable(payload), sort_keys=True, allow_nan=False, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +224,9 @@ def explanation_outputs(explanations: list, forecast_ids: list[str]) -> list[dic
     """One record per :class:`model.explain.ForecastExplanation`, linked to its forecast's output id."""
     recs = []
     for e, fid in zip(explanations, forecast_ids):
-        payload = e.to_payload() | {"forecast_output_id": fid,
+        # the time the explainer took is not part of what it says: storing it would make an
+        # unchanged explanation look changed on every run (labtrend score is idempotent)
+        payload = {k: v for k, v in e.to_payload().items() if k != "elapsed_s"} | {"forecast_output_id": fid,
                                     "based_on": {"forecast_output_id": fid, "explainer": f"shap {e.method}",
                                                  "groups": "each analyte's past results, time since last result, age, sex"}}
         recs.append(_record("explanation", e.patient_id, e.analyte_code, e.at, e.model_version, e.method, payload))
@@ -244,35 +251,77 @@ def recommendation_outputs(recommendations: pd.DataFrame) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def store_outputs(store: Store, records: list[dict]) -> dict:
-    """Upsert ``records`` in one transaction; returns ``{'inserted', 'updated', 'unchanged'}`` counts."""
-    if not records:
-        return {"inserted": 0, "updated": 0, "unchanged": 0}
+def _output_rows(records: list[dict]):
+    """``records`` (the last of duplicate ids wins) as an Arrow table of ``model_outputs`` columns, less the times."""
+    import pyarrow as pa
+
     by_id = {}
     for r in records:
-        by_id[r["output_id"]] = r  # the last of duplicates wins
-    now = _utcnow()
-    rows = []
+        by_id[r["output_id"]] = r
+    cols = {k: [] for k in ("output_id", "kind", "patient_id", "analyte_code", "output_time", "rule", "model_version",
+                            "payload", "payload_sha256")}
     for r in by_id.values():
         text = _payload_json(r["payload"])
-        rows.append((r["output_id"], r["kind"], r["patient_id"], r["analyte_code"],
-                     None if r["output_time"] is None else pd.Timestamp(r["output_time"]).to_pydatetime(),
-                     r["rule"], r["model_version"], text, hashlib.sha256(text.encode("utf-8")).hexdigest()))
-    counts = {"inserted": 0, "updated": 0, "unchanged": 0}
+        t = r["output_time"]
+        cols["output_id"].append(r["output_id"])
+        cols["kind"].append(r["kind"])
+        cols["patient_id"].append(r["patient_id"])
+        cols["analyte_code"].append(r["analyte_code"])
+        cols["output_time"].append(None if t is None or pd.isna(t) else pd.Timestamp(t).to_pydatetime())
+        cols["rule"].append(r["rule"])
+        cols["model_version"].append(r["model_version"])
+        cols["payload"].append(text)
+        cols["payload_sha256"].append(hashlib.sha256(text.encode("utf-8")).hexdigest())
+    types = {"output_time": pa.timestamp("us")}
+    return pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in cols.items()})
+
+
+def upsert_outputs(cur, records: list[dict]) -> dict:
+    """Upsert ``records`` with the cursor of an open write transaction (:meth:`data.db.Store.write`).
+
+    One set-based statement per step (new rows inserted, changed payloads replaced), so a
+    patient's thousands of outputs cost milliseconds, not a prepared statement per row.
+    Returns ``{'inserted', 'updated', 'unchanged'}`` counts.
+    """
+    if not records:
+        return {"inserted": 0, "updated": 0, "unchanged": 0}
+    rows = _output_rows(records)
+    now = _utcnow()
+    view = f"_outputs_in_{uuid.uuid4().hex}"
+    cur.register(view, rows)
+    try:
+        cur.execute(f"""CREATE TEMP TABLE {view}_t AS
+                        SELECT i.*, CASE WHEN o.output_id IS NULL THEN 'inserted'
+                                         WHEN o.payload_sha256 <> i.payload_sha256 THEN 'updated'
+                                         ELSE 'unchanged' END AS change
+                        FROM {view} i LEFT JOIN model_outputs o USING (output_id)""")
+        counts = {"inserted": 0, "updated": 0, "unchanged": 0}
+        counts.update(dict(cur.execute(f"SELECT change, count(*) FROM {view}_t GROUP BY change").fetchall()))
+        if counts["inserted"]:
+            cur.execute(f"""INSERT INTO model_outputs
+                            SELECT output_id, kind, patient_id, analyte_code, output_time, rule, model_version,
+                                   payload::JSON, payload_sha256, ?::TIMESTAMP, ?::TIMESTAMP
+                            FROM {view}_t WHERE change = 'inserted' ON CONFLICT (output_id) DO NOTHING""", [now, now])
+        if counts["updated"]:
+            cur.execute(f"""UPDATE model_outputs SET payload = t.payload::JSON, payload_sha256 = t.payload_sha256,
+                                                     updated_at = ?::TIMESTAMP
+                            FROM {view}_t t WHERE t.change = 'updated' AND model_outputs.output_id = t.output_id""",
+                        [now])
+        cur.execute(f"DROP TABLE {view}_t")
+    finally:
+        cur.unregister(view)
+    return {k: int(v) for k, v in counts.items()}
+
+
+def store_outputs(store: Store, records: list[dict]) -> dict:
+    """Upsert ``records`` in one transaction (:func:`upsert_outputs`); returns ``{'inserted', 'updated', 'unchanged'}``.
+
+    An unchanged payload is left alone; a changed one replaces the stored one and moves ``updated_at``.
+    """
+    if not records:
+        return {"inserted": 0, "updated": 0, "unchanged": 0}
     with store.write() as cur:
-        have = dict(cur.execute("SELECT output_id, payload_sha256 FROM model_outputs WHERE list_contains(?, output_id)",
-                                [list(by_id)]).fetchall())
-        new = [r for r in rows if r[0] not in have]
-        changed = [r for r in rows if r[0] in have and have[r[0]] != r[8]]
-        counts = {"inserted": len(new), "updated": len(changed), "unchanged": len(rows) - len(new) - len(changed)}
-        if new:
-            cur.executemany(
-                "INSERT INTO model_outputs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (output_id) DO NOTHING",
-                [r + (now, now) for r in new])
-        for r in changed:
-            cur.execute("UPDATE model_outputs SET payload = ?, payload_sha256 = ?, updated_at = ? WHERE output_id = ?",
-                        [r[7], r[8], now, r[0]])
-    return counts
+        return upsert_outputs(cur, records)
 
 
 def prune_superseded(store: Store, patient_id: str, kind: str, keep_ids, *, before, version_prefix: str) -> int:
@@ -286,14 +335,19 @@ def prune_superseded(store: Store, patient_id: str, kind: str, keep_ids, *, befo
     in the review queue for ever.
     """
     with store.write() as cur:
-        ids = [r[0] for r in cur.execute(
-            """SELECT output_id FROM model_outputs o
-               WHERE patient_id = ? AND kind = ? AND starts_with(model_version, ?) AND output_time < ?
-                 AND NOT list_contains(?::VARCHAR[], output_id)
-                 AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.output_id = o.output_id)""",
-            [str(patient_id), kind, version_prefix, pd.Timestamp(before).to_pydatetime(), list(keep_ids)]).fetchall()]
-        if ids:
-            cur.execute("DELETE FROM model_outputs WHERE list_contains(?::VARCHAR[], output_id)", [ids])
+        return prune_superseded_in(cur, patient_id, kind, keep_ids, before=before, version_prefix=version_prefix)
+
+
+def prune_superseded_in(cur, patient_id: str, kind: str, keep_ids, *, before, version_prefix: str) -> int:
+    """:func:`prune_superseded` on an open write cursor (inside the caller's transaction: the batch writer)."""
+    ids = [r[0] for r in cur.execute(
+        """SELECT output_id FROM model_outputs o
+           WHERE patient_id = ? AND kind = ? AND starts_with(model_version, ?) AND output_time < ?
+             AND NOT list_contains(?::VARCHAR[], output_id)
+             AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.output_id = o.output_id)""",
+        [str(patient_id), kind, version_prefix, pd.Timestamp(before).to_pydatetime(), list(keep_ids)]).fetchall()]
+    if ids:
+        cur.execute("DELETE FROM model_outputs WHERE list_contains(?::VARCHAR[], output_id)", [ids])
     return len(ids)
 
 

@@ -71,6 +71,9 @@ __all__ = [
     "load_explanation",
     "review_backend",
     "pending_outputs",
+    "scoring_status",
+    "start_scoring",
+    "warm_explainer",
 ]
 
 FORECAST_COLUMNS = ["patient_id", "analyte_code", "at", "q05", "q10", "q25", "q50", "q75", "q90", "q95",
@@ -515,3 +518,72 @@ def pending_outputs(store, expert: str) -> ServiceResult:
         return ServiceResult(_empty(OUTPUT_COLUMNS), False, "No model outputs to review yet.")
     return ServiceResult(frame, False, "Review is unavailable: the verdict service (clinical/outputs.py) is not "
                                        "installed yet. Outputs are listed read-only.")
+
+
+def scoring_status(store, model_dir: str | Path | None) -> ServiceResult:
+    """Where the batch job (``labtrend score``) stands for the model in ``model_dir``.
+
+    ``extra``: ``waiting`` (patients with results newer than their stored outputs, or never
+    scored with this model and settings; None without a local model), ``scored``,
+    ``last_run`` (the latest ``scoring_runs`` row as a dict, or None) and ``running`` (True
+    while that run has not finished). ``available`` is False without a local model folder.
+    """
+    from labtrend.scoring import ScoreConfig, scoring_key
+    from labtrend.scoring import scoring_status as _status
+
+    status = model_status(model_dir) if model_dir and not is_model_url(model_dir) else None
+    key = None
+    if status is not None and status.available and status.version:
+        key = scoring_key(status.version, ScoreConfig(db_path=str(store.settings.path), model_dir=str(model_dir)))
+    st = _status(store, key)
+    last = st["last_run"]
+    st["running"] = bool(last is not None and (last.get("finished_at") is None or pd.isna(last.get("finished_at"))))
+    if key is None:
+        return ServiceResult(_empty([]), False, "Outputs are computed by `labtrend score` with a local model folder.",
+                             extra=st)
+    return ServiceResult(_empty([]), True, "", extra=st)
+
+
+def start_scoring(db_path: str | Path, model_dir: str | Path, log_path: str | Path):
+    """Start ``labtrend score`` for the patients with new results, in its own process; returns the ``Popen``.
+
+    The run writes its outputs in short batches (the dashboard keeps reading between them)
+    and its progress into ``scoring_runs``; its output goes to ``log_path``.
+    """
+    import subprocess
+    import sys
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "labtrend.cli", "score", "--db", str(db_path), "--model",
+                                 str(model_dir), "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def warm_explainer(pipeline):
+    """Import shap and run one small explanation in a background thread; returns the thread (None when served).
+
+    shap takes seconds to import and compiles its numba kernels on its first explanation in a
+    process (:func:`model.explain.warm_up`: about 8 s of CPU on a busy 2-core machine), which the
+    first explanation a clinician asks for would otherwise wait for. Called when the page loads the
+    model, so by the time "Explain this forecast" is switched on the explainer is ready. A
+    failure here only means the first explanation pays that cost; it is logged, never raised.
+    """
+    import logging
+    import threading
+
+    if pipeline is None or hasattr(pipeline, "explain"):  # a served model explains on its server
+        return None
+
+    def run():
+        try:
+            from model.explain import warm_up
+
+            warm_up(pipeline)
+        except Exception:  # noqa: BLE001 - a warm-up only
+            logging.getLogger(__name__).warning("explainer warm-up failed", exc_info=True)
+
+    thread = threading.Thread(target=run, name="labtrend-explainer-warm-up", daemon=True)
+    thread.start()
+    return thread

@@ -230,7 +230,9 @@ def get_pipeline(path: str, stamp: float):
         import torch
 
         torch.set_num_threads(torch_threads())
-    return services.load_pipeline(status)
+    pipeline = services.load_pipeline(status)
+    services.warm_explainer(pipeline)  # the first explanation asked for then does not wait for shap's import
+    return pipeline
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=128, show_spinner="Forecasting…")
@@ -395,3 +397,10 @@ def agreement() -> pd.DataFrame:
     when an output or a verdict is stored."""
     path = db_path()
     return _agreement(path, _outputs_version(path))
+
+
+# -- the batch job -----------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def scoring_jobs() -> dict:
+    """The ``labtrend score`` process (``Popen``) this dashboard started, per database path: one at a time."""
+    return {}

@@ -41,6 +41,8 @@ ACTIONS = (
     "import", "list_patients", "export", "predict", "forecast", "evaluate", "train",
     # local test codes mapped to LOINC (analyst page and command line)
     "code_map",
+    # batch scoring started from the Review page
+    "score",
 )
 AUDIT_COLUMNS = ["audit_id", "logged_at", "username", "role", "action", "patient_id", "detail"]
 #: The role recorded for an action taken on the command line (the username is the OS account).

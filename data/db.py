@@ -49,6 +49,9 @@ class StoreSettings:
     # Folder DuckDB spills to; None: $LABTREND_DUCKDB_TEMP_DIR, else '<database file>.tmp'.
     temp_directory: str | None = None
     extra_config: dict = field(default_factory=dict)
+    # Open the file read-only: readers in several processes then share it (a read-write opening
+    # excludes every other process); writes and migrations are refused.
+    read_only: bool = False
 
 
 def memory_config(settings: StoreSettings) -> dict:
@@ -112,7 +115,7 @@ class Store:
         delay = 0.05
         while True:
             try:
-                return duckdb.connect(self.settings.path, read_only=False, config=cfg)
+                return duckdb.connect(self.settings.path, read_only=self.settings.read_only, config=cfg)
             except duckdb.IOException as exc:
                 if not _is_lock_error(exc):
                     raise
@@ -158,7 +161,7 @@ class Store:
             if inst is None:
                 inst = _Instance(self._connect_with_retry())
                 Store._instances[self._key] = inst
-                if not self._migrated:
+                if not self._migrated and not self.settings.read_only:
                     with Store._write_locks[self._key]:
                         _migrate(inst.conn)
                     self._migrated = True

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import types
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -897,3 +898,46 @@ def test_patient_link_on_the_app_address_opens_the_timeline(env):
     assert not at.exception
     assert at.title[0].value == "Patient timeline"
     assert at.selectbox(key="timeline_patient").value == "P0020" and at.session_state["timeline_period"] == "All"
+
+
+def test_review_page_shows_the_batch_job_and_starts_it(env, tmp_path, monkeypatch):
+    """The review queue is filled by labtrend score: the page says how many patients wait, and the button
+    runs the job in its own process while the page keeps reading the store."""
+    torch = pytest.importorskip("torch")
+    from data import queries
+    from model.configuration import config_preset
+    from model.features import AnalyteScaler, AnalyteVocab
+    from model.inference import ForecastPipeline
+    from model.modeling import LabTrendForForecasting
+
+    db = tmp_path / "scored.duckdb"
+    store = open_store(db)
+    for name in ("XAI-15", "LAB-04"):
+        run_import(store, env.cases / f"{name}.csv")
+    history = queries.cohort(store)
+    torch.manual_seed(0)
+    vocab = AnalyteVocab.fit(history)
+    ForecastPipeline(LabTrendForForecasting(config_preset("tiny", n_analytes=len(vocab))), vocab,
+                     AnalyteScaler.fit(history)).save_pretrained(tmp_path / "model")
+    monkeypatch.setenv("LABTREND_DB", str(db))
+    monkeypatch.setenv("LABTREND_MODEL", str(tmp_path / "model"))
+    n = len(queries.patients(store))
+    at = signed_in("expert")
+    at.switch_page("app_pages/review.py").run()
+    assert not at.exception
+    assert f"{n} patient(s) with results newer than their stored outputs" in texts(at)
+    assert "it has not run on this database yet" in texts(at)
+    next(b for b in at.button if b.label.startswith("Compute outputs for the")).click().run()
+    assert not at.exception
+    assert len(audit.read_log(store, action="score")) == 1
+    while True:  # wait on the run's state in the store (the page reads it the same way)
+        with store.read() as cur:
+            row = cur.execute("SELECT finished_at, scored FROM scoring_runs").fetchone()
+        if row is not None and row[0] is not None:
+            break
+        time.sleep(0.1)
+    assert row[1] == n
+    at.run()
+    assert "0 patient(s) with results newer than their stored outputs" in texts(at)
+    assert f"{n} of {n} patients scored" in texts(at)
+    assert at.session_state["review_current"] is not None  # the queue has the job's outputs

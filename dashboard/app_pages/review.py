@@ -33,6 +33,42 @@ st.caption("Judge each model output: is it clinically valid? Your verdict and co
 db = state.db_path()
 store = state.get_store(db)
 backend = services.review_backend()
+
+
+def _scoring_panel() -> None:
+    """Where the batch job stands: the last run, the patients waiting, and a button to score them now."""
+    status = services.scoring_status(store, state.model_dir())
+    info = status.extra
+    last = info.get("last_run")
+    job = state.scoring_jobs().get(state.db_path())
+    running = job is not None and job.poll() is None
+    parts = ["it has not run on this database yet"]
+    if last is not None:
+        parts = []
+        when = pd.Timestamp(last["started_at"]).strftime("%Y-%m-%d %H:%M")
+        parts.append(f"last run {when} UTC: {int(last['scored'])} of {int(last['selected'])} patients scored"
+                     + (f", {int(last['failed'])} failed" if int(last["failed"]) else "")
+                     + (" (running)" if info.get("running") else ""))
+    if status.available and info.get("waiting") is not None:
+        parts.append(f"{info['waiting']} patient(s) with results newer than their stored outputs")
+    st.caption("Outputs are computed for every patient by the batch job (labtrend score): " + "; ".join(parts) + ".")
+    if not status.available:
+        return
+    if running:
+        st.info("Computing outputs for the patients with new results; the queue fills as each batch is stored.")
+        if st.button("Refresh", key="review_scoring_refresh"):
+            st.rerun()
+    elif info.get("waiting") and st.button(f"Compute outputs for the {info['waiting']} waiting patient(s)",
+                                          key="review_scoring_start"):
+        from labtrend import settings
+
+        proc = services.start_scoring(state.db_path(), state.model_dir(), settings.VAR_DIR / "scoring.log")
+        state.scoring_jobs()[state.db_path()] = proc
+        auth.record("score", detail={"pid": proc.pid, "waiting": int(info["waiting"])})
+        st.rerun()
+
+
+_scoring_panel()
 queue = services.pending_outputs(store, user.username)
 
 if backend is None:
