@@ -48,6 +48,8 @@ class StoreSettings:
     memory_limit: str | None = None
     # Folder DuckDB spills to; None: $LABTREND_DUCKDB_TEMP_DIR, else '<database file>.tmp'.
     temp_directory: str | None = None
+    # Most DuckDB may spill, e.g. "20GB"; None: $LABTREND_DUCKDB_MAX_TEMP_SIZE, else DuckDB's 90 % of free disk.
+    max_temp_size: str | None = None
     extra_config: dict = field(default_factory=dict)
     # Open the file read-only: readers in several processes then share it (a read-write opening
     # excludes every other process); writes and migrations are refused.
@@ -55,14 +57,18 @@ class StoreSettings:
 
 
 def memory_config(settings: StoreSettings) -> dict:
-    """DuckDB's ``memory_limit`` and ``temp_directory`` for a store (data.settings' defaults:
-    2 GB, spilling beside the database file), so one process cannot take a shared server's memory."""
+    """DuckDB's ``memory_limit``, ``temp_directory`` and ``max_temp_directory_size`` for a store
+    (data.settings' defaults: 2 GB, spilling beside the database file, up to DuckDB's 90 % of the
+    free disk), so one process cannot take a shared server's memory or disk."""
     from data import settings as site
 
     cfg = {"memory_limit": site.duckdb_memory_limit(settings.memory_limit)}
     temp = site.duckdb_temp_dir(settings.path, settings.temp_directory)
     if temp is not None:
         cfg["temp_directory"] = str(temp)
+        cap = site.duckdb_max_temp_size(settings.max_temp_size)
+        if cap is not None:
+            cfg["max_temp_directory_size"] = cap
     return cfg
 
 

@@ -53,6 +53,14 @@ def duckdb_temp_dir(db_file: str | os.PathLike, explicit: str | os.PathLike | No
     return Path(f"{db_file}.tmp")
 
 
+def duckdb_max_temp_size(explicit: str | None = None) -> str | None:
+    """DuckDB ``max_temp_directory_size``, the most a process may spill: explicit, else
+    ``$LABTREND_DUCKDB_MAX_TEMP_SIZE`` (e.g. ``20GB``), else None (DuckDB's default, 90 % of the
+    free disk). An import that would spill more stops and stores nothing
+    (:class:`data.importers.ImportResourceError`)."""
+    return explicit or os.environ.get("LABTREND_DUCKDB_MAX_TEMP_SIZE", "").strip() or None
+
+
 def legacy_users_file() -> Path:
     """Where accounts were kept before they moved into the store: ``$LABTREND_USERS``, else
     ``var/users.yaml`` (``labtrend users import --file`` copies them in)."""

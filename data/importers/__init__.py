@@ -7,17 +7,22 @@ JSON / NDJSON), ``omop`` (CDM v5.4 MEASUREMENT + PERSON), ``synthea`` (observati
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
+
+import duckdb
 
 from data import codemap, timezones
-from data.importers.base import ImportFileError, ImportOptions, Staged
+from data.importers.base import ImportFileError, ImportOptions, ImportResourceError, Staged
 from data.importers.pipeline import ImportSummary, drop_temp, load_staged, summary_json
 
-__all__ = ["run_import", "detect_format", "ImportFileError", "ImportOptions", "ImportSummary", "summary_json", "FORMATS"]
+__all__ = ["run_import", "detect_format", "ImportFileError", "ImportOptions", "ImportResourceError", "ImportSummary",
+           "summary_json", "FORMATS"]
 
 FORMATS = {
     "csv": "data.importers.csv_long",
@@ -104,6 +109,29 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+@contextlib.contextmanager
+def _within_resources(store, label: str) -> Iterator[None]:
+    """Turn DuckDB running out of memory or spill space (after the transaction rolled back) into
+    an :class:`ImportResourceError` naming the file, the settings and what to change."""
+    try:
+        yield
+    except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
+        if isinstance(exc, duckdb.IOException) and "space" not in str(exc).lower():
+            raise  # not a full disk
+        from data.db import memory_config
+
+        cfg = memory_config(store.settings)
+        first = str(exc).splitlines()[0].replace("Out of Memory Error: ", "")
+        raise ImportResourceError(
+            f"{label}: not imported, nothing was stored: the import needs more than this process may use "
+            f"({first}). DuckDB memory limit {cfg['memory_limit']} ($LABTREND_DUCKDB_MEMORY_LIMIT), spill folder "
+            f"{cfg.get('temp_directory', 'none (in-memory store)')} ($LABTREND_DUCKDB_TEMP_DIR)"
+            + (f" capped at {cfg['max_temp_directory_size']} ($LABTREND_DUCKDB_MAX_TEMP_SIZE)"
+               if "max_temp_directory_size" in cfg else "")
+            + ": raise the limit, give the spill folder more disk, or split the file."
+        ) from exc
+
+
 def run_import(store, path, fmt: str | None = None, options: ImportOptions | None = None) -> ImportSummary:
     """Import one file or folder into the store, in one transaction.
 
@@ -116,6 +144,9 @@ def run_import(store, path, fmt: str | None = None, options: ImportOptions | Non
         the file cannot be read at all (not CSV/JSON, no patient or value column, empty,
         ambiguous dates or decimal mark), the time zone is unknown, or the site mapping
         file of local codes is invalid; nothing is written.
+    ImportResourceError
+        (an ImportFileError) the import did not fit in DuckDB's memory limit even with spilling,
+        or the spill folder reached ``max_temp_directory_size`` or a full disk; nothing is written.
     """
     path = Path(path)
     options = options or ImportOptions()
@@ -136,7 +167,7 @@ def run_import(store, path, fmt: str | None = None, options: ImportOptions | Non
         raise ImportFileError(f"{path}: no such file or folder")
     sha, legacy_sha = _file_sha256(files)
     started = _now()
-    with store.write() as cur:
+    with _within_resources(store, label), store.write() as cur:
         prior = cur.execute(
             "SELECT batch_id, file_name, started_at FROM import_batches WHERE sha256 IN (?, ?) AND status = 'complete' "
             "ORDER BY batch_id LIMIT 1", [sha, legacy_sha]

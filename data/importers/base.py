@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["STAGING_COLUMNS", "PATIENT_COLUMNS", "ImportFileError", "ImportOptions", "Staged"]
+__all__ = ["STAGING_COLUMNS", "PATIENT_COLUMNS", "ImportFileError", "ImportResourceError", "ImportOptions", "Staged"]
 
 STAGING_COLUMNS = (
     "source_row",  # BIGINT, 1-based data row of the source (file line = row + 1 for CSV with header)
@@ -39,6 +39,15 @@ class ImportFileError(Exception):
     """A file that cannot be read at all. Nothing is written; the CLI exits with status 2.
 
     The message names the file and what is missing or wrong.
+    """
+
+
+class ImportResourceError(ImportFileError):
+    """An import that needs more than this process may use: DuckDB's memory limit was too small
+    for one step even with spilling, or the spill folder reached its cap or filled the disk.
+    Nothing is written (the transaction rolls back); the message names the file, the settings
+    and how to raise them. A subclass of :class:`ImportFileError`, so every caller that reports
+    a refused file reports this too.
     """
 
 

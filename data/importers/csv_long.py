@@ -82,11 +82,15 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
         return f"{_q(cols[c])} AS {c}" if c in cols else f"NULL::VARCHAR AS {c}"
 
     extras = [f"{_q(cols[c])} AS {c}" for c in ("sex", "birth_date") if c in cols]
-    select_sql = "SELECT " + ", ".join([sel(c) for c in STAGING_COLUMNS] + extras) + " FROM raw"
+    # the file's columns are staged row by row; a column it lacks is a NULL of the staging view
+    stored = [sel(c) for c in STAGING_COLUMNS if c == "source_row" or c in cols] + extras
+    view = [c if c in cols else sel(c) for c in STAGING_COLUMNS if c != "source_row"]
+    view += [c for c in ("sex", "birth_date") if c in cols]
+    select_sql = "SELECT " + ", ".join(stored) + " FROM raw"
     # the byte scan for control characters runs while DuckDB reads the file (DuckDB releases the GIL)
     with ThreadPoolExecutor(max_workers=1) as pool:
         scan = pool.submit(has_control_bytes, path)
-        encoding = read_csv_varchar(cur, dialect, "stg", select_sql, as_view=True)
+        encoding = read_csv_varchar(cur, dialect, "stg", select_sql, as_view=True, columns=view)
         control = scan.result()
     staged = Staged(format=FORMAT, files=[path])
     staged.control_possible = control or encoding not in ("utf-8", "utf-8-sig")

@@ -116,6 +116,30 @@ def _legacy_byte(err: UnicodeDecodeError) -> tuple[str, int]:
 codecs.register_error("labtrend-legacy-byte", _legacy_byte)
 
 
+#: Bytes read at a time by the Python passes over a file (transcoding, empty-line scan): memory
+#: stays flat whatever the file's size.
+_CHUNK = 1 << 24
+
+
+class _SameText:
+    """Whether two decodings of one byte stream, fed in pieces that need not line up, are equal."""
+
+    def __init__(self):
+        self.same, self._a, self._b = True, "", ""
+
+    def feed(self, a: str, b: str) -> None:
+        if not self.same:
+            return
+        self._a, self._b = self._a + a, self._b + b
+        n = min(len(self._a), len(self._b))
+        if self._a[:n] != self._b[:n]:
+            self.same = False
+        self._a, self._b = self._a[n:], self._b[n:]
+
+    def equal(self) -> bool:
+        return self.same and not self._a and not self._b
+
+
 def transcode_to_utf8(path: Path, workdir: Path) -> tuple[Path, str]:
     """A UTF-8 copy of a file that is not valid UTF-8; returns (copy, encoding found).
 
@@ -123,20 +147,29 @@ def transcode_to_utf8(path: Path, workdir: Path) -> tuple[Path, str]:
     read as cp1252 (Windows lab exports: µ is 0xB5, ä 0xE4), or latin-1 for the five bytes
     cp1252 leaves undefined. A mostly UTF-8 export with one stray cp1252 byte therefore keeps
     its patient ids and units, instead of every ``é`` turning into ``Ã©``. The encoding
-    returned is 'cp1252' when the file reads the same as pure cp1252, else
-    'utf-8 with cp1252 bytes'.
+    returned is 'cp1252' when the file reads the same as pure cp1252 (as pure latin-1 when a
+    byte is undefined in cp1252), else 'utf-8 with cp1252 bytes'.
+
+    Streamed in :data:`_CHUNK` pieces: a few tens of MB of memory whatever the file's size.
     """
-    with _open_bytes(path) as fh:
-        data = fh.read()
-    text = data.decode("utf-8", errors="labtrend-legacy-byte")
-    try:
-        pure = data.decode("cp1252")
-    except UnicodeDecodeError:
-        pure = data.decode("latin-1")
-    enc = "cp1252" if text == pure else "utf-8 with cp1252 bytes"
     out = workdir / (path.name.removesuffix(".gz") + ".utf8.csv")
-    out.write_text(text, encoding="utf-8")
-    return out, enc
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="labtrend-legacy-byte")
+    as_cp1252, as_latin1, cp1252_reads = _SameText(), _SameText(), True
+    with _open_bytes(path) as fh, open(out, "w", encoding="utf-8", newline="") as dst:
+        while True:
+            chunk = fh.read(_CHUNK)
+            text = utf8.decode(chunk, final=not chunk)  # holds back a sequence cut by the chunk's end
+            dst.write(text)
+            if cp1252_reads:  # single-byte codes: decoding chunk by chunk is exact
+                try:
+                    as_cp1252.feed(text, chunk.decode("cp1252"))
+                except UnicodeDecodeError:
+                    cp1252_reads = False
+            as_latin1.feed(text, chunk.decode("latin-1"))
+            if not chunk:
+                break
+    pure = as_cp1252 if cp1252_reads else as_latin1
+    return out, "cp1252" if pure.equal() else "utf-8 with cp1252 bytes"
 
 
 def _is_encoding_error(exc: Exception) -> bool:
@@ -145,7 +178,8 @@ def _is_encoding_error(exc: Exception) -> bool:
 
 
 def read_csv_varchar(
-    cur, dialect: CsvDialect, table: str, select_sql: str, workdir: Path | None = None, as_view: bool = False
+    cur, dialect: CsvDialect, table: str, select_sql: str, workdir: Path | None = None, as_view: bool = False,
+    columns: list[str] | None = None,
 ) -> str:
     """Create temp ``table`` from the file in one pass, every column VARCHAR.
 
@@ -159,12 +193,25 @@ def read_csv_varchar(
     With ``as_view`` (``select_sql`` must keep every row, in file order) the rows go to
     ``{table}_file`` and ``table`` is a view adding ``source_row`` from the table's row
     ids: numbering rows with a window over the reader costs as much as reading the file.
+
+    ``columns``: the select items of ``table`` (after ``source_row``) over what ``select_sql``
+    selects, e.g. ``NULL::VARCHAR AS comment`` for a column the file lacks: a constant is then
+    written once in the view instead of on every row of the staged copy (which is memory, or
+    spill, on a large file). Default: every column ``select_sql`` selects.
     """
 
     # Row ids follow the file only while DuckDB preserves insertion order (its default).
     as_view = as_view and bool(cur.execute("SELECT current_setting('preserve_insertion_order')").fetchone()[0])
     target = f"{table}_file" if as_view else table
     numbering = "NULL::BIGINT" if as_view else "row_number() OVER ()"
+
+    if as_view:  # the row ids number the rows: no column of NULLs stored for them (9 bytes a row)
+        select_sql = f"SELECT * EXCLUDE (source_row) FROM ({select_sql})"
+        rest = ", ".join(columns) if columns else "*"
+    else:
+        rest = ", ".join(columns) if columns else "* EXCLUDE (source_row)"
+        if columns:
+            select_sql = f"SELECT source_row, {rest} FROM ({select_sql})"
 
     def attempt(path: Path) -> int:
         cur.execute("DROP TABLE IF EXISTS reject_errors; DROP TABLE IF EXISTS reject_scans")
@@ -214,12 +261,12 @@ def read_csv_varchar(
         if n and hi - lo + 1 == n and not n_rejects:
             cur.execute(
                 f"CREATE OR REPLACE TEMP VIEW {table} AS "
-                f"SELECT rowid - {int(lo)} + 1 AS source_row, * EXCLUDE (source_row) FROM {target}"
+                f"SELECT rowid - {int(lo)} + 1 AS source_row, {rest} FROM {target}"
             )
         else:  # rare: numbered into a table (renumbered below when lines were rejected)
             cur.execute(
                 f"CREATE OR REPLACE TEMP TABLE {table} AS "
-                f"SELECT row_number() OVER (ORDER BY rowid) AS source_row, * EXCLUDE (source_row) FROM {target}"
+                f"SELECT row_number() OVER (ORDER BY rowid) AS source_row, {rest} FROM {target}"
             )
             cur.execute(f"DROP TABLE {target}")
     if n_rejects:
@@ -234,26 +281,42 @@ def read_csv_varchar(
     return used
 
 
+def _has_empty_line(path: Path) -> bool:
+    """True when the (possibly gzipped) file has an empty line (``\\n\\n`` or ``\\n\\r\\n``); streamed."""
+    tail = b""
+    with _open_bytes(path) as fh:
+        while chunk := fh.read(_CHUNK):
+            if re.search(rb"\n\r?\n", tail + chunk):
+                return True
+            tail = chunk[-2:]
+    return False
+
+
+def _text_stream(fh) -> io.TextIOWrapper:
+    # records split as DuckDB splits them: no newline translation, a stray byte read as cp1252
+    return io.TextIOWrapper(fh, encoding="utf-8", errors="labtrend-legacy-byte", newline="")
+
+
 def _blank_records(dialect: CsvDialect) -> list[int]:
     """1-based record numbers (the header is record 1) of the file's empty lines.
 
     DuckDB's reject line numbers count empty lines, which it skips, while data rows are
     numbered without them. Python's csv module splits records as DuckDB does (a quoted
     field may span lines) and yields an empty record for an empty line. Read only when a
-    line was rejected and the file has an empty line.
+    line was rejected and the file has an empty line; streamed, so memory does not grow with
+    the file.
     """
-    with _open_bytes(dialect.path) as fh:
-        data = fh.read()
-    if not re.search(rb"\n\r?\n", data):  # no empty line at all
+    if not _has_empty_line(dialect.path):
         return []
-    text = data.decode("utf-8", errors="labtrend-legacy-byte")
     blanks = []
     try:
-        for i, record in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=dialect.delimiter), start=1):
-            if not record:
-                blanks.append(i)
+        with _open_bytes(dialect.path) as fh:
+            for i, record in enumerate(csv.reader(_text_stream(fh), delimiter=dialect.delimiter), start=1):
+                if not record:
+                    blanks.append(i)
     except csv.Error:  # an unclosed quote: count physical empty lines up to it instead
-        blanks = [i for i, line in enumerate(text.splitlines(), start=1) if not line.strip("\r")]
+        with _open_bytes(dialect.path) as fh:
+            blanks = [i for i, line in enumerate(_text_stream(fh), start=1) if not line.strip("\r\n")]
     return blanks
 
 

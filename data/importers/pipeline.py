@@ -717,21 +717,38 @@ def load_staged(cur, staged: Staged, batch_id: int, file_label: str, *, zone_nam
 _ZONE_RANGE = "TIMESTAMP '1900-01-01' AND TIMESTAMP '9999-12-30 23:59:59'"
 
 
+#: Distinct local times read in a zone per Python call: about 90 MB of memory per million, so
+#: a file whose every row has its own time is read in pieces instead of all at once.
+ZONE_CHUNK = 250_000
+
+
 def _zone_map(cur, time_columns: str, zone_name: str) -> int:
     """Temp table ``tz_map`` (t, offset_min, flag): every distinct local time of ``stg`` written
-    without an offset (collection and report), read in ``zone_name`` (:func:`data.timezones.localize`).
-    Returns its number of rows."""
-    local = cur.execute(
+    without an offset (collection and report), read in ``zone_name`` (:func:`data.timezones.localize`)
+    :data:`ZONE_CHUNK` times at a time. Returns its number of rows."""
+    cur.execute(
         f"""
-        WITH q AS (SELECT {time_columns} FROM stg t)
-        SELECT _t_local AS t FROM q WHERE _t_off IS NULL AND _t_local BETWEEN {_ZONE_RANGE}
-        UNION SELECT _r_local FROM q WHERE _r_off IS NULL AND _r_local BETWEEN {_ZONE_RANGE}
+        CREATE OR REPLACE TEMP TABLE tz_local AS
+        SELECT t, row_number() OVER () AS i FROM (
+            WITH q AS (SELECT {time_columns} FROM stg t)
+            SELECT _t_local AS t FROM q WHERE _t_off IS NULL AND _t_local BETWEEN {_ZONE_RANGE}
+            UNION SELECT _r_local FROM q WHERE _r_off IS NULL AND _r_local BETWEEN {_ZONE_RANGE}
+        )
         """
-    ).fetchnumpy()["t"]
-    frame = localize(np.asarray(local), zone_name)
-    frame = pd.DataFrame({"t": frame["local"], "offset_min": frame["offset_min"], "flag": frame["flag"]})
-    _register_table(cur, "tz_map", frame, "t::TIMESTAMP AS t, offset_min::SMALLINT AS offset_min, flag::VARCHAR AS flag")
-    return len(frame)
+    )
+    cur.execute("CREATE OR REPLACE TEMP TABLE tz_map (t TIMESTAMP, offset_min SMALLINT, flag VARCHAR)")
+    n = cur.execute("SELECT count(*) FROM tz_local").fetchone()[0]
+    for lo in range(0, n, ZONE_CHUNK):
+        local = cur.execute("SELECT t FROM tz_local WHERE i > ? AND i <= ?", [lo, lo + ZONE_CHUNK]).fetchnumpy()["t"]
+        frame = localize(np.asarray(local), zone_name)
+        frame = pd.DataFrame({"t": frame["local"], "offset_min": frame["offset_min"], "flag": frame["flag"]})
+        cur.register("tz_chunk_df", frame)
+        try:
+            cur.execute("INSERT INTO tz_map SELECT t::TIMESTAMP, offset_min::SMALLINT, flag::VARCHAR FROM tz_chunk_df")
+        finally:
+            cur.unregister("tz_chunk_df")
+    cur.execute("DROP TABLE tz_local")
+    return n
 
 
 def _unmapped(keys: pd.DataFrame) -> dict[str, int]:
