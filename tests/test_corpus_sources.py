@@ -312,9 +312,11 @@ def test_pretraining_json_records_the_sources_and_their_counts(cdisc_pretrained,
     assert report["args"]["corpus_sources"] == "mimic3,cdisc" and report["args"]["exclude_source"] == "synthetic"
 
 
-def test_unknown_source_is_a_usage_error(capsys):
-    assert train.main(["--stage", "pretrain", "--sources", "mimic4", "--init", "unused", *TINY]) == train.EXIT_BAD_INPUT
+def test_unknown_source_is_a_usage_error(capsys, tmp_path):
+    out = tmp_path / "unused"
+    assert train.main(["--stage", "pretrain", "--sources", "mimic4", "--init", str(out), *TINY]) == train.EXIT_BAD_INPUT
     assert "unknown corpus source 'mimic4'" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_fine_tuning_replays_from_the_sources_its_checkpoint_records(cdisc_pretrained):
