@@ -258,9 +258,13 @@ def require_page(page_key: str) -> CurrentUser:
 def browser_scripts() -> None:
     """This run's page scripts: hand the one-time grant to the browser (once, after a password sign-in),
     and push back the idle reload. Drawn by the entry point at the bottom of the sidebar."""
-    grant = st.session_state.pop(_GRANT_KEY, None)
-    if grant:
+    grant = st.session_state.get(_GRANT_KEY)
+    if grant and sessions.grant_pending(_store(), grant, now=sessions.utcnow()):
+        # handed over on every run until the browser has exchanged it: a run cut short by a page switch
+        # (a deep link opened right after signing in) may never have delivered its script
         st.html(session_cookie.grant_script(grant, _base_url_path()), unsafe_allow_javascript=True)
+    elif grant:
+        st.session_state.pop(_GRANT_KEY, None)
     runs = st.session_state.get(_RUNS_KEY, 0) + 1
     st.session_state[_RUNS_KEY] = runs
     st.html(session_cookie.idle_reload_script(_policy().idle.total_seconds(), runs), unsafe_allow_javascript=True)

@@ -108,8 +108,9 @@ def _post_script(base_url_path: str, body: dict, mark: str) -> str:
         "try {const r = await fetch(" + json.dumps(_route_url(base_url_path)) + ", {method: 'POST', "
         "credentials: 'same-origin', cache: 'no-store', headers: {'Content-Type': 'application/json', "
         + json.dumps(HEADER) + ": '1'}, body: " + json.dumps(json.dumps(body)) + "});"
-        "root.dataset.labtrendSession = r.ok ? " + json.dumps(mark) + " : 'failed ' + r.status;"
-        "} catch (e) {root.dataset.labtrendSession = 'failed';}})();</script>"
+        "if (r.ok) {root.dataset.labtrendSession = " + json.dumps(mark) + ";} "
+        "else if (root.dataset.labtrendSession !== " + json.dumps(mark) + ") {root.dataset.labtrendSession = 'failed ' + r.status;}"
+        "} catch (e) {if (root.dataset.labtrendSession !== " + json.dumps(mark) + ") {root.dataset.labtrendSession = 'failed';}}})();</script>"
     )
 
 

@@ -31,7 +31,7 @@ from datetime import datetime, timedelta, timezone
 from data.db import Store
 
 __all__ = [
-    "SessionPolicy", "Session", "Check", "utcnow", "digest", "start", "check", "resume", "redeem_grant",
+    "SessionPolicy", "Session", "Check", "utcnow", "digest", "start", "check", "resume", "redeem_grant", "grant_pending",
     "revoke", "revoke_user_in", "open_sessions", "ENDED_MESSAGES",
 ]
 
@@ -201,6 +201,19 @@ def redeem_grant(store: Store, grant: str, *, now: datetime) -> tuple[str, Sessi
             "RETURNING session_id, username, created_at, last_seen_at, expires_at",
             [digest(token), digest(grant), now, now]).fetchone()
     return (token, Session(*row)) if row else None
+
+
+def grant_pending(store: Store, grant: str, *, now: datetime) -> bool:
+    """True while ``grant`` can still be exchanged (not yet used, not expired, its session open).
+
+    The page keeps handing a pending grant to the browser on every run: a run cut short (a page
+    switch right after signing in, on a busy server) may never have delivered its script."""
+    if not grant or len(grant) > 200:
+        return False
+    with store.read() as cur:
+        row = cur.execute("SELECT 1 FROM sessions WHERE grant_hash = ? AND grant_expires_at > ? "
+                          "AND revoked_at IS NULL AND expires_at > ?", [digest(grant), now, now]).fetchone()
+    return row is not None
 
 
 def revoke(store: Store, session_id: str, reason: str, *, now: datetime) -> bool:
