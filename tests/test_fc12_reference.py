@@ -4,7 +4,7 @@ The case (sktime #10626): a wrapper padded short histories differently from the 
 pipeline and its forecasts drifted by up to 54 units. Here the reference output was saved
 by ``tests/fixtures/fc12/build.py``; a change in how padding, masks, normalisation or time
 encoding are handled shows up as a difference, whether P0016 is forecast alone or padded
-next to P0014 (one value) and P0015 (three identical values).
+next to P0014 (one value: since issue 13 a forecast of its own) and P0015 (three identical values).
 """
 
 from __future__ import annotations
@@ -56,5 +56,10 @@ def test_committed_checkpoint_reproduces_the_saved_reference(reference, build, c
         np.testing.assert_allclose(got, want, rtol=1e-5, equal_nan=True)
     # padded next to shorter histories or alone: the same forecast
     np.testing.assert_allclose(batch.loc[2, COLS].to_numpy(float), alone.loc[0, COLS].to_numpy(float), rtol=1e-6)
-    assert batch.loc[0, "status"] == "Not enough measurements to forecast (1; minimum 2)"
+    # FC-12 as reconciled with issue 13: P0014's one value is enough for a forecast ("based on 1 measurement")
+    assert batch.loc[0, "status"] == "ok" and batch.loc[0, "n_history"] == 1
     assert abs(batch.loc[1, "q50"] - 7.0) < 0.5  # P0015's constant 7.0 stays near 7.0
+    # no prior result of the analyte: still no forecast, and the message says so
+    none = pipe.forecast(history, build.queries(["P9999"])).iloc[0]
+    assert none["status"] == "Not enough measurements to forecast (0; minimum 1)" and np.isnan(none["q50"])
+
