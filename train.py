@@ -2,6 +2,8 @@
 
     python train.py                                   # fine-tune var/model (pretrains var/pretrained once if missing)
     python train.py --stage pretrain --config small   # (re)build the cached pretrained checkpoint
+    python train.py --stage pretrain --exclude-source cdisc --init var/pre-no-cdisc   # leave one source out
+    python train.py --stage pretrain --sources today --exclude-source synthetic     # without the synthetic cohort
     python train.py --mode embeddings --out var/model-emb --exclude-patients test_ids.txt
     torchrun --standalone --nproc_per_node=2 train.py --config tiny --steps 50
     accelerate launch --multi_gpu --num_processes 2 train.py ...   # same env as torchrun
@@ -16,13 +18,20 @@ DDP, reading the store and the corpus, checkpoints and logs. The training logic 
 ``model/training.py``. It sees frames, plus the one checkpoint directory it fine-tunes from.
 
 Outputs (written by rank 0 into ``<dir>.partial``, then swapped in whole, so a reader never
-loads half a model; a failed run leaves its ``.partial`` folder with the logs):
+loads half a model; a failed run leaves its ``.partial`` folder with the logs). Rank 0 holds
+``<dir>.lock`` for the whole run, so a second run into the same folder stops at once (exit 2)
+instead of overwriting the first one's files; a run killed mid-way (kill -9, power loss) leaves
+its ``.partial`` folder behind, and the next run into that folder removes it and says so
+(:func:`claim_output`). A fine-tuning run is audited in the store it read (``train``, as the
+operating-system account, :mod:`data.audit`).
 
 * pretrain -> ``--init`` (default ``$LABTREND_PRETRAINED`` or ``var/pretrained``; fine-tuning
   starts from that cache when it exists, else from the checkpoint shipped in
   ``model/checkpoints/pretrained-small``):
   ``config.json``, ``model.safetensors``, ``vocab.json``, ``scaler.json``,
-  ``pretraining.json`` (held-out corpus patients, metrics) and ``metrics.jsonl``.
+  ``pretraining.json`` (held-out corpus patients, chosen within each source; per-source counts of
+  patients, values, analytes, kept and dropped values in ``corpus_summary``; metrics) and
+  ``metrics.jsonl``.
 * finetune -> ``--out`` (default ``$LABTREND_MODEL`` or ``var/model``): the ForecastPipeline
   (``config.json``, ``model.safetensors``, ``vocab.json``, ``scaler.json``,
   ``calibration.json``, ``model_version``), plus ``metrics.jsonl`` (one JSON line per eval:
@@ -45,13 +54,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from labtrend import settings as paths
+from data import settings as paths
 
 EXIT_BAD_INPUT = 2
 # Optimisation budget per stage on CPU when --max-minutes is not given (data loading and the
 # final scoring come on top: about a minute for the MIMIC-IV demo on 2 quiet cores, so a
 # fine-tuning run takes about 5 minutes).
 CPU_MINUTES = {"pretrain": 5.0, "finetune": 3.5}
+# Open datasets of the corpus that the shipped checkpoint was pretrained on; fine-tuning replays
+# from the sources its checkpoint records, and from these for a checkpoint that records none.
 CORPUS_SOURCES = "physionet2012,eicu,nhanes"
 
 
@@ -150,15 +161,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out corpus rows scored before and after fine-tuning (forgetting)")
 
     g = p.add_argument_group("pretraining corpus")
-    g.add_argument("--corpus-sources", default=CORPUS_SOURCES,
-                   help="open datasets to read ('none' for synthetic only); missing ones are skipped")
-    g.add_argument("--synthetic-patients", type=int, default=1000, help="synthetic patients added to the corpus")
+    g.add_argument("--sources", "--corpus-sources", dest="corpus_sources", default=None, metavar="LIST",
+                   help="corpus sources, comma-separated: physionet2012, eicu, nhanes, synthetic, physionet2019, "
+                        "physionet2012c, mimic3, cdisc; or all, today (the first four), none (synthetic only). "
+                        "Default: all for pretraining; for fine-tuning replay, the sources the checkpoint was "
+                        f"pretrained on ({CORPUS_SOURCES} when it records none). Missing datasets are skipped")
+    g.add_argument("--exclude-source", action="append", default=None, metavar="SOURCE",
+                   help="leave a source out (repeatable or comma-separated), e.g. for leave-one-source-out runs; "
+                        "'synthetic' pretrains without the synthetic cohort")
+    g.add_argument("--synthetic-patients", type=int, default=1000,
+                   help="synthetic patients added to the corpus (0: none, as --exclude-source synthetic)")
     g.add_argument("--corpus-max-rows", type=int, default=None,
                    help="keep whole patients up to this many rows (default: all)")
     g.add_argument("--masked-row-fraction", type=float, default=0.25,
                    help="fraction of a pretraining batch that is masked-value-only rows (single-visit data)")
-    g.add_argument("--pretrain-val-fraction", type=float, default=0.05, help="corpus patients held out")
-    g.add_argument("--pretrain-max-val-patients", type=int, default=1000, help="cap on held-out corpus patients")
+    g.add_argument("--pretrain-val-fraction", type=float, default=0.05,
+                   help="corpus patients held out for validation, chosen within each source")
+    g.add_argument("--pretrain-max-val-patients", type=int, default=1000,
+                   help="cap on held-out corpus patients per source")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,14 +304,42 @@ def load_site(args: argparse.Namespace, exclude: list[str], runtime):
     return frame
 
 
-def load_corpus(args: argparse.Namespace):
+def corpus_selection(args: argparse.Namespace, stage: str, init: Path | None = None) -> tuple[tuple[str, ...], int]:
+    """(open sources, synthetic patients) of the corpus a stage reads; see ``--sources``.
+
+    Without ``--sources``, pretraining reads every source and fine-tuning replays from the sources
+    recorded in ``init``'s ``pretraining.json`` (:data:`CORPUS_SOURCES` when it records none).
+    """
+    from model.corpus import resolve_sources
+
+    selection, synthetic = args.corpus_sources, args.synthetic_patients
+    if selection is None and stage == "finetune":
+        recorded = {}
+        if init is not None and (Path(init) / "pretraining.json").is_file():
+            recorded = json.loads((Path(init) / "pretraining.json").read_text()).get("args", {})
+        selection = recorded.get("corpus_sources") or CORPUS_SOURCES
+        if "exclude_source" in recorded:  # a record that lists 'synthetic' when it was used
+            synthetic = recorded.get("synthetic_patients", synthetic) if "synthetic" in selection.split(",") else 0
+        elif "synthetic_patients" in recorded:
+            synthetic = recorded["synthetic_patients"]
+    exclude = [x.strip() for item in (args.exclude_source or []) for x in item.split(",") if x.strip()]
+    try:
+        keys = resolve_sources(selection or "all", exclude)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if "synthetic" in exclude:
+        synthetic = 0
+    return tuple(k for k in keys if k != "synthetic"), max(int(synthetic), 0)
+
+
+def load_corpus(args: argparse.Namespace, stage: str = "pretrain", init: Path | None = None):
     from model.corpus import load_pretraining_corpus
 
-    sources = tuple(s.strip() for s in args.corpus_sources.split(",") if s.strip() and s.strip() != "none")
-    corpus = load_pretraining_corpus(max_rows=args.corpus_max_rows, include_synthetic_patients=args.synthetic_patients,
+    sources, synthetic = corpus_selection(args, stage, init)
+    corpus = load_pretraining_corpus(max_rows=args.corpus_max_rows, include_synthetic_patients=synthetic,
                                      seed=args.seed, sources=sources)
     if corpus.empty:
-        raise UsageError("the pretraining corpus is empty: no dataset found and --synthetic-patients 0")
+        raise UsageError("the pretraining corpus is empty: no dataset found and no synthetic patients")
     return corpus
 
 
@@ -324,6 +372,49 @@ def staging_dir(final: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     return partial
+
+
+def _last_written(folder: Path) -> str:
+    times = [p.stat().st_mtime for p in folder.rglob("*") if p.is_file()] or [folder.stat().st_mtime]
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(max(times)))
+
+
+def claim_output(final: Path):
+    """Lock ``<final>.lock`` for this run and clear what an interrupted run into ``final`` left.
+
+    * ``<final>.partial``: the folder of a run killed before it finished; removed.
+    * ``<final>.old``: a run killed while swapping its result in. With ``final`` present the swap
+      was done and the old folder is removed; with ``final`` missing, the old model is put back.
+
+    Each is reported on stderr. Returns the held ``filelock.FileLock`` (release it when the run ends;
+    the kernel releases it when the process dies, however it dies). Raises :class:`UsageError` when
+    another run holds the lock.
+    """
+    from filelock import FileLock, Timeout
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(final.with_name(final.name + ".lock")), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UsageError(f"another training run is writing {final} (it holds {lock.lock_file}); "
+                         "wait for it to finish or choose another --out") from None
+    partial, old = final.with_name(final.name + ".partial"), final.with_name(final.name + ".old")
+    if old.is_dir():
+        if final.exists():
+            shutil.rmtree(old)
+            print(f"train.py: removed {old}, the previous model kept by an interrupted run after its new one "
+                  f"was in place", file=sys.stderr, flush=True)
+        else:
+            old.rename(final)
+            print(f"train.py: put back {final} from {old}: a run was interrupted while replacing it",
+                  file=sys.stderr, flush=True)
+    if partial.is_dir():
+        when = _last_written(partial)
+        shutil.rmtree(partial)
+        print(f"train.py: removed {partial}, left by an interrupted run (last written {when})",
+              file=sys.stderr, flush=True)
+    return lock
 
 
 def publish(partial: Path, final: Path) -> None:
@@ -381,20 +472,29 @@ def run_pretrain(args: argparse.Namespace, out: Path, runtime) -> dict:
 
     started = time.monotonic()
     budget = budget_minutes(args, "pretrain", runtime)
-    corpus = load_corpus(args)
+    from model.corpus import corpus_summary, split_by_source
+
+    corpus = load_corpus(args, "pretrain")
     corpus_report = corpus.attrs.get("report", {})
+    loaded_s = round(time.monotonic() - started, 1)
+    # validation patients chosen within each source (same ones whatever else is in the corpus)
+    _, val_ids, split = split_by_source(corpus, args.pretrain_val_fraction, args.seed, args.pretrain_max_val_patients)
+    summary = corpus_summary(corpus, corpus_report, split)
     partial = staging_dir(out) if runtime.is_main else None
     metrics = MetricsLog(partial / "metrics.jsonl") if runtime.is_main else None
     runtime.log = metrics
     try:
         model, vocab, scaler = pretrain(corpus, args.config or "small",
-                                        settings=train_settings(args, budget), runtime=runtime)
+                                        settings=train_settings(args, budget), runtime=runtime,
+                                        validation_patients=val_ids)
     finally:
         runtime.log = None
         if metrics is not None:
             metrics.close()
-    report = dict(model.training_report, corpus=corpus_report, wall_seconds=round(time.monotonic() - started, 1),
-                  device=str(runtime.device), args=_args_record(args))
+    report = dict(model.training_report, corpus=corpus_report, corpus_summary=summary, corpus_load_seconds=loaded_s,
+                  wall_seconds=round(time.monotonic() - started, 1), device=str(runtime.device),
+                  args=dict(_args_record(args), corpus_sources=",".join(summary["sources"]),
+                            exclude_source=",".join(args.exclude_source or [])))
     if runtime.is_main:
         save_pretraining_checkpoint(partial, model, vocab, scaler, report)
         publish(partial, out)
@@ -414,7 +514,7 @@ def run_finetune(args: argparse.Namespace, init: Path, out: Path, runtime, from_
     exclude = read_patient_ids(args.exclude_patients)
     site = load_site(args, exclude, runtime)
     mode = "scratch" if from_scratch else args.mode
-    corpus = load_corpus(args) if mode != "scratch" else None
+    corpus = load_corpus(args, "finetune", init) if mode != "scratch" else None
     partial = staging_dir(out) if runtime.is_main else None
     metrics = MetricsLog(partial / "metrics.jsonl") if runtime.is_main else None
     runtime.log = metrics
@@ -457,17 +557,36 @@ def run_finetune(args: argparse.Namespace, init: Path, out: Path, runtime, from_
             "forgetting": {k: v for k, v in report.get("forgetting", {}).items() if k not in ("before", "after")}}
 
 
-def run(args: argparse.Namespace) -> int:
-    from model.training import seed_everything
-
-    runtime = setup_runtime(args)
-    seed_everything(args.seed)
+def _outputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """``(init, out)``: the checkpoint fine-tuning starts from (and pretraining writes), and the output folder."""
     # pretraining (--stage pretrain|all) writes the local cache, never the shipped checkpoint
     init = Path(args.init) if args.init else (
         paths.pretrained_cache_dir() if args.stage in ("pretrain", "all") else paths.pretrained_dir())
     out_default = init if args.stage == "pretrain" else paths.model_dir()
-    out = Path(args.out) if args.out else out_default
+    return init, (Path(args.out) if args.out else out_default)
+
+
+def run(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
+    init, out = _outputs(args)
+    with ExitStack() as claims:
+        if int(os.environ.get("RANK", "0")) == 0:  # before DDP starts: a refusal ends every rank at once
+            writes = [out]
+            if args.stage in ("pretrain", "all") or (args.mode != "scratch" and not paths.is_checkpoint(init)):
+                writes.append(init)
+            for folder in dict.fromkeys(p.resolve() for p in writes):
+                claims.callback(claim_output(folder).release)
+        return _run(args, init, out)
+
+
+def _run(args: argparse.Namespace, init: Path, out: Path) -> int:
+    from model.training import seed_everything
+
+    runtime = setup_runtime(args)
+    seed_everything(args.seed)
     summaries = []
+    args.train_summaries = summaries  # for the audit row (main)
     try:
         if args.stage != "pretrain" and args.mode != "scratch" and out.resolve() == init.resolve():
             raise UsageError(f"--out {out} is the pretrained checkpoint; fine-tuning never writes into --init")
@@ -519,11 +638,38 @@ def _preset_size(name: str) -> dict:
 def main(argv: Sequence[str] | None = None, *, namespace: argparse.Namespace | None = None) -> int:
     """Run ``train.py`` with ``argv`` (or an already parsed ``namespace``, as ``labtrend train`` does)."""
     args = namespace if namespace is not None else build_parser().parse_args(argv)
+    status: int | str = "error"
     try:
-        return run(args)
+        status = run(args)
+        return status
     except UsageError as exc:
         print(f"train.py: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        status = EXIT_BAD_INPUT
+        return status
+    finally:
+        _audit(args, status)
+
+
+def _audit(args: argparse.Namespace, status) -> None:
+    """The ``train`` audit row, in the store a fine-tuning run read (rank 0; none for pretraining alone, which
+    reads only the open corpus, or when the store does not exist)."""
+    from data import audit
+    from data.db import StoreBusyError, open_store
+
+    db = paths.db_path(args.db)
+    if args.stage == "pretrain" or int(os.environ.get("RANK", "0")) != 0 or not Path(db).is_file():
+        return
+    init, out = _outputs(args)
+    user, who = audit.cli_actor()
+    summary = next((s for s in getattr(args, "train_summaries", []) if s.get("stage") == "finetune"), {})
+    detail = {"command": "train", "stage": args.stage, "mode": args.mode, "out": str(out),
+              "init": None if args.mode == "scratch" else str(init), "exclude_patients": args.exclude_patients,
+              "exit_status": status, "model_version": summary.get("model_version"),
+              "steps": summary.get("steps"), **who}
+    try:
+        audit.record(open_store(db), user, [audit.CLI_ROLE], "train", detail=detail)
+    except StoreBusyError as exc:
+        print(f"train.py: the audit row could not be written ({exc})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def mimic_store(tmp: Path):
     """A store in ``tmp`` with MIMIC-IV demo imported; exits with a message when the data is absent."""
     from data.db import open_store
     from data.importers import run_import
-    from labtrend import settings
+    from data import settings
 
     src = settings.mimic_demo_dir()
     if src is None:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/eval_baselines.py [--folds 5] [--seed 0] [--card DIR] [--diagnostics]
 
-Imports the MIMIC-IV demo (``labtrend.settings.mimic_demo_dir()``) into a store in a temporary
+Imports the MIMIC-IV demo (``data.settings.mimic_demo_dir()``) into a store in a temporary
 folder (or uses ``--db``), builds the task, runs last value, historical mean, linear trend and
 LightGBM through :func:`model.evaluation.evaluate`, prints the overall table and writes
 per-analyte and overall figures, the subgroup tables and the wall time as JSON to
@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmarks.common import RESULTS, machine  # noqa: E402
-from labtrend import settings  # noqa: E402
+from data import settings  # noqa: E402
 from model.baselines import HistoricalMean, LastValue, LightGBMForecaster, LinearTrend  # noqa: E402
 from model.evaluation import (  # noqa: E402
     REFERENCE_FIGURES,
@@ -65,7 +65,7 @@ def _last_value_variants(task) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", help="use this store instead of importing MIMIC-IV demo into a temporary one")
-    ap.add_argument("--data", help="MIMIC-IV demo folder (default: labtrend.settings.mimic_demo_dir())")
+    ap.add_argument("--data", help="MIMIC-IV demo folder (default: data.settings.mimic_demo_dir())")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--patients", help="file of test patient ids (one split instead of k folds)")

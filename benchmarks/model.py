@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmarks.common import median, mimic_store, percentile, save  # noqa: E402
-from labtrend import settings  # noqa: E402
+from data import settings  # noqa: E402
 
 
 def mimic_cohort(tmp: Path):

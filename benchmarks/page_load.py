@@ -57,9 +57,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import median, percentile, save  # noqa: E402
+from labtrend.cli import dashboard_command  # noqa: E402  (as 'labtrend dashboard' serves it)
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "dashboard" / "streamlit_app.py"
 CHROMIUM = os.environ.get("LABTREND_CHROMIUM", "/usr/bin/chromium")
 USER, PASSWORD = "bench", "page load benchmark password"
 TARGET_S = 1.5
@@ -143,18 +143,15 @@ def _patients(db: Path, n: int) -> list[tuple[str, int]]:
     return [(str(p), int(c)) for p, c in rows[1:n + 2]]
 
 
-def _serve(db: Path, model: Path, users: Path, log: Path, torch_threads: int | None) -> tuple[subprocess.Popen, str]:
+def _serve(db: Path, model: Path, log: Path, torch_threads: int | None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    env = dict(os.environ, LABTREND_DB=str(db), LABTREND_USERS=str(users), LABTREND_MODEL=str(model),
-               LABTREND_COOKIE_KEY="page-load-benchmark-cookie-key-0123456789",
-               STREAMLIT_SERVER_HEADLESS="true", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    env = dict(os.environ, LABTREND_DB=str(db), LABTREND_MODEL=str(model))
     env.pop("LABTREND_MODEL_URL", None)
     env.pop("LABTREND_TORCH_THREADS", None)
     if torch_threads:
         env["LABTREND_TORCH_THREADS"] = str(torch_threads)
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-                                 "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
+        proc = subprocess.Popen(dashboard_command(["--server.port", str(port), "--server.fileWatcherType", "none"]),
                                 cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -218,7 +215,8 @@ def main(argv=None) -> int:
 
     from playwright.sync_api import sync_playwright
 
-    from dashboard import access
+    from data import users
+    from data.db import open_store
 
     work = Path(tempfile.mkdtemp(prefix="labtrend-page-load-"))
     proc = None
@@ -227,10 +225,11 @@ def main(argv=None) -> int:
         version_file = model / "model_version"
         version = version_file.read_text().strip() if version_file.is_file() else None
         patients = _patients(db, args.runs)
-        users = work / "users.yaml"
-        access.add_user(USER, "Page load benchmark", "clinician", PASSWORD, users)
+        store = open_store(db)  # a copy (or built here): the benchmark's account never reaches the original
+        if users.get_user(store, USER) is None:
+            users.add_user(store, USER, "Page load benchmark", "clinician", PASSWORD, by=users.Actor.cli())
         load_before = _load()
-        proc, url = _serve(db, model, users, work / "streamlit.log", args.torch_threads)
+        proc, url = _serve(db, model, work / "streamlit.log", args.torch_threads)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                          args=["--no-sandbox", "--disable-background-networking",

@@ -1,43 +1,58 @@
-"""Per-result anomalies: which rule fired, on what evidence, from which source.
+"""Review-worthy anomalies: which rule fired, on what evidence, from which source.
 
 Input is the timeline frame (:data:`data.queries.TIMELINE_COLUMNS`, one or many patients)
 plus patient demographics (:func:`data.queries.patient_info` dicts or a frame of them).
-Output is one row per anomaly (:data:`ANOMALY_COLUMNS`)::
+Output is one row per review item (:data:`ANOMALY_COLUMNS`)::
 
     result_id, patient_id, analyte_code, analyte_name, collected_at, rule, flag, score,
     value, unit, evidence (dict), source (citation), text (decision-support wording),
     model_version (None for rule-based anomalies)
 
+**Alert budget.** A result outside its reference interval is a *flag on the result* (H/L on the
+chart, in the table and in the Patients list's counts: :mod:`clinical.flags`), not a review item.
+Review items are the rules below; consecutive flags of one rule on one analyte within one
+episode (the same admission when admissions are given, else flags no more than
+``runs.max_gap_hours`` apart) are ONE item with its run of results (:func:`group_runs`: the
+payload lists the run, the text names the first, peak and last results). Critical values keep
+their direction (a critical high and a critical low are two items).
+
 Rules (clinical numbers come from ``data/reference/*.csv``, settings and patterns from
 ``clinical/rules/anomaly_rules.yaml``; none is written here):
 
-1. ``reference_interval`` (flag ``L``/``H``): outside the row's own reference interval as
-   reported by the laboratory, else the catalogue's by sex and age. Unknown sex with only
-   sex-specific intervals: the union of both (flag only outside both). Unknown age: the adult
-   interval, said in the evidence. Score: distance outside, in interval widths.
-2. ``critical_value`` (``LL``/``HH``): the critical limits list (site file, default
-   ``critical_values.csv``, Kost 1990). Score as rule 1, in critical-range widths.
-3. ``delta_check`` (``UP``/``DOWN``): change from the previous valid result of the same
-   analyte beyond the reference change value ``RCV = 2^0.5 Z (CVA^2 + CVI^2)^0.5``; for
-   analytes flagged ``skewed`` the log-normal RCV ``exp(+-2^0.5 Z sigma) - 1`` with
-   ``sigma^2 = ln(1 + CVA^2) + ln(1 + CVI^2)`` (asymmetric limits, Fraser, CCLM 2011).
-   Analytes without a CVI/CVA in ``biological_variation.csv`` get no delta check. Score:
-   the change divided by the RCV limit it crossed (signed).
-4. ``model_surprise`` (``ABOVE``/``BELOW``): outside the central interval the forecaster
-   predicted from the history strictly before the result. Score: the result's predictive
-   quantile (linear between the forecast quantiles, clipped to the outermost levels).
-5. ``multivariate_inconsistency`` (``ABOVE``/``BELOW``): outside the interval the
+1. ``critical_value`` (``LL``/``HH``/``AA``): the result's flag is critical
+   (:mod:`clinical.flags`): beyond a limit of the critical value list (site file, default
+   ``critical_values.csv``, Kost 1990), or reported critical by the laboratory. Score: distance
+   beyond the limit in critical-range widths.
+2. ``delta_check`` (``UP``/``DOWN``): change from the previous valid result of the same
+   analyte, collected at most ``delta_check.max_interval_days`` earlier, beyond the reference
+   change value ``RCV = 2^0.5 Z (CVA^2 + CVI^2)^0.5`` (``Z = delta_check.review_z``, 2.58: the
+   check is screened on every result) (for analytes flagged ``skewed`` the
+   log-normal RCV ``exp(+-2^0.5 Z sigma) - 1`` with ``sigma^2 = ln(1 + CVA^2) + ln(1 + CVI^2)``,
+   Fraser, CCLM 2011) **and** at least the analyte's cited minimum absolute change
+   (``delta_check_limits.csv``: KDIGO 0.3 mg/dL for creatinine, the allowable error of one
+   result for others). Analytes without a CVI/CVA or a minimum get no delta check. Score: the
+   change divided by the RCV limit it crossed (signed). Texts name the baseline they compute from.
+3. ``model_surprise`` (``ABOVE``/``BELOW``): outside the **calibrated** prediction interval
+   the forecaster gave from the history strictly before the result (95 % split-conformal when
+   the model is calibrated at 95 %, else the calibrated 90 %), by more than the allowable error
+   of one result (``delta_check_limits.csv``) and the reporting resolution; analytes without a
+   cited allowable error are not evaluated (an excess could not be told from analytical error),
+   nor is an uncalibrated model. Score: the result's predictive quantile.
+4. ``multivariate_inconsistency`` (``ABOVE``/``BELOW``): outside the interval the
    pretraining masked-value head predicts for the result from the rest of its specimen and
-   history. Score: predictive quantile, as rule 4.
-6. ``preanalytical:<pattern>`` (``SUSPECT``): named patterns (EDTA contamination, haemolysis,
+   history. Score: predictive quantile, as rule 3.
+5. ``preanalytical:<pattern>`` (``SUSPECT``): named patterns (EDTA contamination, haemolysis,
    drip arm, haemolysis reported by the laboratory), one row on the pattern's index result
-   with every involved result in ``evidence["result_ids"]``. Haemolysis is judged as a
+   with every involved result in ``evidence["result_ids"]`` (the laboratory's words: one row
+   per specimen). Haemolysis is judged as a
    laboratory does: by the specimen's haemolysis index (free haemoglobin, LOINC 4635-9, mg/dL)
    when it has one - above the cited alert cut-off of ``serum_indices.csv`` (Goyal 2015:
    > 25 mg/dL) it fires, at or below it does not - and otherwise by the multi-analyte
    pattern (LDH risen beyond its RCV with potassium not lower than before). Score: index /
    cut-off when the index decided, else NaN. ``evidence["method"]`` and the text say which
    was used. Laboratory text ``'NOT HEMOLYZED'`` is not a haemolysis report (``text_exclude``).
+
+Numbers in texts use the analyte's reporting precision (:mod:`clinical.format`).
 
 What is never scored as a number: text and empty results, implausible values (possible entry
 errors, LAB-10), unit-missing rows (LAB-04), and censored results (LAB-01) - except that a
@@ -47,7 +62,7 @@ with the text saying the value is censored. Conflicting results at the same coll
 *time*, whose value is the one reported last (the cohort rule of ``data.queries.cohort``).
 Values are canonical (``value_canonical``), so mixed source units never fire (LAB-04).
 
-Rules 4 and 5 need a forecaster / masked-value predictor passed in; nothing here reads or
+Rules 3 and 4 need a forecaster / masked-value predictor passed in; nothing here reads or
 writes files except the cached reference tables (:func:`load_reference`).
 """
 
@@ -66,6 +81,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from clinical.flags import CRITICAL_FLAGS, classify, limits_frame
+from clinical.format import decimals_by_code, format_change, format_value, reported_precision, reporting_decimals
 from data.catalogue import CATALOGUE_VERSION, load_catalogue, load_serum_indices, reference_file
 from data.units import UnitError, conversion_factor
 from model import HISTORY_COLUMNS, QUANTILE_COLUMNS, QUANTILES
@@ -82,6 +99,7 @@ __all__ = [
     "rcv_limits",
     "short_citation",
     "detect_anomalies",
+    "group_runs",
     "history_from_timeline",
     "timeline_from_history",
     "specimen_keys",
@@ -95,7 +113,7 @@ ANOMALY_COLUMNS = [
     "result_id", "patient_id", "analyte_code", "analyte_name", "collected_at", "rule", "flag", "score",
     "value", "unit", "evidence", "source", "text", "model_version",
 ]
-RULES = ("reference_interval", "critical_value", "delta_check", "model_surprise", "multivariate_inconsistency")
+RULES = ("critical_value", "delta_check", "model_surprise", "multivariate_inconsistency")
 PATTERN_PREFIX = "preanalytical:"
 _LOWER_COMPARATORS = ("<", "<=")
 _UPPER_COMPARATORS = (">", ">=")
@@ -122,7 +140,7 @@ def short_citation(source: str) -> str:
 def _rules_file() -> dict:
     text = resources.files("clinical.rules").joinpath("anomaly_rules.yaml").read_text(encoding="utf-8")
     rules = yaml.safe_load(text)
-    for key in ("version", "delta_check", "model_surprise", "multivariate", "patterns"):
+    for key in ("version", "delta_check", "model_surprise", "multivariate", "runs", "patterns"):
         if key not in rules:
             raise ValueError(f"anomaly_rules.yaml: missing section {key!r}")
     for p in rules["patterns"]:
@@ -142,6 +160,9 @@ class ClinicalReference:
     critical list is named in texts ('critical value list' or 'site critical value list').
     ``serum_indices``: (code, parameter) -> (value in the code's canonical unit, source), from
     ``data/reference/serum_indices.csv`` (e.g. the haemolysis-index alert cut-off).
+    ``delta_min``: code -> (minimum absolute change in the canonical unit, source), from
+    ``data/reference/delta_check_limits.csv``: a delta check fires only beyond both the RCV and
+    this change (analytes without a row get no delta check).
     """
 
     intervals: pd.DataFrame
@@ -151,6 +172,7 @@ class ClinicalReference:
     critical_list: str
     version: str
     serum_indices: dict = field(default_factory=dict)
+    delta_min: dict = field(default_factory=dict)
 
 
 def _canonical_factor(code: str, unit: str, what: str) -> float | None:
@@ -220,6 +242,17 @@ def load_reference(critical_values: str | Path | None = None) -> ClinicalReferen
         for r in bv.itertuples(index=False)
         if np.isfinite(_num(r.cvi_pct)) and np.isfinite(_num(r.cva_pct))
     }
+    dl = pd.read_csv(reference_file("delta_check_limits.csv"), dtype={"code": str}, keep_default_na=False)
+    if list(dl.columns) != ["code", "min_abs_change", "unit", "source"]:
+        raise ValueError(f"delta_check_limits.csv: columns {list(dl.columns)} != ['code', 'min_abs_change', 'unit', 'source']")
+    delta_min = {}
+    for r in dl.itertuples(index=False):
+        if not str(r.source).strip():
+            raise ValueError(f"delta_check_limits.csv: {r.code} has no source")
+        f = _canonical_factor(r.code, r.unit, "delta_check_limits.csv")
+        if f is None:
+            continue
+        delta_min[r.code] = (float(r.min_abs_change) * f, " ".join(str(r.source).split()))
     rules = _rules_file()
     indices = load_serum_indices()
     for pat in rules["patterns"]:
@@ -233,10 +266,24 @@ def load_reference(critical_values: str | Path | None = None) -> ClinicalReferen
         variation=variation,
         rules=rules,
         serum_indices=indices,
+        delta_min=delta_min,
         critical_list="site critical value list" if critical_values else "critical value list",
         version=f"rules-{rules['version']}+catalogue-{CATALOGUE_VERSION}" + (
             f"+critical-{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}" if critical_values else ""),
     )
+
+
+_LIMITS: dict[int, tuple[ClinicalReference, pd.DataFrame]] = {}
+
+
+def _limits_for(ref: ClinicalReference) -> pd.DataFrame:
+    """:func:`clinical.flags.limits_frame` of ``ref``, built once per reference object."""
+    hit = _LIMITS.get(id(ref))
+    if hit is None or hit[0] is not ref:
+        if len(_LIMITS) > 16:
+            _LIMITS.clear()
+        hit = _LIMITS[id(ref)] = (ref, limits_frame(ref))
+    return hit[1]
 
 
 @functools.lru_cache(maxsize=1)
@@ -272,7 +319,7 @@ _REQUIRED = ("result_id", "patient_id", "collected_at", "analyte_code", "value_c
 _KEEP = (
     "result_id", "patient_id", "specimen_id", "collected_at", "reported_at", "analyte_code", "analyte_name",
     "value_text", "comparator", "value_canonical", "unit_canonical", "ref_low_canonical", "ref_high_canonical",
-    "comment", "result_kind", "implausible", "unit_missing", "conflicting",
+    "comment", "result_kind", "implausible", "unit_missing", "conflicting", "flag", "time_unknown",
 )
 
 
@@ -288,9 +335,14 @@ def _patients_frame(patients, patient_ids) -> pd.DataFrame:
 
 
 def specimen_keys(frame: pd.DataFrame) -> pd.Series:
-    """One key per specimen: the specimen id when given, else patient + collection time."""
+    """One key per specimen: the specimen id when given, else patient + collection time. A result
+    whose source gave a date without a time (``time_unknown``; stored at noon) is its own specimen:
+    two results of one day are not one draw because they share a placeholder time."""
     t = pd.to_datetime(frame["collected_at"]).astype("datetime64[us]").astype("int64").astype(str)
     by_time = frame["patient_id"].astype(str) + "|t" + t
+    if "time_unknown" in frame and "result_id" in frame:
+        unknown = frame["time_unknown"].fillna(False).astype(bool)
+        by_time = by_time.where(~unknown, frame["patient_id"].astype(str) + "|r" + frame["result_id"].astype(str))
     if "specimen_id" not in frame:
         return by_time
     sid = frame["specimen_id"]
@@ -307,16 +359,16 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     # object (numpy) strings: takes, sorts and merges on pyarrow strings are several times slower here
     for col in ("patient_id", "analyte_code"):
         t[col] = t[col].astype(str).to_numpy(dtype=object)
-    for col in ("specimen_id", "comparator", "value_text", "comment", "unit_canonical", "analyte_name"):
+    for col in ("specimen_id", "comparator", "value_text", "comment", "unit_canonical", "analyte_name", "flag"):
         if col in t:
             t[col] = t[col].astype(object).where(t[col].notna(), None).to_numpy(dtype=object)
     t["collected_at"] = pd.to_datetime(t["collected_at"]).astype("datetime64[us]")
     for col in ("reported_at",):
         t[col] = pd.to_datetime(t[col]).astype("datetime64[us]") if col in t else t["collected_at"]
-    for col in ("specimen_id", "comparator", "value_text", "comment", "unit_canonical", "analyte_name"):
+    for col in ("specimen_id", "comparator", "value_text", "comment", "unit_canonical", "analyte_name", "flag"):
         if col not in t:
             t[col] = None
-    for col in ("implausible", "unit_missing", "conflicting"):
+    for col in ("implausible", "unit_missing", "conflicting", "time_unknown"):
         t[col] = t[col].fillna(False).astype(bool) if col in t else False
     for col in ("ref_low_canonical", "ref_high_canonical"):
         t[col] = pd.to_numeric(t[col], errors="coerce") if col in t else np.nan
@@ -361,22 +413,27 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     t["x_agenote"] = None
     need = ~own
     if need.any():
-        iv = ref.intervals
+        iv = _limits_for(ref)
         sexkey = t["sex"].fillna("unknown")
         base = pd.DataFrame({"_i": np.flatnonzero(need), "code": t.loc[need, "analyte_code"].to_numpy(),
                              "sexkey": sexkey[need].to_numpy(), "age": t.loc[need, "x_age"].to_numpy()})
-        exact = base.merge(iv, left_on=["code", "sexkey"], right_on=["code", "sex"]).assign(prio=0)
-        anyv = base[base["sexkey"] != "unknown"].merge(iv[iv["sex"] == "any"], on="code").assign(prio=1)
-        cand = pd.concat([exact, anyv], ignore_index=True)
+        cand = base.merge(iv, on=["code", "sexkey"])
         a = cand["age"]
-        in_age = a.isna() | (((a >= cand["age_low"]) | cand["age_low"].isna()) & ((a < cand["age_high"]) | cand["age_high"].isna()))
-        cand = cand[in_age].sort_values(["_i", "prio"]).drop_duplicates("_i")
+        in_age = np.where(a.isna(), cand["adult"],
+                          (cand["age_low"].isna() | (a >= cand["age_low"])) & (cand["age_high"].isna() | (a < cand["age_high"])))
+        cand = cand[in_age.astype(bool)].drop_duplicates("_i")
         idx = cand["_i"].to_numpy()
         t.loc[idx, "x_lo"] = cand["low"].to_numpy()
         t.loc[idx, "x_hi"] = cand["high"].to_numpy()
         t.loc[idx, "x_src"] = "catalogue"
         t.loc[idx, "x_cite"] = cand["source"].to_numpy()
         t.loc[idx[cand["age"].isna().to_numpy()], "x_agenote"] = "age unknown: adult interval used"
+
+    # critical limits and the result's flag (clinical.flags: one rule for chart, table, counts and rules)
+    codes = t["analyte_code"].to_numpy(dtype=object)
+    t["x_clo"] = np.array([ref.critical.get(c, (np.nan, np.nan, ""))[0] for c in codes], dtype=float)
+    t["x_chi"] = np.array([ref.critical.get(c, (np.nan, np.nan, ""))[1] for c in codes], dtype=float)
+    t["x_flag"], t["x_flag_basis"] = classify(t, t["x_clo"].to_numpy(), t["x_chi"].to_numpy())
     return t
 
 
@@ -461,18 +518,36 @@ def timeline_from_history(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataF
 # ---------------------------------------------------------------------------------------------
 
 
-def _fmt(x) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "?"
-    x = float(x)
-    if abs(x) >= 1e4:
-        return f"{x:.0f}"
-    s = f"{x:.4g}"
-    return s if "e" not in s else f"{x:.6f}".rstrip("0").rstrip(".")
+def _fmt(x, code: str | None = None) -> str:
+    """A number as printed in texts: the analyte's reporting precision (:func:`clinical.format.format_value`)."""
+    text = format_value(code, x)
+    return text if text else "?"
 
 
-def _shown(value: float, comparator, censored: bool) -> str:
-    return f"{comparator}{_fmt(value)}" if censored else _fmt(value)
+def _shown(value: float, comparator, censored: bool, code: str | None = None) -> str:
+    return f"{comparator}{_fmt(value, code)}" if censored else _fmt(value, code)
+
+
+def _when(days: float) -> str:
+    """A time difference as clinicians say it: '9 days', '1 day', '6 h', '40 min'."""
+    if days >= 1.5:
+        return f"{days:.0f} days"
+    if days >= 1:
+        return "1 day" if round(days) == 1 else f"{days:.1f} days"
+    hours = days * 24
+    return f"{hours:.0f} h" if hours >= 1 else f"{hours * 60:.0f} min"
+
+
+def _change_text(code: str, new: float, base: float, unit) -> str:
+    """The change from ``base`` to ``new``: ``'+1.1 mg/dL (x2.1)'`` from x1.5 up, else ``'-12 mmol/L (-8 %)'``."""
+    delta = format_change(code, new - base)
+    if base > 0 and new / base >= 1.5:
+        rel = f"x{new / base:.1f}"
+    elif base > 0:
+        rel = f"{100 * (new / base - 1):+.0f} %"
+    else:
+        rel = ""
+    return f"{delta}{_u(unit)}" + (f" ({rel})" if rel else "")
 
 
 def _u(unit) -> str:
@@ -523,21 +598,8 @@ def _rows(sel: pd.DataFrame, rule: str, flags, scores, evidences, sources, texts
 
 
 # ---------------------------------------------------------------------------------------------
-# Rules 1 and 2: outside limits (reference interval, critical values)
+# Rule 1: critical values (clinical.flags)
 # ---------------------------------------------------------------------------------------------
-
-
-def _beyond(t: pd.DataFrame, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(below, above) masks; censored limits count only when the limit itself is beyond."""
-    v = t["value_canonical"].to_numpy(float)
-    comp = t["comparator"].astype(object).to_numpy()
-    num, cens = t["x_num"].to_numpy(), t["x_cens"].to_numpy()
-    with np.errstate(invalid="ignore"):
-        below = num & (v < low)
-        above = num & (v > high)
-        below |= cens & (((comp == "<") & (v <= low)) | ((comp == "<=") & (v < low)))
-        above |= cens & (((comp == ">") & (v >= high)) | ((comp == ">=") & (v > high)))
-    return below & np.isfinite(low), above & np.isfinite(high)
 
 
 def _width_score(v, limit, low, high, sign):
@@ -547,64 +609,43 @@ def _width_score(v, limit, low, high, sign):
     return s
 
 
-def _reference_interval(t: pd.DataFrame) -> pd.DataFrame:
-    low, high = t["x_lo"].to_numpy(float), t["x_hi"].to_numpy(float)
-    below, above = _beyond(t, low, high)
-    out = []
-    for mask, flag, word, limit_col in ((below, "L", "below", "x_lo"), (above, "H", "above", "x_hi")):
-        sel = t[mask]
-        if sel.empty:
-            continue
-        v = sel["value_canonical"].to_numpy(float)
-        lo, hi = sel["x_lo"].to_numpy(float), sel["x_hi"].to_numpy(float)
-        score = _width_score(v, sel[limit_col].to_numpy(float), lo, hi, 1 if flag == "H" else -1)
-        ev, src, txt = [], [], []
-        for r, l_, h_ in zip(sel.itertuples(index=False), lo, hi):
-            cens = bool(r.x_cens)
-            interval = f"{_fmt(l_) if math.isfinite(l_) else ''}{_DASH}{_fmt(h_) if math.isfinite(h_) else ''}"
-            ev.append(_evidence(low=l_, high=h_, interval_source=r.x_src, censored=cens,
-                                comparator=r.comparator if cens else "=", age_note=r.x_agenote, sex=r.sex))
-            src.append(r.x_cite)
-            label = "laboratory interval" if r.x_src == "row" else short_citation(r.x_cite)
-            cens_note = (f" (censored: the true value is {'above' if flag == 'H' else 'below'} {_fmt(r.value_canonical)})"
-                         if cens else "")
-            txt.append(f"{r.x_name} {_shown(r.value_canonical, r.comparator, cens)}{_u(r.x_unit)}{cens_note} is {word} "
-                       f"the reference interval {interval}{_u(r.x_unit)}{_SEP}consider it in the clinical context "
-                       f"(reference interval: {label})")
-        out.append(_rows(sel, "reference_interval", [flag] * len(sel), score, ev, src, txt))
-    return pd.concat(out, ignore_index=True) if out else _empty()
-
-
 def _critical_value(t: pd.DataFrame, ref: ClinicalReference) -> pd.DataFrame:
-    codes = t["analyte_code"].to_numpy(dtype=object)
-    low = np.array([ref.critical.get(c, (np.nan, np.nan, ""))[0] for c in codes], dtype=float)
-    high = np.array([ref.critical.get(c, (np.nan, np.nan, ""))[1] for c in codes], dtype=float)
-    below, above = _beyond(t, low, high)
-    out = []
-    for mask, flag, word in ((below, "LL", "below"), (above, "HH", "above")):
-        sel = t[mask]
-        if sel.empty:
-            continue
-        lims = (low if flag == "LL" else high)[mask]
-        v = sel["value_canonical"].to_numpy(float)
-        score = _width_score(v, lims, low[mask], high[mask], 1 if flag == "HH" else -1)
-        ev, src, txt = [], [], []
-        for r, lim in zip(sel.itertuples(index=False), lims):
-            cens = bool(r.x_cens)
-            source = ref.critical[r.analyte_code][2]
-            ev.append(_evidence(limit=lim, list=ref.critical_list, censored=cens, comparator=r.comparator if cens else "="))
-            src.append(source)
-            cens_note = (f" (censored: the true value is {'above' if flag == 'HH' else 'below'} {_fmt(r.value_canonical)})"
-                         if cens else "")
-            txt.append(f"{r.x_name} {_shown(r.value_canonical, r.comparator, cens)}{_u(r.x_unit)}{cens_note} is {word} the "
-                       f"critical limit {_fmt(lim)}{_u(r.x_unit)}{_SEP}consider urgent clinical review "
-                       f"({ref.critical_list}: {short_citation(source)})")
-        out.append(_rows(sel, "critical_value", [flag] * len(sel), score, ev, src, txt))
-    return pd.concat(out, ignore_index=True) if out else _empty()
+    """Rule 1: results flagged HH / LL / AA (:mod:`clinical.flags`): beyond a limit of the critical
+    value list in use, or reported critical by the laboratory."""
+    sel = t[np.isin(t["x_flag"].to_numpy(dtype=object), list(CRITICAL_FLAGS))]
+    if sel.empty:
+        return _empty()
+    v = sel["value_canonical"].to_numpy(float)
+    clo, chi = sel["x_clo"].to_numpy(float), sel["x_chi"].to_numpy(float)
+    flags = sel["x_flag"].to_numpy(dtype=object)
+    lims = np.where(flags == "LL", clo, chi)
+    score = _width_score(v, lims, clo, chi, np.where(flags == "LL", -1, 1))
+    ev, src, txt = [], [], []
+    for r, lim in zip(sel.itertuples(index=False), lims):
+        cens = bool(r.x_cens)
+        by_list = r.x_flag_basis == "critical value list"
+        word = {"HH": "above", "LL": "below"}.get(r.x_flag)
+        source = ref.critical[r.analyte_code][2] if by_list else "laboratory flag reported with the result"
+        ev.append(_evidence(limit=lim if by_list else None, list=ref.critical_list if by_list else None,
+                            basis=r.x_flag_basis, reported_flag=r.flag, censored=cens,
+                            comparator=r.comparator if cens else "="))
+        src.append(source)
+        cens_note = (f" (censored: the true value is {word} {_fmt(r.value_canonical, r.analyte_code)})"
+                     if cens and word else "")
+        shown = (f"{_shown(r.value_canonical, r.comparator, cens, r.analyte_code)}{_u(r.x_unit)}"
+                 if np.isfinite(r.value_canonical) else f"'{r.value_text or ''}'")
+        if by_list:
+            why = (f"is {word} the critical limit {_fmt(lim, r.analyte_code)}{_u(r.x_unit)}"
+                   f"{_SEP}consider urgent clinical review ({ref.critical_list}: {short_citation(source)})")
+        else:
+            why = (f"is flagged critical ({r.flag}) by the laboratory{_SEP}consider urgent clinical review "
+                   "(laboratory flag)")
+        txt.append(f"{r.x_name} {shown}{cens_note} {why}")
+    return _rows(sel, "critical_value", flags, score, ev, src, txt)
 
 
 # ---------------------------------------------------------------------------------------------
-# Rule 3: delta check against the previous valid result (RCV)
+# Rule 2: delta check against the previous valid result (RCV and a cited minimum change)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -622,22 +663,32 @@ def _with_previous(t: pd.DataFrame) -> pd.DataFrame:
     prev = pd.DataFrame({
         "patient_id": rep["patient_id"], "analyte_code": rep["analyte_code"], "collected_at": rep["collected_at"],
         "x_prev": g["value_canonical"].shift(1), "x_prev_at": g["collected_at"].shift(1), "x_prev_id": g["result_id"].shift(1),
+        "x_prev_time_unknown": g["time_unknown"].shift(1),
     })
     return num.merge(prev, on=["patient_id", "analyte_code", "collected_at"], how="left")
 
 
 def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame) -> pd.DataFrame:
-    z = float(ref.rules["delta_check"]["z"])
+    """Rule 2: change from the previous valid result beyond the RCV **and** at least the analyte's
+    cited minimum absolute change (``delta_min``); analytes without both get no delta check."""
+    z = float(ref.rules["delta_check"].get("review_z", ref.rules["delta_check"]["z"]))
     settings_source = " ".join(str(ref.rules["delta_check"]["source"]).split())
     limits = {c: rcv_limits(c, z, ref) for c in withprev["analyte_code"].unique()}
-    has = withprev["analyte_code"].isin([c for c, lim in limits.items() if lim is not None]).to_numpy()
-    w = withprev[has & (withprev["x_prev"].to_numpy(float) > 0)]
+    usable = [c for c, lim in limits.items() if lim is not None and c in ref.delta_min]
+    has = withprev["analyte_code"].isin(usable).to_numpy()
+    window = pd.Timedelta(days=float(ref.rules["delta_check"]["max_interval_days"]))
+    recent = (withprev["collected_at"] - withprev["x_prev_at"]).le(window).to_numpy()
+    w = withprev[has & recent & (withprev["x_prev"].to_numpy(float) > 0)]
     if w.empty:
         return _empty()
-    down = np.array([limits[c][0] for c in w["analyte_code"]], dtype=float)
-    up = np.array([limits[c][1] for c in w["analyte_code"]], dtype=float)
-    change = w["value_canonical"].to_numpy(float) / w["x_prev"].to_numpy(float) - 1.0
-    fire_up, fire_down = change > up, change < down
+    codes = w["analyte_code"].to_numpy(dtype=object)
+    down = np.array([limits[c][0] for c in codes], dtype=float)
+    up = np.array([limits[c][1] for c in codes], dtype=float)
+    minimum = np.array([ref.delta_min[c][0] for c in codes], dtype=float)
+    v, prev = w["value_canonical"].to_numpy(float), w["x_prev"].to_numpy(float)
+    change = v / prev - 1.0
+    big = np.abs(v - prev) >= minimum - 1e-9 * np.abs(minimum)  # at least the minimum (0.3 mg/dL counts)
+    fire_up, fire_down = (change > up) & big, (change < down) & big
     sel_mask = fire_up | fire_down
     sel = w[sel_mask]
     if sel.empty:
@@ -646,20 +697,30 @@ def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame
     flags = np.where(fire_up[sel_mask], "UP", "DOWN")
     score = ch / np.abs(lim)
     ev, src, txt = [], [], []
-    for r, c, l_, f in zip(sel.itertuples(index=False), ch, lim, flags):
+    for r, c, l_, f, m in zip(sel.itertuples(index=False), ch, lim, flags, minimum[sel_mask]):
         days = (pd.Timestamp(r.collected_at) - pd.Timestamp(r.x_prev_at)).total_seconds() / 86400.0
         cvi, cva, bv_source = ref.variation[r.analyte_code]
+        min_source = ref.delta_min[r.analyte_code][1]
         skewed = bool(getattr(load_catalogue().get(r.analyte_code), "skewed", False))
-        ev.append(_evidence(previous_value=r.x_prev, previous_at=r.x_prev_at, previous_result_id=r.x_prev_id,
-                            days_since_previous=days, change_pct=100 * c, rcv_pct=100 * l_, z=z, cvi_pct=cvi,
-                            cva_pct=cva, log_normal=skewed))
-        src.append(f"{settings_source}; CVI/CVA: {bv_source}")
+        ev.append(_evidence(baseline="previous result", previous_value=r.x_prev, previous_at=r.x_prev_at,
+                            previous_result_id=r.x_prev_id, days_since_previous=days, change_pct=100 * c,
+                            change_abs=r.value_canonical - r.x_prev, rcv_pct=100 * l_, min_abs_change=m,
+                            min_abs_change_source=min_source, z=z, cvi_pct=cvi, cva_pct=cva, log_normal=skewed))
+        src.append(f"{settings_source}; CVI/CVA: {bv_source}; minimum change: {min_source}")
         word = "rose" if f == "UP" else "fell"
-        when = f"{days:.1f} days earlier" if days >= 1 else f"{days * 24:.1f} h earlier"
-        txt.append(f"{r.x_name} {_fmt(r.value_canonical)}{_u(r.x_unit)} {word} {100 * c:+.0f} % from "
-                   f"{_fmt(r.x_prev)}{_u(r.x_unit)} ({when}), beyond its reference change value ({100 * l_:+.0f} %)"
-                   f"{_SEP}consider whether this is a true clinical change or a specimen problem "
-                   f"(RCV{', log-normal' if skewed else ''}: Fraser 2011)")
+        code, unit = r.analyte_code, r.x_unit
+        prev_unknown = isinstance(r.x_prev_time_unknown, (bool, np.bool_)) and bool(r.x_prev_time_unknown)
+        if r.time_unknown or prev_unknown:  # a date without a time: no hours to count
+            whole = round(days)
+            when = (f"{whole} day{'s' if whole != 1 else ''} earlier" if whole else "the same day") + ", time not given"
+        else:
+            when = f"{_when(days)} earlier"
+        txt.append(f"{r.x_name} {_fmt(r.value_canonical, code)}{_u(unit)} {word} "
+                   f"{_change_text(code, r.value_canonical, r.x_prev, unit)} from {_fmt(r.x_prev, code)}{_u(unit)} "
+                   f"{when} (the previous result), beyond its reference change value "
+                   f"({100 * l_:+.0f} %) and the minimum change of {_fmt(m, code)}{_u(unit)}{_SEP}consider whether "
+                   f"this is a true clinical change or a specimen problem (RCV{', log-normal' if skewed else ''}: "
+                   f"Fraser 2011; minimum: {short_citation(min_source)})")
     return _rows(sel, "delta_check", flags, score, ev, src, txt)
 
 
@@ -729,16 +790,17 @@ def _clause_text(wide: dict, clause: dict, spec) -> str | None:
         return None
     r = g.loc[spec]
     name, unit = r["x_name"], r["x_unit"]
-    val = f"{name} {_fmt(r['value_canonical'])}{_u(unit)}"
+    code = str(clause["analyte"])
+    val = f"{name} {_fmt(r['value_canonical'], code)}{_u(unit)}"
     test = clause["test"]
     if test == "above_reference_high":
-        return f"{val} > {_fmt(r['x_hi'])}"
+        return f"{val} > {_fmt(r['x_hi'], code)}"
     if test == "below_reference_low":
-        return f"{val} < {_fmt(r['x_lo'])}"
+        return f"{val} < {_fmt(r['x_lo'], code)}"
     if test in ("rise_beyond_rcv", "fall_beyond_rcv", "not_below_previous"):
-        return f"{val} (previously {_fmt(r['x_prev'])})"
+        return f"{val} (previously {_fmt(r['x_prev'], code)})"
     if test == "not_above_reference_high":
-        return f"{val} <= {_fmt(r['x_hi'])}"
+        return f"{val} <= {_fmt(r['x_hi'], code)}"
     return val
 
 
@@ -821,7 +883,7 @@ def _numeric_pattern(t: pd.DataFrame, withprev: pd.DataFrame, pat: dict, ref: Cl
         ev = [_evidence(pattern=pat["id"], result_ids=x["x_ids"], criteria=x["x_met"], supporting=x["x_sup"],
                         **({"method": method} if method else {})) for x in rows]
         how = f" ({si['absent_note']})" if si is not None else ""
-        txt = [f"{x['x_name']} {_fmt(x['value_canonical'])}{_u(x['x_unit'])}: {pat['finding']} "
+        txt = [f"{x['x_name']} {_fmt(x['value_canonical'], x['analyte_code'])}{_u(x['x_unit'])}: {pat['finding']} "
                f"({'; '.join(x['x_met'] + x['x_sup'])}){how}, suggesting {pat['name']}{_SEP}consider recollecting the "
                f"specimen before acting on these results ({short_citation(source)})" for x in rows]
         parts.append(_rows(sel, PATTERN_PREFIX + pat["id"], ["SUSPECT"] * len(sel), [np.nan] * len(sel), ev,
@@ -851,18 +913,18 @@ def _index_rows(wide: dict, codes: list[str], idx_code: str, specs, idx_rows: pd
     for spec in specs:
         hi = his[spec]
         cens = bool(hi["x_cens"])
-        hi_shown = f"{_shown(hi['value_canonical'], hi['comparator'], cens)}{_u(hi['x_unit'])}"
+        hi_shown = f"{_shown(hi['value_canonical'], hi['comparator'], cens, hi['analyte_code'])}{_u(hi['x_unit'])}"
         present = [recs[c][spec] for c in order if c in recs and spec in recs[c]]
         r = present[0] if present else hi
-        affected = [f"{x['x_name']} {_fmt(x['value_canonical'])}{_u(x['x_unit'])}" for x in present]
+        affected = [f"{x['x_name']} {_fmt(x['value_canonical'], x['analyte_code'])}{_u(x['x_unit'])}" for x in present]
         ids = sorted({int(hi["result_id"])} | {int(x["result_id"]) for x in present})
-        criterion = f"{hi['x_name']} {hi_shown} > {_fmt(cut)}{_u(hi['x_unit'])}"
+        criterion = f"{hi['x_name']} {hi_shown} > {_fmt(cut, hi['analyte_code'])}{_u(hi['x_unit'])}"
         ev.append(_evidence(pattern=pat["id"], method="haemolysis index", result_ids=ids, criteria=[criterion],
                             supporting=affected, index_result_id=int(hi["result_id"]), index_value=hi["value_canonical"],
                             index_comparator=hi["comparator"] if cens else "=", index_unit=hi["x_unit"],
                             cutoff=cut, cutoff_source=cut_source))
         scores.append(hi["value_canonical"] / cut if cut > 0 else np.nan)
-        lead = f"{r['x_name']} {_fmt(r['value_canonical'])}{_u(r['x_unit'])}: " if present else ""
+        lead = f"{r['x_name']} {_fmt(r['value_canonical'], r['analyte_code'])}{_u(r['x_unit'])}: " if present else ""
         others = affected[1:]  # the lead result is named first already
         also = f"; {'; '.join(others)}" if others else ""
         txt.append(f"{lead}{finding if lead else finding[:1].upper() + finding[1:]} ({criterion}{also}), suggesting "
@@ -875,6 +937,8 @@ def _index_rows(wide: dict, codes: list[str], idx_code: str, specs, idx_rows: pd
 
 
 def _text_pattern(t: pd.DataFrame, pat: dict) -> pd.DataFrame:
+    """A laboratory's words (e.g. 'HEMOLYZED') in a result or its comment: one row per specimen, on
+    its first reported result (numeric before text), every matching result in ``evidence['result_ids']``."""
     words = [str(w).lower() for w in pat["text_match"]]
     text = (t["value_text"].astype(object).fillna("").astype(str) + " | " +
             t["comment"].astype(object).fillna("").astype(str)).str.lower()
@@ -886,22 +950,29 @@ def _text_pattern(t: pd.DataFrame, pat: dict) -> pd.DataFrame:
     sel = t[hit]
     if sel.empty:
         return _empty()
+    sel = sel.assign(_text=~sel["x_num"]).sort_values(["x_spec", "_text", "collected_at", "result_id"], kind="stable")
     source = " ".join(str(pat["source"]).split())
-    ev, txt, vals = [], [], []
-    for r in sel.itertuples(index=False):
-        numeric = bool(r.x_num)
-        vals.append(r.value_canonical if numeric else np.nan)
-        shown = f"{_fmt(r.value_canonical)}{_u(r.x_unit)}" if numeric else f"'{r.value_text or ''}'".strip()
-        ev.append(_evidence(pattern=pat["id"], result_ids=[int(r.result_id)], value_text=r.value_text,
-                            comment=r.comment, scored_as_number=False))
-        txt.append(f"{r.x_name} {shown}: {pat['finding']}{_SEP}consider recollecting the specimen before acting on "
-                   f"this result (laboratory comment: {(r.comment or r.value_text or '').strip()})")
-    return _rows(sel, PATTERN_PREFIX + pat["id"], ["SUSPECT"] * len(sel), [np.nan] * len(sel), ev,
-                 [source] * len(sel), txt, values=vals)
+    ev, txt, vals, leads = [], [], [], []
+    for _, g in sel.groupby("x_spec", sort=False):
+        r = g.iloc[0]
+        numeric = bool(r["x_num"])
+        vals.append(r["value_canonical"] if numeric else np.nan)
+        txt_of = lambda v: v.strip() if isinstance(v, str) else ""  # noqa: E731 - None / NaN: no text
+        shown = [f"{x.x_name} {_fmt(x.value_canonical, x.analyte_code)}{_u(x.x_unit)}" if x.x_num
+                 else f"{x.x_name} '{txt_of(x.value_text)}'" for x in g.itertuples(index=False)]
+        notes = list(dict.fromkeys(txt_of(x.comment) or txt_of(x.value_text) for x in g.itertuples(index=False)))
+        ev.append(_evidence(pattern=pat["id"], result_ids=[int(x) for x in g["result_id"]],
+                            value_text=r["value_text"], comment=r["comment"], scored_as_number=False))
+        txt.append(f"{'; '.join(shown)}: {pat['finding']}{_SEP}consider recollecting the specimen before acting on "
+                   f"{'this result' if len(g) == 1 else 'these results'} (laboratory comment: {'; '.join(notes)})")
+        leads.append(r)
+    lead = pd.DataFrame(leads)
+    return _rows(lead, PATTERN_PREFIX + pat["id"], ["SUSPECT"] * len(lead), [np.nan] * len(lead), ev,
+                 [source] * len(lead), txt, values=vals)
 
 
 # ---------------------------------------------------------------------------------------------
-# Rules 4 and 5: model-based
+# Rules 3 and 4: model-based
 # ---------------------------------------------------------------------------------------------
 
 
@@ -915,35 +986,57 @@ def _pit(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
     return out
 
 
-def _interval_rule(sel: pd.DataFrame, q: np.ndarray, cfg: dict, rule: str, model_version: str | None,
-                   what: str, note: str) -> pd.DataFrame:
-    lo_i, hi_i = QUANTILE_COLUMNS.index(cfg["lower"]), QUANTILE_COLUMNS.index(cfg["upper"])
+def _interval_rule(sel: pd.DataFrame, q: np.ndarray, lo: np.ndarray, hi: np.ndarray, level: np.ndarray, cfg: dict,
+                   rule: str, model_version: str | None, what: str, note: str,
+                   margin: np.ndarray | None = None) -> pd.DataFrame:
+    """Rows of ``sel`` whose value lies outside ``[lo - margin, hi + margin]`` (per row; ``level`` the
+    interval's coverage; texts and evidence give ``[lo, hi]`` and the margin).
+
+    ``q``: the quantiles (``QUANTILE_COLUMNS``) of each row, for the predictive quantile (score).
+    """
     v = sel["value_canonical"].to_numpy(float)
+    margin = np.zeros(len(sel)) if margin is None else np.asarray(margin, float)
     with np.errstate(invalid="ignore"):
-        above, below = v > q[:, hi_i], v < q[:, lo_i]
+        above, below = v > hi + margin, v < lo - margin
     mask = above | below
     if not mask.any():
         return _empty()
     s, qs, ab = sel[mask], q[mask], above[mask]
+    los, his, levels, margins = lo[mask], hi[mask], level[mask], margin[mask]
     pit = _pit(s["value_canonical"].to_numpy(float), qs)
-    level = QUANTILES[hi_i] - QUANTILES[lo_i]
     source = " ".join(str(cfg["source"]).split())
     ev, txt = [], []
-    for r, qq, a, p in zip(s.itertuples(index=False), qs, ab, pit):
-        width = qq[hi_i] - qq[lo_i]
-        excess = (r.value_canonical - (qq[hi_i] if a else qq[lo_i])) / width if width > 0 else np.nan
-        ev.append(_evidence(quantiles={c: _clean(x) for c, x in zip(QUANTILE_COLUMNS, qq)}, interval_level=level,
-                            predictive_quantile=p, excess_in_interval_widths=excess, model_version=model_version))
-        txt.append(f"{r.x_name} {_fmt(r.value_canonical)}{_u(r.x_unit)} is {'above' if a else 'below'} the "
-                   f"{100 * level:.0f} % interval {_fmt(qq[lo_i])}{_DASH}{_fmt(qq[hi_i])}{_u(r.x_unit)} {what} "
-                   f"(predictive quantile {'>' if a else '<'} {QUANTILES[hi_i] if a else QUANTILES[lo_i]:g})"
+    for r, qq, a, p, l_, h_, lev, mg in zip(s.itertuples(index=False), qs, ab, pit, los, his, levels, margins):
+        width = h_ - l_
+        excess = (r.value_canonical - (h_ if a else l_)) / width if width > 0 else np.nan
+        code = r.analyte_code
+        ev.append(_evidence(quantiles={c: _clean(x) for c, x in zip(QUANTILE_COLUMNS, qq)}, interval_level=lev,
+                            interval_low=l_, interval_high=h_, margin=mg, predictive_quantile=p,
+                            excess_in_interval_widths=excess,
+                            model_version=model_version))
+        txt.append(f"{r.x_name} {_fmt(r.value_canonical, code)}{_u(r.x_unit)} is {'above' if a else 'below'} the "
+                   f"{100 * lev:.0f} % interval {_fmt(l_, code)}{_DASH}{_fmt(h_, code)}{_u(r.x_unit)} {what}"
                    f"{_SEP}consider reviewing this result{note} (model {model_version})")
     return _rows(s, rule, np.where(ab, "ABOVE", "BELOW"), pit, ev, [source] * len(s), txt, model_version=model_version)
 
 
+def _resolution(code: str) -> float:
+    """Half a unit of the analyte's last reported decimal (0 when the precision is unknown): a value
+    closer than this to a bound prints equal to it."""
+    d = reporting_decimals(code)
+    return 0.0 if d is None else 0.5 * 10.0 ** -d
+
+
 def _model_surprise(t: pd.DataFrame, history: pd.DataFrame, forecaster, ref: ClinicalReference, since,
                     notes: list) -> pd.DataFrame:
-    cand = t[t["x_num"]]
+    """Rule 3: outside the model's **calibrated** interval (95 % when calibrated at 95 %, else 90 %)."""
+    if getattr(forecaster, "conformal", None) is None:
+        notes.append("model_surprise not evaluated: the model's intervals are not calibrated (no calibration.json), "
+                     "so a result outside them is no evidence of a surprise")
+        return _empty()
+    # only analytes with a cited allowable error of one result (delta_check_limits.csv): a surprise must exceed
+    # it to be told from analytical error, the same evidence standard as the delta check
+    cand = t[t["x_num"] & t["analyte_code"].isin(list(ref.delta_min)).to_numpy()]
     if since is not None:
         cand = cand[cand["collected_at"] >= pd.Timestamp(since)]
     if cand.empty:
@@ -957,20 +1050,32 @@ def _model_surprise(t: pd.DataFrame, history: pd.DataFrame, forecaster, ref: Cli
         return _empty()
     fc = fc.rename(columns={"at": "collected_at"})
     fc["collected_at"] = pd.to_datetime(fc["collected_at"]).astype("datetime64[us]")
-    m = cand.merge(fc[["patient_id", "analyte_code", "collected_at", "status", "model_version", *QUANTILE_COLUMNS]],
-                   on=["patient_id", "analyte_code", "collected_at"], how="inner")
+    wide = [c for c in ("lo95", "hi95") if c in fc]
+    m = cand.merge(fc[["patient_id", "analyte_code", "collected_at", "status", "model_version", *QUANTILE_COLUMNS,
+                       *wide]], on=["patient_id", "analyte_code", "collected_at"], how="inner")
     m = m[m["status"] == "ok"]
     if m.empty:
         return _empty()
+    cfg = ref.rules["model_surprise"]
+    q = m[list(QUANTILE_COLUMNS)].to_numpy(float)
+    lo_i, hi_i = QUANTILE_COLUMNS.index(cfg["lower"]), QUANTILE_COLUMNS.index(cfg["upper"])
+    lo, hi = q[:, lo_i].copy(), q[:, hi_i].copy()
+    level = np.full(len(m), QUANTILES[hi_i] - QUANTILES[lo_i])
+    if cfg.get("calibrated_95") and len(wide) == 2:
+        w_lo, w_hi = m["lo95"].to_numpy(float), m["hi95"].to_numpy(float)
+        ok = np.isfinite(w_lo) & np.isfinite(w_hi)
+        lo[ok], hi[ok], level[ok] = w_lo[ok], w_hi[ok], 0.95
+    # A value beyond the bound by less than the allowable error of one result (delta_check_limits.csv), or
+    # that prints equal to the bound at the reporting precision, is no surprise: widen by that margin.
+    codes = m["analyte_code"].to_numpy(dtype=object)
+    margin = np.array([max(ref.delta_min.get(c, (0.0, ""))[0], _resolution(c)) for c in codes], dtype=float)
     version = str(m["model_version"].iloc[0])
-    cal = getattr(forecaster, "conformal", None) is not None
-    return _interval_rule(m, m[list(QUANTILE_COLUMNS)].to_numpy(float), ref.rules["model_surprise"], "model_surprise",
-                          version, "forecast from the history before it",
-                          "" if cal else " (interval not calibrated)")
+    return _interval_rule(m, q, lo, hi, level, cfg, "model_surprise", version,
+                          "calibrated on held-out patients, forecast from the history before it", "", margin=margin)
 
 
 class MaskedValuePredictor:
-    """Rule 5's model: each result predicted from the rest of its specimen and history.
+    """Rule 4's model: each result predicted from the rest of its specimen and history.
 
     Wraps a :class:`model.modeling.LabTrendForPretraining` with the vocabulary and scaler it
     was trained with. For a target result collected at ``t`` the row holds the patient's
@@ -1097,7 +1202,10 @@ def _multivariate(t: pd.DataFrame, history: pd.DataFrame, predictor, ref: Clinic
     m = m[m["status"] == "ok"]
     if m.empty:
         return _empty()
-    return _interval_rule(m, m[list(QUANTILE_COLUMNS)].to_numpy(float), ref.rules["multivariate"],
+    cfg = ref.rules["multivariate"]
+    q = m[list(QUANTILE_COLUMNS)].to_numpy(float)
+    lo_i, hi_i = QUANTILE_COLUMNS.index(cfg["lower"]), QUANTILE_COLUMNS.index(cfg["upper"])
+    return _interval_rule(m, q, q[:, lo_i], q[:, hi_i], np.full(len(m), QUANTILES[hi_i] - QUANTILES[lo_i]), cfg,
                           "multivariate_inconsistency", getattr(predictor, "model_version", None),
                           "predicted from the other results of the specimen", " for a specimen problem")
 
@@ -1111,6 +1219,179 @@ def _empty() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in ANOMALY_COLUMNS})
 
 
+# ---------------------------------------------------------------------------------------------
+# Runs: consecutive flags of one analyte within one episode are one review item
+# ---------------------------------------------------------------------------------------------
+
+_T = "%Y-%m-%d %H:%M"
+_UPWARD = ("HH", "UP", "ABOVE")
+_DOWNWARD = ("LL", "DOWN", "BELOW")
+
+
+def _episodes_of(rows: pd.DataFrame, episodes: pd.DataFrame | None) -> np.ndarray:
+    """The index of the episode (admission) each row's collection time falls in, -1 when none is known."""
+    out = np.full(len(rows), -1, dtype=np.int64)
+    if episodes is None or episodes.empty or rows.empty:
+        return out
+    e = episodes.assign(patient_id=episodes["patient_id"].astype(str),
+                        start=pd.to_datetime(episodes["start"]), end=pd.to_datetime(episodes["end"]))
+    e = e.reset_index(drop=True)
+    times = pd.to_datetime(rows["collected_at"]).to_numpy()
+    pids = rows["patient_id"].astype(str).to_numpy()
+    for k, ep in enumerate(e.itertuples(index=False)):
+        inside = (pids == ep.patient_id) & (times >= np.datetime64(ep.start)) & (times <= np.datetime64(ep.end))
+        out[inside & (out < 0)] = k
+    return out
+
+
+def _run_ids(out: pd.DataFrame, t: pd.DataFrame, max_gap: pd.Timedelta, episodes) -> np.ndarray:
+    """A run number per anomaly row: same patient, analyte, rule and direction, consecutive results of
+    the analyte (no other result of it in between) and one episode (the same admission, else each
+    flag within ``max_gap`` of the previous one)."""
+    times = t[["patient_id", "analyte_code", "collected_at"]].drop_duplicates().sort_values(
+        ["patient_id", "analyte_code", "collected_at"])
+    times["_ord"] = times.groupby(["patient_id", "analyte_code"]).cumcount()
+    o = out[["patient_id", "analyte_code", "collected_at", "rule", "flag"]].copy()
+    # a run keeps one direction only for critical values (a critical high and a critical low are two
+    # emergencies); rises and falls beyond the RCV, or surprises either way, on consecutive results are one
+    o["flag"] = np.where(o["rule"] == "critical_value", o["flag"], "")
+    o["collected_at"] = pd.to_datetime(o["collected_at"]).astype("datetime64[us]")
+    o["_row"] = np.arange(len(o))
+    o = o.merge(times, on=["patient_id", "analyte_code", "collected_at"], how="left")
+    o["_ep"] = _episodes_of(o, episodes)
+    o = o.sort_values(["patient_id", "analyte_code", "rule", "flag", "collected_at", "_row"], kind="stable")
+    same = ((o["patient_id"] == o["patient_id"].shift()) & (o["analyte_code"] == o["analyte_code"].shift())
+            & (o["rule"] == o["rule"].shift()) & (o["flag"] == o["flag"].shift()))
+    step = o["_ord"] - o["_ord"].shift()
+    consecutive = same & step.le(1).fillna(False) & o["_ord"].notna()
+    ep, prev_ep = o["_ep"].to_numpy(), o["_ep"].shift().fillna(-1).astype(np.int64).to_numpy()
+    gap_ok = (o["collected_at"] - o["collected_at"].shift()).le(max_gap).fillna(False).to_numpy()
+    episode_ok = np.where((ep >= 0) & (prev_ep >= 0), ep == prev_ep, ((ep < 0) & (prev_ep < 0)) & gap_ok)
+    new = ~(consecutive.to_numpy() & episode_ok)
+    runs = np.cumsum(new) - 1
+    result = np.empty(len(o), dtype=np.int64)
+    result[o["_row"].to_numpy()] = runs
+    return result
+
+
+def _peak_index(g: pd.DataFrame) -> int:
+    """Position of the run's peak: the highest critical high / lowest critical low, the value farthest
+    from a delta check's baseline, the largest excess beyond a model interval, else the largest |score|."""
+    rule, flag = g["rule"].iloc[0], g["flag"].iloc[0]
+    v = g["value"].to_numpy(float)
+    ev0 = g["evidence"].iloc[0] if isinstance(g["evidence"].iloc[0], dict) else {}
+    if rule == "critical_value" and flag == "HH" and np.isfinite(v).any():
+        return int(np.nanargmax(v))
+    if rule == "critical_value" and flag == "LL" and np.isfinite(v).any():
+        return int(np.nanargmin(v))
+    if rule == "delta_check" and ev0.get("previous_value") is not None and np.isfinite(v).any():
+        return int(np.nanargmax(np.abs(v - float(ev0["previous_value"]))))
+    if rule in ("model_surprise", "multivariate_inconsistency"):
+        ex = np.array([abs(e.get("excess_in_interval_widths") or 0.0) if isinstance(e, dict) else 0.0
+                       for e in g["evidence"]], dtype=float)
+        return int(np.argmax(ex))
+    sc = np.abs(g["score"].to_numpy(float))
+    return int(np.nanargmax(sc)) if np.isfinite(sc).any() else 0
+
+
+def _run_text(g: pd.DataFrame, ref: ClinicalReference) -> str:
+    first, last = g.iloc[0], g.iloc[-1]
+    peak = g.iloc[_peak_index(g)]
+    code, unit, name, rule, flag = first["analyte_code"], first["unit"], first["analyte_name"], first["rule"], first["flag"]
+    n = len(g)
+    t0, t1 = pd.Timestamp(first["collected_at"]), pd.Timestamp(last["collected_at"])
+    span = f"from {t0:{_T}} to {t1:{_T}} ({_when((t1 - t0).total_seconds() / 86400.0)})"
+    val = lambda r: _fmt(r["value"], code) if np.isfinite(float(r["value"])) else "text result"  # noqa: E731
+    values = f"first {val(first)}, peak {val(peak)} ({pd.Timestamp(peak['collected_at']):{_T}}), last {val(last)}{_u(unit)}"
+    ev = first["evidence"] if isinstance(first["evidence"], dict) else {}
+    if rule == "critical_value":
+        if ev.get("basis") == "critical value list" and flag in ("HH", "LL"):
+            lim = ev.get("limit")
+            why = (f"{'above' if flag == 'HH' else 'below'} the critical limit {_fmt(lim, code)}{_u(unit)}"
+                   f"{_SEP}consider urgent clinical review ({ref.critical_list}: {short_citation(first['source'])})")
+        else:
+            why = f"flagged critical by the laboratory{_SEP}consider urgent clinical review (laboratory flag)"
+        return f"{name} critical {'high' if flag == 'HH' else 'low' if flag == 'LL' else ''} on {n} consecutive " \
+               f"results {span}: {values}, {why}".replace("critical  on", "critical on")
+    if rule == "delta_check":
+        base, base_at = ev.get("previous_value"), ev.get("previous_at")
+        days = (t1 - pd.Timestamp(base_at)).total_seconds() / 86400.0 if base_at else float("nan")
+        flags = set(g["flag"])
+        word = "rose" if flags == {"UP"} else "fell" if flags == {"DOWN"} else "changed"
+        change = _change_text(code, float(last["value"]), float(base), unit) if base else "?"
+        m = ev.get("min_abs_change")
+        return (f"{name} {word} on {n} consecutive results {span}: {val(last)}{_u(unit)} is {change} from "
+                f"{_fmt(base, code)}{_u(unit)} {_when(days)} earlier (the result before this run); peak {val(peak)}"
+                f"{_u(unit)} ({pd.Timestamp(peak['collected_at']):{_T}}); each step beyond its reference change value "
+                f"and the minimum change of {_fmt(m, code)}{_u(unit)}{_SEP}consider whether this is a true clinical "
+                f"change or a specimen problem (RCV: Fraser 2011; minimum: {short_citation(ev.get('min_abs_change_source') or '')})")
+    if rule in ("model_surprise", "multivariate_inconsistency"):
+        lev = ev.get("interval_level")
+        where = f"the {100 * lev:.0f} % interval" if lev else "the model's interval"
+        flags = set(g["flag"])
+        side = "above" if flags == {"ABOVE"} else "below" if flags == {"BELOW"} else "outside"
+        return (f"{name} {side} {where} on {n} consecutive results {span}: "
+                f"{values}{_SEP}consider reviewing these results (model {first['model_version']})")
+    if str(rule).startswith(PATTERN_PREFIX):
+        pat = next((p for p in ref.rules["patterns"] if PATTERN_PREFIX + p["id"] == rule), {})
+        return (f"{name}: {pat.get('finding', rule)} in {n} consecutive specimens {span} ({values}), suggesting "
+                f"{pat.get('name', rule)}{_SEP}consider recollecting before acting on these results "
+                f"({short_citation(first['source'])})")
+    return f"{first['text']} (and {n - 1} more consecutive results {span})"
+
+
+def group_runs(anomalies: pd.DataFrame, timeline: pd.DataFrame, reference: ClinicalReference | None = None, *,
+               episodes: pd.DataFrame | None = None, max_gap_hours: float | None = None) -> pd.DataFrame:
+    """One row per run of consecutive flags (:data:`ANOMALY_COLUMNS`): see :func:`detect_anomalies`.
+
+    ``anomalies``: per-result rows of one or many patients; ``timeline``: those patients' timeline
+    rows (prepared or not), which say whether another result of the analyte lies between two flags.
+    ``episodes``: optional admissions ``patient_id, start, end``; ``max_gap_hours`` (default the
+    rule file's ``runs.max_gap_hours``) bounds a run where no admission is known.
+
+    A run's row keeps its first result (``result_id``, ``collected_at``: the output's identity
+    stays when later results join the run), takes the peak's ``value`` and ``score``, and adds
+    ``evidence['run']``: ``n``, ``result_ids``, ``collected_at``, ``values`` (oldest first),
+    ``first``, ``peak``, ``last`` (each ``result_id, collected_at, value``) and ``episode`` (how the
+    run was bounded). Its text names the first, peak and last results; a delta check's names the
+    baseline it computes from (the result before the run). Single flags keep their own text.
+    """
+    ref = reference or default_reference()
+    if anomalies.empty:
+        return anomalies
+    t = timeline if "x_spec" in timeline else _prepare(timeline, None, ref)
+    hours = float(max_gap_hours if max_gap_hours is not None else ref.rules["runs"]["max_gap_hours"])
+    a = anomalies.reset_index(drop=True).copy()
+    a["collected_at"] = pd.to_datetime(a["collected_at"]).astype("datetime64[us]")
+    a["_run"] = _run_ids(a, t, pd.Timedelta(hours=hours), episodes)
+    bound = ("admission" if episodes is not None and len(episodes) else f"consecutive flags no more than {hours:g} h apart")
+    rows = []
+    for _, g in a.sort_values(["_run", "collected_at", "result_id"], kind="stable").groupby("_run", sort=False):
+        first = g.iloc[0].to_dict()
+        if len(g) == 1:
+            rows.append(first)
+            continue
+        k = _peak_index(g)
+        peak, last = g.iloc[k], g.iloc[-1]
+        pick = lambda r: {"result_id": _clean(r["result_id"]), "collected_at": _clean(r["collected_at"]),  # noqa: E731
+                          "value": _clean(r["value"])}
+        ev = dict(first["evidence"]) if isinstance(first["evidence"], dict) else {}
+        members = [e.get("result_ids") for e in g["evidence"] if isinstance(e, dict) and e.get("result_ids")]
+        if members:  # pattern rows: every involved result of every specimen of the run
+            ev["result_ids"] = sorted({int(i) for ids in members for i in ids})
+        ev["run"] = {"n": len(g), "result_ids": [_clean(x) for x in g["result_id"]],
+                     "collected_at": [_clean(x) for x in g["collected_at"]], "values": [_clean(x) for x in g["value"]],
+                     "scores": [_clean(x) for x in g["score"]],
+                     "first": pick(first), "peak": pick(peak), "last": pick(last), "episode": bound}
+        row = dict(first, value=peak["value"], score=peak["score"], evidence=ev, text=_run_text(g, ref))
+        rows.append(row)
+    out = pd.DataFrame(rows).drop(columns=["_run"])
+    out["model_version"] = pd.Series([v if isinstance(v, str) else None for v in out["model_version"]], dtype=object,
+                                     index=out.index)  # rule-based rows: None, never NaN
+    return out.sort_values(["patient_id", "collected_at", "analyte_code", "rule"], kind="stable").reset_index(drop=True)[
+        ANOMALY_COLUMNS]
+
+
 def detect_anomalies(
     timeline: pd.DataFrame,
     patients=None,
@@ -1120,33 +1401,57 @@ def detect_anomalies(
     reference: ClinicalReference | None = None,
     rules: list[str] | tuple[str, ...] | None = None,
     model_rules_since=None,
+    episodes: pd.DataFrame | None = None,
+    group: bool = True,
 ) -> pd.DataFrame:
-    """All anomalies of ``timeline`` (one or many patients), one row per anomaly (:data:`ANOMALY_COLUMNS`).
+    """The review-worthy anomalies of ``timeline`` (one or many patients), one row per review item
+    (:data:`ANOMALY_COLUMNS`).
+
+    Review-worthy: critical values, delta checks (beyond the RCV and the cited minimum change),
+    pre-analytical patterns, model surprise beyond the calibrated interval and multivariate
+    inconsistency. A result outside its reference interval is a flag on the result
+    (:func:`clinical.flags.result_flags`), not a review item. With ``group`` (default),
+    consecutive flags of one rule on one analyte within one episode are one row with its run of
+    results (:func:`group_runs`).
 
     Args:
         timeline: rows as :func:`data.queries.timeline` returns them (canonical values).
         patients: a :func:`data.queries.patient_info` dict, a frame of them, or None (sex and
             age unknown).
         forecaster: for ``model_surprise``: an object with ``forecast(history, queries)``
-            returning the forecasts contract (a :class:`model.inference.ForecastPipeline`).
+            returning the forecasts contract (a :class:`model.inference.ForecastPipeline`) and a
+            ``conformal`` calibration (an uncalibrated model is not evaluated; the notes say so).
         masked_predictor: for ``multivariate_inconsistency``: a :class:`MaskedValuePredictor`
             (or any object with the same ``predict``).
         reference: reference tables and rule settings; default :func:`default_reference`.
         rules: names of the rules to run (:data:`RULES` and ``'preanalytical'``); default all
             that have what they need.
-        model_rules_since: evaluate rules 4 and 5 only on results collected at or after
+        model_rules_since: evaluate rules 3 and 4 only on results collected at or after
             this time (they cost one model row per result time).
+        episodes: admissions ``patient_id, start, end`` when known (runs end with them).
+        group: one row per run (True) or per result (False).
 
     Returns the anomalies sorted by patient, time, rule; ``attrs['notes']`` lists rules that
-    were asked for but could not run, and why.
+    were asked for but could not run, and why. Raises ``ValueError`` for an unknown rule name.
     """
     ref = reference or default_reference()
-    wanted = set(rules) if rules is not None else set(RULES) | {"preanalytical"}
+    known = set(RULES) | {"preanalytical"}
+    if rules is not None and set(rules) - known:
+        unknown = sorted(set(rules) - known)
+        hint = (" (a result outside its reference interval is a flag on the result now: clinical.flags.result_flags)"
+                if "reference_interval" in unknown else "")
+        raise ValueError(f"unknown anomaly rule(s) {unknown}; expected some of {sorted(known)}{hint}")
+    wanted = set(rules) if rules is not None else known
+    with reported_precision(decimals_by_code(timeline)):
+        return _detect(timeline, patients, forecaster, masked_predictor, ref, rules, wanted, model_rules_since,
+                       episodes, group)
+
+
+def _detect(timeline, patients, forecaster, masked_predictor, ref, rules, wanted, model_rules_since, episodes,
+            group) -> pd.DataFrame:
     t = _prepare(timeline, patients, ref)
     notes: list[str] = []
     parts = []
-    if "reference_interval" in wanted:
-        parts.append(_reference_interval(t))
     if "critical_value" in wanted:
         parts.append(_critical_value(t, ref))
     withprev = _with_previous(t) if {"delta_check", "preanalytical"} & wanted else None
@@ -1168,7 +1473,9 @@ def detect_anomalies(
         notes.append("multivariate_inconsistency not evaluated: no pretraining model given")
     parts = [p for p in parts if len(p)]
     out = pd.concat(parts, ignore_index=True) if parts else _empty()
-    if len(out):
+    if len(out) and group:
+        out = group_runs(out, t, ref, episodes=episodes)
+    elif len(out):
         out = out.sort_values(["patient_id", "collected_at", "analyte_code", "rule"], kind="stable").reset_index(drop=True)
     out.attrs["notes"] = notes
     out.attrs["reference_version"] = ref.version

@@ -19,11 +19,10 @@ Each verdict keeps the payload hash it was given on, so the export shows verdict
 an older version of an output.
 
 **Agreement** per output kind over current verdicts (valid / invalid / unsure): raw
-agreement, Cohen's kappa (scikit-learn; exactly two annotators), Fleiss' kappa
-(statsmodels; three or more, on outputs rated by all of them) and Gwet's AC1 (implemented
-here: no maintained PyPI package installs with current scipy/pandas). Kappa is misleading
-when nearly every output is valid (the "kappa paradox"); AC1 is not, which is why both are
-reported.
+agreement, Cohen's kappa (statsmodels; exactly two annotators), Fleiss' kappa and Gwet's
+AC1 (ratings with gaps), each with its 95 % confidence interval: :mod:`clinical.agreement`.
+Kappa is misleading when nearly every output is valid (the "kappa paradox"); AC1 is not,
+which is why both are reported.
 
 **Export** of outputs with their verdicts: CSV with spreadsheet formulas neutralised
 (:func:`data.export.write_safe_csv`) or Parquet (typed; text kept exactly as entered).
@@ -35,7 +34,6 @@ import hashlib
 import json
 import math
 import uuid
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,12 +55,16 @@ __all__ = [
     "explanation_outputs",
     "recommendation_outputs",
     "store_outputs",
+    "prune_superseded",
+    "prune_superseded_in",
+    "upsert_outputs",
     "load_outputs",
     "VerdictResult",
     "record_verdict",
     "annotation_log",
     "current_verdicts",
     "PRIORITY_TIERS",
+    "review_priority",
     "pending_outputs",
     "gwet_ac1",
     "agreement_stats",
@@ -77,14 +79,15 @@ VERDICTS = ("valid", "invalid", "unsure")
 OUTPUT_COLUMNS = ["output_id", "patient_id", "analyte_code", "analyte_name", "kind", "forecast_for", "predicted_value",
                   "unit", "model_version", "status", "output_time", "rule", "summary", "priority", "priority_reason",
                   "payload"]
-# Review priority tiers (1 is reviewed first); see pending_outputs for the order within a tier.
+# Review priority tiers (1 is reviewed first): clinical priority, the same numbers as a recommendation's
+# ``priority`` (clinical.recommendations.BASES); see pending_outputs for the order within a tier.
 PRIORITY_TIERS = {
-    1: "critical value, or a recommendation of high urgency",
-    2: "pre-analytical pattern, model surprise, multivariate inconsistency, or a recommendation of medium urgency",
-    3: "forecast or explanation to validate (and any other output)",
-    4: "recommendation of low urgency",
-    5: "delta check",
-    6: "outside the reference interval",
+    1: "actual critical value (or a recommendation resting on one)",
+    2: "pre-analytical error (or a recommendation to recollect)",
+    3: "delta check, model surprise, multivariate inconsistency (or a recommendation resting on an observed change)",
+    4: "forecast-based warning (a recommendation resting on a forecast)",
+    5: "forecast or explanation to validate (and any other output)",
+    6: "outside the reference interval (stored by versions before it became a flag on the result)",
 }
 
 
@@ -147,7 +150,10 @@ def _jsonable(v):
 
 
 def _payload_json(payload: dict) -> str:
-    return json.dumps(_jsonable(payload), sort_keys=True, allow_nan=False, ensure_ascii=False)
+    try:  # a record's payload is already JSON-native (_record converts it): one pass, not two
+        return json.dumps(payload, sort_keys=True, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError):  # timestamps, numpy scalars, NaN: converted first
+        return json.dumps(_jsonable(payload), sort_keys=True, allow_nan=False, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,13 +201,22 @@ def forecast_outputs(forecasts: pd.DataFrame, history: pd.DataFrame | None = Non
 
 
 def anomaly_outputs(anomalies: pd.DataFrame, reference_version: str) -> list[dict]:
-    """One record per anomaly; rule-based ones carry ``reference_version`` as their version."""
+    """One record per anomaly (a run of consecutive flags is one record: :func:`clinical.anomalies.group_runs`);
+    rule-based ones carry ``reference_version`` as their version.
+
+    The id is keyed on the run's first result, so a result joining the run later updates the
+    payload (``based_on.result_ids`` lists the run) instead of adding an output.
+    """
     recs = []
     for r in anomalies.to_dict("records"):
-        version = r.get("model_version") or reference_version
+        mv = r.get("model_version")
+        version = mv if isinstance(mv, str) and mv else reference_version  # None / NaN: a rule-based anomaly
         payload = {k: r.get(k) for k in ("result_id", "analyte_name", "collected_at", "rule", "flag", "score", "value",
                                          "unit", "evidence", "source", "text")}
-        payload["based_on"] = {"result_id": r.get("result_id"), "rule": r.get("rule"), "version": version}
+        ev = r.get("evidence") if isinstance(r.get("evidence"), dict) else {}
+        run = ev.get("run") or {}
+        payload["based_on"] = {"result_id": r.get("result_id"), "rule": r.get("rule"), "version": version,
+                               "result_ids": run.get("result_ids") or [r.get("result_id")]}
         recs.append(_record("anomaly", r["patient_id"], r["analyte_code"], r["collected_at"], version, r["rule"],
                             payload, key=r.get("result_id")))
     return recs
@@ -211,7 +226,9 @@ def explanation_outputs(explanations: list, forecast_ids: list[str]) -> list[dic
     """One record per :class:`model.explain.ForecastExplanation`, linked to its forecast's output id."""
     recs = []
     for e, fid in zip(explanations, forecast_ids):
-        payload = e.to_payload() | {"forecast_output_id": fid,
+        # the time the explainer took is not part of what it says: storing it would make an
+        # unchanged explanation look changed on every run (labtrend score is idempotent)
+        payload = {k: v for k, v in e.to_payload().items() if k != "elapsed_s"} | {"forecast_output_id": fid,
                                     "based_on": {"forecast_output_id": fid, "explainer": f"shap {e.method}",
                                                  "groups": "each analyte's past results, time since last result, age, sex"}}
         recs.append(_record("explanation", e.patient_id, e.analyte_code, e.at, e.model_version, e.method, payload))
@@ -222,7 +239,8 @@ def recommendation_outputs(recommendations: pd.DataFrame) -> list[dict]:
     """One record per recommendation (version = the rule file's version)."""
     recs = []
     for r in recommendations.to_dict("records"):
-        payload = {k: r.get(k) for k in ("rule_id", "title", "text", "urgency", "source", "triggered_by", "result_ids")}
+        payload = {k: r.get(k) for k in ("rule_id", "title", "text", "urgency", "source", "triggered_by", "result_ids",
+                                         "priority", "basis")}
         payload["based_on"] = {"triggered_by": r.get("triggered_by"), "result_ids": r.get("result_ids"),
                                "rule_version": r.get("rule_version")}
         recs.append(_record("recommendation", r["patient_id"], r.get("analyte_code"), r["at"],
@@ -235,35 +253,104 @@ def recommendation_outputs(recommendations: pd.DataFrame) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def store_outputs(store: Store, records: list[dict]) -> dict:
-    """Upsert ``records`` in one transaction; returns ``{'inserted', 'updated', 'unchanged'}`` counts."""
-    if not records:
-        return {"inserted": 0, "updated": 0, "unchanged": 0}
+def _output_rows(records: list[dict]):
+    """``records`` (the last of duplicate ids wins) as an Arrow table of ``model_outputs`` columns, less the times."""
+    import pyarrow as pa
+
     by_id = {}
     for r in records:
-        by_id[r["output_id"]] = r  # the last of duplicates wins
-    now = _utcnow()
-    rows = []
+        by_id[r["output_id"]] = r
+    cols = {k: [] for k in ("output_id", "kind", "patient_id", "analyte_code", "output_time", "rule", "model_version",
+                            "payload", "payload_sha256")}
     for r in by_id.values():
         text = _payload_json(r["payload"])
-        rows.append((r["output_id"], r["kind"], r["patient_id"], r["analyte_code"],
-                     None if r["output_time"] is None else pd.Timestamp(r["output_time"]).to_pydatetime(),
-                     r["rule"], r["model_version"], text, hashlib.sha256(text.encode("utf-8")).hexdigest()))
-    counts = {"inserted": 0, "updated": 0, "unchanged": 0}
+        t = r["output_time"]
+        cols["output_id"].append(r["output_id"])
+        cols["kind"].append(r["kind"])
+        cols["patient_id"].append(r["patient_id"])
+        cols["analyte_code"].append(r["analyte_code"])
+        cols["output_time"].append(None if t is None or pd.isna(t) else pd.Timestamp(t).to_pydatetime())
+        cols["rule"].append(r["rule"])
+        cols["model_version"].append(r["model_version"])
+        cols["payload"].append(text)
+        cols["payload_sha256"].append(hashlib.sha256(text.encode("utf-8")).hexdigest())
+    types = {"output_time": pa.timestamp("us")}
+    return pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in cols.items()})
+
+
+def upsert_outputs(cur, records: list[dict]) -> dict:
+    """Upsert ``records`` with the cursor of an open write transaction (:meth:`data.db.Store.write`).
+
+    One set-based statement per step (new rows inserted, changed payloads replaced), so a
+    patient's thousands of outputs cost milliseconds, not a prepared statement per row.
+    Returns ``{'inserted', 'updated', 'unchanged'}`` counts.
+    """
+    if not records:
+        return {"inserted": 0, "updated": 0, "unchanged": 0}
+    rows = _output_rows(records)
+    now = _utcnow()
+    view = f"_outputs_in_{uuid.uuid4().hex}"
+    cur.register(view, rows)
+    try:
+        cur.execute(f"""CREATE TEMP TABLE {view}_t AS
+                        SELECT i.*, CASE WHEN o.output_id IS NULL THEN 'inserted'
+                                         WHEN o.payload_sha256 <> i.payload_sha256 THEN 'updated'
+                                         ELSE 'unchanged' END AS change
+                        FROM {view} i LEFT JOIN model_outputs o USING (output_id)""")
+        counts = {"inserted": 0, "updated": 0, "unchanged": 0}
+        counts.update(dict(cur.execute(f"SELECT change, count(*) FROM {view}_t GROUP BY change").fetchall()))
+        if counts["inserted"]:
+            cur.execute(f"""INSERT INTO model_outputs
+                            SELECT output_id, kind, patient_id, analyte_code, output_time, rule, model_version,
+                                   payload::JSON, payload_sha256, ?::TIMESTAMP, ?::TIMESTAMP
+                            FROM {view}_t WHERE change = 'inserted' ON CONFLICT (output_id) DO NOTHING""", [now, now])
+        if counts["updated"]:
+            cur.execute(f"""UPDATE model_outputs SET payload = t.payload::JSON, payload_sha256 = t.payload_sha256,
+                                                     updated_at = ?::TIMESTAMP
+                            FROM {view}_t t WHERE t.change = 'updated' AND model_outputs.output_id = t.output_id""",
+                        [now])
+        cur.execute(f"DROP TABLE {view}_t")
+    finally:
+        cur.unregister(view)
+    return {k: int(v) for k, v in counts.items()}
+
+
+def store_outputs(store: Store, records: list[dict]) -> dict:
+    """Upsert ``records`` in one transaction (:func:`upsert_outputs`); returns ``{'inserted', 'updated', 'unchanged'}``.
+
+    An unchanged payload is left alone; a changed one replaces the stored one and moves ``updated_at``.
+    """
+    if not records:
+        return {"inserted": 0, "updated": 0, "unchanged": 0}
     with store.write() as cur:
-        have = dict(cur.execute("SELECT output_id, payload_sha256 FROM model_outputs WHERE list_contains(?, output_id)",
-                                [list(by_id)]).fetchall())
-        new = [r for r in rows if r[0] not in have]
-        changed = [r for r in rows if r[0] in have and have[r[0]] != r[8]]
-        counts = {"inserted": len(new), "updated": len(changed), "unchanged": len(rows) - len(new) - len(changed)}
-        if new:
-            cur.executemany(
-                "INSERT INTO model_outputs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (output_id) DO NOTHING",
-                [r + (now, now) for r in new])
-        for r in changed:
-            cur.execute("UPDATE model_outputs SET payload = ?, payload_sha256 = ?, updated_at = ? WHERE output_id = ?",
-                        [r[7], r[8], now, r[0]])
-    return counts
+        return upsert_outputs(cur, records)
+
+
+def prune_superseded(store: Store, patient_id: str, kind: str, keep_ids, *, before, version_prefix: str) -> int:
+    """Remove a patient's outputs of ``kind`` that an evaluation no longer produces; returns how many.
+
+    Only outputs whose ``model_version`` starts with ``version_prefix`` (e.g. ``'rules-'``: the
+    rule-based anomalies, recomputed from the whole history on every evaluation), collected
+    before ``before`` (the evaluated period), not in ``keep_ids`` and **without any verdict**:
+    what an expert judged is history and stays. Stale items of an earlier rule version (a delta
+    check the cited minimum change no longer admits, a run now one output) would otherwise stay
+    in the review queue for ever.
+    """
+    with store.write() as cur:
+        return prune_superseded_in(cur, patient_id, kind, keep_ids, before=before, version_prefix=version_prefix)
+
+
+def prune_superseded_in(cur, patient_id: str, kind: str, keep_ids, *, before, version_prefix: str) -> int:
+    """:func:`prune_superseded` on an open write cursor (inside the caller's transaction: the batch writer)."""
+    ids = [r[0] for r in cur.execute(
+        """SELECT output_id FROM model_outputs o
+           WHERE patient_id = ? AND kind = ? AND starts_with(model_version, ?) AND output_time < ?
+             AND NOT list_contains(?::VARCHAR[], output_id)
+             AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.output_id = o.output_id)""",
+        [str(patient_id), kind, version_prefix, pd.Timestamp(before).to_pydatetime(), list(keep_ids)]).fetchall()]
+    if ids:
+        cur.execute("DELETE FROM model_outputs WHERE list_contains(?::VARCHAR[], output_id)", [ids])
+    return len(ids)
 
 
 def load_outputs(store: Store, *, patient_id: str | None = None, kind: str | None = None,
@@ -291,6 +378,7 @@ class VerdictResult:
     submission_id: str
     output_id: str
     created: bool
+    verdict: str | None = None  # the verdict stored (this one, or the one already there)
 
     def __bool__(self) -> bool:
         return self.created
@@ -307,8 +395,15 @@ def record_verdict(
     submission_id: str | None = None,
     *,
     dedupe_window_s: float = 10.0,
+    only_if_pending: bool = False,
 ) -> VerdictResult:
     """Append one expert verdict on an output; idempotent per submission (see the module docstring).
+
+    ``only_if_pending``: store the verdict only if ``annotator`` has none on the output yet
+    (checked inside the write transaction). The review queue saves this way, so that a
+    double click, a click during a rerun and the same output open in two tabs store exactly
+    one verdict; the result is then the verdict already there (``created`` False; its
+    ``submission_id`` tells a repeat of the same click from another tab's).
 
     Raises ``ValueError`` for an unknown output, a verdict outside :data:`VERDICTS`, an empty
     annotator or role, a non-finite corrected value, or a submission id already used for a
@@ -327,6 +422,12 @@ def record_verdict(
         row = cur.execute("SELECT payload_sha256 FROM model_outputs WHERE output_id = ?", [output_id]).fetchone()
         if row is None:
             raise ValueError(f"unknown output {output_id!r}: store the output before recording a verdict on it")
+        if only_if_pending:
+            have = cur.execute("""SELECT annotation_id, submission_id, verdict FROM annotations
+                                  WHERE output_id = ? AND annotator = ? ORDER BY annotation_id DESC LIMIT 1""",
+                               [output_id, annotator]).fetchone()
+            if have is not None:
+                return VerdictResult(int(have[0]), have[1], output_id, False, have[2])
         if submission_id is None:
             last = cur.execute(
                 """SELECT annotation_id, submission_id, role, verdict, comment, corrected_value, created_at
@@ -334,7 +435,7 @@ def record_verdict(
                 [output_id, annotator]).fetchone()
             if last is not None and (last[2], last[3], last[4], last[5]) == (role, verdict, comment, corrected_value) \
                     and (_utcnow() - last[6]).total_seconds() <= dedupe_window_s:
-                return VerdictResult(int(last[0]), last[1], output_id, False)
+                return VerdictResult(int(last[0]), last[1], output_id, False, last[3])
             submission_id = "auto-" + new_submission_id()
         inserted = cur.execute(
             """INSERT INTO annotations (submission_id, output_id, annotator, role, verdict, comment, corrected_value,
@@ -343,12 +444,12 @@ def record_verdict(
             [submission_id, output_id, annotator, role, verdict, comment, corrected_value, row[0], _utcnow()],
         ).fetchall()
         if inserted:
-            return VerdictResult(int(inserted[0][0]), submission_id, output_id, True)
-        prior = cur.execute("SELECT annotation_id, output_id, annotator FROM annotations WHERE submission_id = ?",
+            return VerdictResult(int(inserted[0][0]), submission_id, output_id, True, verdict)
+        prior = cur.execute("SELECT annotation_id, output_id, annotator, verdict FROM annotations WHERE submission_id = ?",
                             [submission_id]).fetchone()
     if (prior[1], prior[2]) != (output_id, annotator):
         raise ValueError(f"submission {submission_id!r} was already used for output {prior[1]!r} by {prior[2]!r}")
-    return VerdictResult(int(prior[0]), submission_id, output_id, False)
+    return VerdictResult(int(prior[0]), submission_id, output_id, False, prior[3])
 
 
 def annotation_log(store: Store, output_id: str | None = None) -> pd.DataFrame:
@@ -380,11 +481,14 @@ def current_verdicts(store: Store, kind: str | None = None) -> pd.DataFrame:
         return cur.execute(_CURRENT_SQL, [kind, kind]).df()
 
 
-def _summary(kind: str, p: dict) -> tuple[str | None, float | None, str | None, str]:
-    """(summary text, predicted value, unit, status) of one payload for review lists."""
+def _summary(kind: str, p: dict, code: str | None = None) -> tuple[str | None, float | None, str | None, str]:
+    """(summary text, predicted value, unit, status) of one payload for review lists (numbers with the
+    analyte's reporting precision, :mod:`clinical.format`)."""
+    from clinical.format import format_quantity
+
     if kind == "forecast":
-        return (f"forecast median {p.get('median')} {p.get('unit') or ''}".strip(), p.get("median"), p.get("unit"),
-                "pending" if p.get("status") == "ok" else str(p.get("status")))
+        return (f"forecast median {format_quantity(code, p.get('median'), p.get('unit'))}".strip(), p.get("median"),
+                p.get("unit"), "pending" if p.get("status") == "ok" else str(p.get("status")))
     if kind == "anomaly":
         return p.get("text"), p.get("value"), p.get("unit"), "pending"
     if kind == "explanation":
@@ -396,21 +500,20 @@ def _summary(kind: str, p: dict) -> tuple[str | None, float | None, str | None, 
 _PRIORITY_SQL = """
     CASE
         WHEN o.kind = 'anomaly' AND o.rule = 'critical_value' THEN 1
-        WHEN o.kind = 'recommendation' AND json_extract_string(o.payload, '$.urgency') = 'high' THEN 1
-        WHEN o.kind = 'anomaly' AND (o.rule LIKE 'preanalytical:%'
-                                     OR o.rule IN ('model_surprise', 'multivariate_inconsistency')) THEN 2
-        WHEN o.kind = 'recommendation' AND json_extract_string(o.payload, '$.urgency') = 'medium' THEN 2
-        WHEN o.kind = 'recommendation' AND json_extract_string(o.payload, '$.urgency') = 'low' THEN 4
-        WHEN o.kind = 'anomaly' AND o.rule = 'delta_check' THEN 5
+        WHEN o.kind = 'anomaly' AND o.rule LIKE 'preanalytical:%' THEN 2
+        WHEN o.kind = 'anomaly' AND o.rule IN ('delta_check', 'model_surprise', 'multivariate_inconsistency') THEN 3
         WHEN o.kind = 'anomaly' AND o.rule = 'reference_interval' THEN 6
-        ELSE 3
+        WHEN o.kind = 'recommendation'
+            THEN coalesce(TRY_CAST(json_extract_string(o.payload, '$.priority') AS INTEGER), 3)
+        ELSE 5
     END"""
 _REASON_SQL = """
     CASE
         WHEN o.kind = 'anomaly' AND o.rule = 'critical_value'
             THEN 'critical value (' || coalesce(json_extract_string(o.payload, '$.flag'), '?') || ')'
         WHEN o.kind = 'recommendation'
-            THEN 'recommendation, ' || coalesce(json_extract_string(o.payload, '$.urgency'), 'unknown') || ' urgency'
+            THEN 'recommendation (' || coalesce(json_extract_string(o.payload, '$.basis'), 'earlier version') || ', '
+                 || coalesce(json_extract_string(o.payload, '$.urgency'), 'unknown') || ' urgency)'
         WHEN o.kind = 'anomaly' AND o.rule LIKE 'preanalytical:%'
             THEN 'pre-analytical pattern: ' || replace(substr(o.rule, 15), '_', ' ')
         WHEN o.kind = 'anomaly' AND o.rule = 'model_surprise' THEN 'model surprise'
@@ -420,6 +523,32 @@ _REASON_SQL = """
         WHEN o.kind IN ('forecast', 'explanation') THEN o.kind || ' to validate'
         ELSE coalesce(o.kind, 'output') || coalesce(' ' || o.rule, '')
     END"""
+def review_priority(kind: str, rule: str | None = None, payload: dict | None = None) -> int:
+    """The clinical priority tier (:data:`PRIORITY_TIERS`, 1 first) of an output: the Python twin of
+    the review queue's SQL (tested equal), for lists built outside the store (the timeline's
+    anomaly table). ``payload``: a recommendation's (its ``priority``)."""
+    rule = rule or ""
+    if kind == "anomaly":
+        if rule == "critical_value":
+            return 1
+        if rule.startswith("preanalytical:"):
+            return 2
+        if rule in ("delta_check", "model_surprise", "multivariate_inconsistency"):
+            return 3
+        if rule == "reference_interval":
+            return 6
+        return 5
+    if kind == "recommendation":
+        try:
+            return int((payload or {}).get("priority"))
+        except (TypeError, ValueError):
+            return 3
+    return 5
+
+
+# within a tier: a recommendation of higher urgency first
+_URGENCY_SQL = """
+    CASE json_extract_string(payload, '$.urgency') WHEN 'high' THEN 0 WHEN 'medium' THEN 1 WHEN 'low' THEN 2 ELSE 1 END"""
 
 
 def pending_outputs(store: Store, annotator: str, kind: str | None = None, patient_id: str | None = None,
@@ -430,26 +559,25 @@ def pending_outputs(store: Store, annotator: str, kind: str | None = None, patie
     ``'critical value (HH)'``, ``'pre-analytical pattern: haemolysis'``) are computed in the
     query, so ``limit`` (None: no limit) keeps the most important outputs, not the oldest:
 
-    1. critical values; recommendations of high urgency
-    2. pre-analytical patterns, model surprise, multivariate inconsistency; recommendations of
-       medium urgency
-    3. forecasts and their explanations (and any output kind or rule not listed here)
-    4. recommendations of low urgency
-    5. delta checks
-    6. results outside the reference interval
+    1. actual critical values (and recommendations resting on one)
+    2. pre-analytical errors (and recommendations to recollect)
+    3. delta checks, model surprises, multivariate inconsistencies (and recommendations resting
+       on an observed change)
+    4. forecast-based warnings (recommendations resting on a forecast): "forecast potassium may
+       reach the critical limit" always after an actual critical potassium
+    5. forecasts and their explanations to validate (and any output kind or rule not listed here)
+    6. reference-interval anomalies stored by earlier versions (a result outside its interval is
+       a flag on the result now, not a review item)
 
-    Within a tier: newest first (``output_time``: the result's collection time, the
+    A recommendation's tier is its stored ``priority`` (:data:`clinical.recommendations.BASES`;
+    3 for payloads stored before it existed). Within a tier: recommendations of higher urgency
+    first, then newest first (``output_time``: the collection time of the run's first result, the
     recommendation's evaluation time), then the larger ``|score|``; forecasts and explanations
     soonest forecast time first (the forecast that can be checked against a result first; a
     forecast comes before its explanation). Ties: ``output_id``.
 
-    Repeated reference-interval flags of one analyte are not collapsed into one output per
-    analyte and day: an anomaly's id is keyed on its result (:func:`output_id`), verdicts and
-    the timeline's markers refer to that id, and a group output would either orphan the
-    verdicts already given or need one verdict row per member for one submission (UI-17 keeps
-    one row per submission). On MIMIC-IV demo the collapse would remove about a quarter of the
-    flags (mean 376 -> 290 per patient, ``benchmarks/results/clinical.json``,
-    ``collapse_reference_interval_per_analyte_day``); ranking them last does more for the reviewer.
+    Consecutive flags of one analyte within one episode are already one output with its run of
+    results (:func:`clinical.anomalies.group_runs`), keyed on the run's first result.
     """
     sql = f"""
         WITH p AS (
@@ -459,7 +587,7 @@ def pending_outputs(store: Store, annotator: str, kind: str | None = None, patie
               AND (?::VARCHAR IS NULL OR o.kind = ?) AND (?::VARCHAR IS NULL OR o.patient_id = ?)
         )
         SELECT * FROM p
-        ORDER BY priority,
+        ORDER BY priority, {_URGENCY_SQL},
                  CASE WHEN kind IN ('forecast', 'explanation') THEN epoch_us(output_time)
                       ELSE -epoch_us(output_time) END NULLS LAST,
                  CASE kind WHEN 'forecast' THEN 0 WHEN 'explanation' THEN 1 ELSE 2 END,
@@ -472,7 +600,7 @@ def pending_outputs(store: Store, annotator: str, kind: str | None = None, patie
 
     cat = load_catalogue()
     payloads = [json.loads(p) for p in df["payload"]]
-    info = [_summary(k, p) for k, p in zip(df["kind"], payloads)]
+    info = [_summary(k, p, c) for k, p, c in zip(df["kind"], payloads, df["analyte_code"])]
     out = pd.DataFrame({
         "output_id": df["output_id"], "patient_id": df["patient_id"], "analyte_code": df["analyte_code"],
         "analyte_name": [getattr(cat.get(c), "name", None) if c else None for c in df["analyte_code"]],
@@ -494,73 +622,22 @@ def pending_outputs(store: Store, annotator: str, kind: str | None = None, patie
 def gwet_ac1(counts: np.ndarray, n_categories: int | None = None) -> dict:
     """Gwet's AC1 from an items x categories table of rating counts (raters may vary per item).
 
-    Gwet KL, Computing inter-rater reliability and its variance in the presence of high
-    agreement, Br J Math Stat Psychol 2008;61(1):29-48, doi:10.1348/000711006X126600 (and
-    Handbook of Inter-Rater Reliability, 4th ed., 2014, ch. 4, for missing ratings):
-
-    * ``p_a`` = mean over items rated by >= 2 raters of ``sum_k r_ik (r_ik - 1) / (r_i (r_i - 1))``
-    * ``pi_k`` = mean over items rated at least once of ``r_ik / r_i``
-    * ``p_e`` = ``sum_k pi_k (1 - pi_k) / (q - 1)``, ``q`` = number of categories
-    * ``AC1 = (p_a - p_e) / (1 - p_e)``
-
-    Returns ``{'ac1', 'pa', 'pe', 'n_items'}`` (AC1 NaN when it is undefined).
+    :func:`clinical.agreement.gwet_ac1` (formulas, variance and sources there). Returns
+    ``{'ac1', 'pa', 'pe', 'n_items', 'low', 'high'}`` (NaN where undefined; ``low``/``high``:
+    the 95 % confidence interval).
     """
-    r = np.asarray(counts, dtype=float)
-    q = int(n_categories or r.shape[1])
-    ri = r.sum(axis=1)
-    rated, multi = ri >= 1, ri >= 2
-    if not multi.any() or q < 2:
-        return {"ac1": math.nan, "pa": math.nan, "pe": math.nan, "n_items": int(multi.sum())}
-    pa = float(np.mean((r[multi] * (r[multi] - 1)).sum(axis=1) / (ri[multi] * (ri[multi] - 1))))
-    pi = (r[rated] / ri[rated, None]).mean(axis=0)
-    pe = float((pi * (1 - pi)).sum() / (q - 1))
-    ac1 = (pa - pe) / (1 - pe) if pe < 1 else math.nan
-    return {"ac1": float(ac1), "pa": pa, "pe": pe, "n_items": int(multi.sum())}
+    from clinical.agreement import gwet_ac1 as _ac1
+
+    e = _ac1(counts, n_categories)
+    return {"ac1": e.value, "pa": e.pa, "pe": e.pe, "n_items": e.n_items, "low": e.low, "high": e.high}
 
 
 def agreement_stats(ratings: pd.DataFrame, categories=VERDICTS) -> dict:
-    """Agreement of a long frame ``item, rater, category`` (one current rating per item and rater).
+    """Agreement of a long frame ``item, rater, category``: :func:`clinical.agreement.agreement_stats`
+    (raw agreement, Cohen's kappa, Fleiss' kappa, Gwet's AC1, each with its 95 % interval)."""
+    from clinical.agreement import agreement_stats as _stats
 
-    ``raw_agreement``: mean over items with >= 2 ratings of the share of agreeing rater
-    pairs. ``cohen_kappa``: only with exactly 2 raters, on items both rated
-    (``sklearn.metrics.cohen_kappa_score``). ``fleiss_kappa``: with >= 3 raters, on items
-    rated by all of them (``statsmodels.stats.inter_rater.fleiss_kappa``). ``gwet_ac1``: all
-    items (:func:`gwet_ac1`). A statistic that is undefined (e.g. every rating 'valid') is NaN.
-    """
-    from sklearn.metrics import cohen_kappa_score
-    from statsmodels.stats.inter_rater import fleiss_kappa
-
-    cats = list(categories)
-    r = ratings[ratings["category"].isin(cats)]
-    raters = sorted(r["rater"].unique())
-    table = pd.crosstab(r["item"], pd.Categorical(r["category"], categories=cats), dropna=False).reindex(columns=cats, fill_value=0)
-    counts = table.to_numpy(float)
-    ri = counts.sum(axis=1)
-    multi = ri >= 2
-    out = {"n_items": int(len(table)), "n_items_multi": int(multi.sum()), "n_raters": len(raters),
-           "share_valid": float((r["category"] == cats[0]).mean()) if len(r) else math.nan}
-    if multi.any():
-        out["raw_agreement"] = float(np.mean((counts[multi] * (counts[multi] - 1)).sum(axis=1) / (ri[multi] * (ri[multi] - 1))))
-    else:
-        out["raw_agreement"] = math.nan
-    out["cohen_kappa"] = math.nan
-    out["fleiss_kappa"] = math.nan
-    wide = r.pivot_table(index="item", columns="rater", values="category", aggfunc="last")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # undefined kappa (all one category) -> NaN, reported as such
-        if len(raters) == 2:
-            both = wide.dropna()
-            if len(both):
-                k = cohen_kappa_score(both[raters[0]], both[raters[1]], labels=cats)
-                out["cohen_kappa"] = float(k) if np.isfinite(k) else math.nan
-        elif len(raters) >= 3:
-            full = table[(ri == len(raters))]
-            if len(full):
-                k = fleiss_kappa(full.to_numpy(), method="fleiss")
-                out["fleiss_kappa"] = float(k) if np.isfinite(k) else math.nan
-    g = gwet_ac1(counts, len(cats))
-    out["gwet_ac1"] = g["ac1"]
-    return out
+    return _stats(ratings, categories)
 
 
 def agreement(store: Store) -> pd.DataFrame:
@@ -570,8 +647,8 @@ def agreement(store: Store) -> pd.DataFrame:
     for kind, g in cur.groupby("kind", sort=True):
         stats = agreement_stats(g.rename(columns={"output_id": "item", "annotator": "rater", "verdict": "category"}))
         rows.append({"kind": kind, **stats})
-    cols = ["kind", "n_items", "n_items_multi", "n_raters", "share_valid", "raw_agreement", "cohen_kappa",
-            "fleiss_kappa", "gwet_ac1"]
+    cols = ["kind", "n_items", "n_items_multi", "n_raters", "share_valid"] + [
+        f"{m}{part}" for m in ("raw_agreement", "cohen_kappa", "fleiss_kappa", "gwet_ac1") for part in ("", "_low", "_high")]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -605,7 +682,7 @@ def export_frame(store: Store, all_verdicts: bool = False, kind: str | None = No
     """
     with store.read() as cur:
         df = cur.execute(sql, [kind, kind]).df()
-    df["summary"] = [_summary(k, json.loads(p))[0] for k, p in zip(df["kind"], df["payload"])]
+    df["summary"] = [_summary(k, json.loads(p), c)[0] for k, p, c in zip(df["kind"], df["payload"], df["analyte_code"])]
     df["n_verdicts"] = df["n_verdicts"].astype("Int64")
     df["annotation_id"] = df["annotation_id"].astype("Int64")
     return df[EXPORT_COLUMNS]

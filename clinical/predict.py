@@ -12,7 +12,9 @@
    ``model_window_days`` days, since they cost one model row per result time;
 4. a SHAP explanation of each forecast that has one (:func:`model.explain.explain_forecast`);
 5. recommendations from the rule file;
-6. every item stored in ``model_outputs`` (idempotent upsert) with its deterministic id.
+6. every item stored in ``model_outputs`` (idempotent upsert) with its deterministic id; the
+   patient's unreviewed rule-based anomalies before ``at`` that this evaluation no longer
+   produces (an earlier rule version's) are removed (``stored['superseded']``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from data import queries
 from data.db import Store
 from model import MIN_HISTORY
 
-__all__ = ["default_at", "top_analytes_for", "predict_patient", "replay_forecasts", "PatientNotFound"]
+__all__ = ["default_at", "top_analytes_for", "predict_patient", "patient_outputs", "replay_forecasts", "PatientNotFound"]
 
 
 class PatientNotFound(LookupError):
@@ -87,10 +89,53 @@ def predict_patient(
     info = queries.patient_info(store, patient_id)
     if info is None:
         raise PatientNotFound(f"no patient {patient_id!r} in the store")
+    timeline = queries.timeline(store, info["patient_id"])
+    result = patient_outputs(pipeline, info, timeline, at, top_n=top_n, explain=explain,
+                             masked_predictor=masked_predictor, reference=reference, rules=rules,
+                             model_window_days=model_window_days)
+    records, supersede = result.pop("records"), result.pop("supersede")
+    if save:
+        with store.write() as cur:  # the outputs and the removal of what they supersede: one transaction
+            stored = out_mod.upsert_outputs(cur, records) if records else {"inserted": 0, "updated": 0, "unchanged": 0}
+            stored["superseded"] = prune_patient(cur, info["patient_id"], supersede)
+        result["stored"] = stored
+    else:
+        result["stored"] = None
+    return result
+
+
+def prune_patient(cur, patient_id: str, supersede: dict) -> int:
+    """Remove the patient's unreviewed outputs that :func:`patient_outputs`'s ``supersede`` says are stale
+    (:func:`clinical.outputs.prune_superseded_in`, on the caller's write cursor); returns how many."""
+    return out_mod.prune_superseded_in(cur, patient_id, supersede["kind"], supersede["keep"],
+                                       before=supersede["before"], version_prefix=supersede["version_prefix"])
+
+
+def patient_outputs(
+    pipeline,
+    info: dict,
+    timeline: pd.DataFrame,
+    at=None,
+    *,
+    top_n: int = 5,
+    explain: bool = True,
+    masked_predictor=None,
+    reference: ClinicalReference | None = None,
+    rules: RuleSet | None = None,
+    model_window_days: float | None = 30.0,
+) -> dict:
+    """The outputs of one patient from what the store holds, without touching the store (pure).
+
+    ``info``: :func:`data.queries.patient_info`; ``timeline``: :func:`data.queries.timeline`
+    of that patient. Returns what :func:`predict_patient` returns, less ``stored``, plus
+    ``records``: the ``model_outputs`` records (:mod:`clinical.outputs`) to store, and ``supersede``: which
+    stored outputs those records replace (:func:`prune_patient` removes them in the same transaction). The batch
+    job (``labtrend score``) computes this in its workers and stores the records in one
+    writer. Raises ``ValueError`` when the patient has no result and ``at`` is not given.
+    """
     patient_id = info["patient_id"]  # the id as stored (typed with a stray space or invisible character)
     ref = reference or default_reference()
     rs = rules or load_rules()
-    timeline = queries.timeline(store, patient_id)
     at = pd.Timestamp(at) if at is not None else default_at(timeline)
     before = timeline[timeline["collected_at"] < at]
     history = history_from_timeline(before, info)
@@ -114,26 +159,28 @@ def predict_patient(
     a_recs = out_mod.anomaly_outputs(anomalies, ref.version)
     anomalies = anomalies.assign(output_id=[r["output_id"] for r in a_recs])
 
-    # explanations
+    # explanations: the history is prepared once for all of the patient's forecasts
     e_recs = []
     if explain and codes:
-        from model.explain import explain_forecast
+        from model.explain import explain_forecasts
 
-        expl, fids = [], []
-        for f, rec in zip(forecasts.to_dict("records"), f_recs):
-            if f["status"] != "ok":
-                continue
-            expl.append(explain_forecast(pipeline, history, str(patient_id), f["analyte_code"], at,
-                                         forecast_median=float(f["q50"])))
-            fids.append(rec["output_id"])
-        e_recs = out_mod.explanation_outputs(expl, fids)
+        ok = [i for i, s in enumerate(forecasts["status"]) if s == "ok"]
+        if ok:
+            sel = forecasts.iloc[ok]
+            expl = explain_forecasts(pipeline, history, sel[["patient_id", "analyte_code", "at"]],
+                                     forecast_medians=[float(v) for v in sel["q50"]])
+            e_recs = out_mod.explanation_outputs(expl, [f_recs[i]["output_id"] for i in ok])
 
     # recommendations
     recs = evaluate_rules(before, info, at=at, forecasts=forecasts if codes else None, anomalies=anomalies,
                           rules=rs, reference=ref)
     r_recs = out_mod.recommendation_outputs(recs)
 
-    stored = out_mod.store_outputs(store, f_recs + a_recs + e_recs + r_recs) if save else None
+    records = f_recs + a_recs + e_recs + r_recs
+    # rule-based anomalies are recomputed from the whole history before `at`: unreviewed ones an earlier rule
+    # version stored and this evaluation no longer produces leave the review queue when these records are stored
+    supersede = {"kind": "anomaly", "version_prefix": "rules-", "before": at,
+                 "keep": [r["output_id"] for r in a_recs if str(r["model_version"]).startswith("rules-")]}
     return {
         "patient_id": str(patient_id),
         "model_version": pipeline.model_version,
@@ -143,7 +190,8 @@ def predict_patient(
         "explanations": _items(e_recs),
         "recommendations": _items(r_recs),
         "notes": notes,
-        "stored": stored,
+        "records": records,
+        "supersede": supersede,
     }
 
 

@@ -22,6 +22,10 @@ with ``id``, ``title``, ``condition``, ``text``, ``urgency``, ``source``). Nothi
 ``all: [conditions]``, ``any: [conditions]``, ``not: condition``
     Combinators; a recommendation lists what triggered its positive parts.
 
+Texts use the placeholders of :data:`PLACEHOLDERS`; ``{change}`` is always computed from the
+``{baseline}`` the text names (value, how long before, which result), numbers with the analyte's
+reporting precision (:mod:`clinical.format`).
+
 ``LIMIT`` is one of ``critical_high``, ``critical_low`` (the critical list in use),
 ``reference_high``, ``reference_low`` (the catalogue interval for the patient's sex and age):
 no clinical number is written in a rule. Texts are formatted with a fixed set of
@@ -42,23 +46,33 @@ import yaml
 from clinical.anomalies import (
     PATTERN_PREFIX,
     ClinicalReference,
+    _change_text,
     _fmt,
     _prepare,
+    _u,
+    _when,
     default_reference,
     rcv_limits,
 )
+from clinical.format import decimals_by_code, reported_precision
 from model import QUANTILE_COLUMNS
 
 __all__ = ["Rule", "RuleSet", "load_rules", "evaluate_rules", "recommend", "PLACEHOLDERS", "URGENCIES", "RECOMMENDATION_COLUMNS"]
 
-PLACEHOLDERS = frozenset({"analyte", "value", "unit", "limit", "quantile", "first", "last", "n", "change_pct", "pattern", "at"})
+PLACEHOLDERS = frozenset({"analyte", "value", "unit", "limit", "quantile", "first", "last", "n", "change_pct", "pattern", "at",
+                          "change", "baseline"})
 URGENCIES = ("high", "medium", "low")
 LIMITS = ("critical_high", "critical_low", "reference_high", "reference_low")
 _KINDS = ("forecast", "observed", "anomaly", "trend", "all", "any", "not")
 RECOMMENDATION_COLUMNS = [
     "rule_id", "rule_version", "patient_id", "analyte_code", "at", "title", "text", "urgency", "source",
-    "triggered_by", "result_ids",
+    "triggered_by", "result_ids", "priority", "basis",
 ]
+# What a recommendation rests on, most urgent first (its clinical priority; clinical.outputs ranks
+# the review queue with the same numbers): an actual critical value, a pre-analytical error, an
+# observed change (delta check, trend, model surprise, an observed value beyond a reference limit),
+# then a forecast.
+BASES = {1: "observed critical value", 2: "pre-analytical error", 3: "observed change", 4: "forecast"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,33 @@ class Rule:
     text: str
     urgency: str
     source: str
+
+    @property
+    def priority(self) -> int:
+        """The clinical priority of what the rule rests on (:data:`BASES`): the most urgent positive
+        condition (conditions under ``not`` are not evidence)."""
+        return _priority(self.condition)
+
+    @property
+    def basis(self) -> str:
+        return BASES[self.priority]
+
+
+def _priority(cond: dict) -> int:
+    (kind, body), = cond.items()
+    if kind in ("all", "any"):
+        return min(_priority(c) for c in body)
+    if kind == "not":
+        return 4
+    if kind == "forecast":
+        return 4
+    if kind == "observed":
+        side = body.get("above") or body.get("below")
+        return 1 if str(side).startswith("critical") else 3
+    if kind == "anomaly":
+        rule = str(body["rule"])
+        return 1 if rule == "critical_value" else 2 if rule.startswith(PATTERN_PREFIX) else 3
+    return 3  # trend
 
 
 @dataclass(frozen=True)
@@ -234,8 +275,8 @@ def _forecast(body: dict, ctx: _Context) -> _Match:
         return _Match(False)
     r = hit.iloc[0]
     return _Match(True, outputs=[r["output_id"]] if "output_id" in hit else [], analyte=code, facts=dict(
-        analyte=_name(ctx, code), value=_fmt(r[qcol]), unit=r.get("unit") or "", limit=_fmt(limit), quantile=qcol,
-        at=pd.Timestamp(r["at"]).strftime("%Y-%m-%d %H:%M")))
+        analyte=_name(ctx, code), value=_fmt(r[qcol], code), unit=r.get("unit") or "", limit=_fmt(limit, code),
+        quantile=qcol, at=pd.Timestamp(r["at"]).strftime("%Y-%m-%d %H:%M")))
 
 
 def _observed(body: dict, ctx: _Context) -> _Match:
@@ -250,7 +291,7 @@ def _observed(body: dict, ctx: _Context) -> _Match:
     if not ((v > limit) if side == "above" else (v < limit)):
         return _Match(False)
     return _Match(True, results=[int(r["result_id"])], analyte=code, facts=dict(
-        analyte=_name(ctx, code), value=_fmt(v), unit=r["x_unit"] or "", limit=_fmt(limit)))
+        analyte=_name(ctx, code), value=_fmt(v, code), unit=r["x_unit"] or "", limit=_fmt(limit, code)))
 
 
 def _anomaly(body: dict, ctx: _Context) -> _Match:
@@ -268,27 +309,48 @@ def _anomaly(body: dict, ctx: _Context) -> _Match:
         flags = body["flag"] if isinstance(body["flag"], list) else [body["flag"]]
         a = a[a["flag"].isin(flags)]
     a = a[pd.to_datetime(a["collected_at"]) < ctx.at]
+    members = [_run_members(r) for r in a.to_dict("records")]
     if body.get("latest") and len(a):
-        latest = ctx.valid.groupby("analyte_code")["result_id"].last()
-        keep = a["result_id"].isin(latest.to_numpy())
+        latest = set(ctx.valid.groupby("analyte_code")["result_id"].last().to_numpy().tolist())
         if ctx.latest_any is not None:
-            keep |= a["result_id"].isin(ctx.latest_any)
-        a = a[keep]
+            latest |= set(np.asarray(ctx.latest_any).tolist())
+        keep = np.array([bool(set(m) & latest) for m in members], dtype=bool)
+        a, members = a[keep], [m for m, k in zip(members, keep) if k]
     if a.empty:
         return _Match(False)
-    a = a.sort_values("collected_at")
+    order = np.argsort(pd.to_datetime(a["collected_at"]).to_numpy(), kind="stable")
+    a, members = a.iloc[order], [members[i] for i in order]
     r = a.iloc[-1]
+    code = str(r["analyte_code"])
     ev = r["evidence"] if isinstance(r["evidence"], dict) else {}
+    run = ev.get("run") or {}
+    last_value = run.get("last", {}).get("value", r["value"]) if run else r["value"]
+    last_at = pd.Timestamp(run["last"]["collected_at"]) if run else pd.Timestamp(r["collected_at"])
     pattern = str(r["rule"])[len(PATTERN_PREFIX):].replace("_", " ") if str(r["rule"]).startswith(PATTERN_PREFIX) else ""
-    facts = dict(analyte=r.get("analyte_name") or _name(ctx, str(r["analyte_code"])),
-                 value=_fmt(r["value"]) if pd.notna(r["value"]) else "(text result)", unit=r["unit"] or "",
-                 pattern=pattern)
-    if "change_pct" in ev and ev["change_pct"] is not None:
-        facts["change_pct"] = f"{ev['change_pct']:+.0f}"
+    facts = dict(analyte=r.get("analyte_name") or _name(ctx, code),
+                 value=_fmt(last_value, code) if last_value is not None and pd.notna(last_value) else "(text result)",
+                 unit=r["unit"] or "", pattern=pattern)
+    base, base_at = ev.get("previous_value"), ev.get("previous_at")
+    if base is not None and base_at is not None and last_value is not None and pd.notna(last_value) and float(base) > 0:
+        # the change is computed from the baseline the text names: the result before the flag (or its run)
+        days = (last_at - pd.Timestamp(base_at)).total_seconds() / 86400.0
+        facts["change"] = _change_text(code, float(last_value), float(base), r["unit"])
+        facts["change_pct"] = f"{100 * (float(last_value) / float(base) - 1):+.0f}"
+        facts["baseline"] = (f"{_fmt(base, code)}{_u(r['unit'])} {_when(days)} earlier "
+                             f"({'the result before this run' if run else 'the previous result'})")
     if "limit" in ev and ev["limit"] is not None:
-        facts["limit"] = _fmt(ev["limit"])
+        facts["limit"] = _fmt(ev["limit"], code)
     outs = a["output_id"].tolist() if "output_id" in a else []
-    return _Match(True, outputs=outs, results=[int(x) for x in a["result_id"]], facts=facts, analyte=str(r["analyte_code"]))
+    results = [int(x) for m in members for x in m]
+    return _Match(True, outputs=outs, results=list(dict.fromkeys(results)), facts=facts, analyte=code)
+
+
+def _run_members(row: dict) -> list[int]:
+    """Result ids an anomaly row stands for: its run's (:func:`clinical.anomalies.group_runs`), else its own."""
+    ev = row.get("evidence") if isinstance(row.get("evidence"), dict) else {}
+    run = ev.get("run") or {}
+    ids = run.get("result_ids") or [row["result_id"]]
+    return [int(x) for x in ids]
 
 
 def _trend(body: dict, ctx: _Context) -> _Match:
@@ -310,8 +372,8 @@ def _trend(body: dict, ctx: _Context) -> _Match:
             return _Match(False)
     unit = rows["x_unit"].iloc[-1] or ""
     return _Match(True, results=[int(x) for x in rows["result_id"]], analyte=code, facts=dict(
-        analyte=_name(ctx, code), n=str(n), first=_fmt(v[0]), last=_fmt(v[-1]), unit=unit, value=_fmt(v[-1]),
-        change_pct=f"{100 * change:+.0f}"))
+        analyte=_name(ctx, code), n=str(n), first=_fmt(v[0], code), last=_fmt(v[-1], code), unit=unit,
+        value=_fmt(v[-1], code), change_pct=f"{100 * change:+.0f}", change=_change_text(code, v[-1], v[0], unit)))
 
 
 class _Facts(dict):
@@ -329,12 +391,19 @@ def evaluate_rules(
     rules: RuleSet | None = None,
     reference: ClinicalReference | None = None,
 ) -> pd.DataFrame:
-    """The recommendations that fire for one patient at ``at`` (:data:`RECOMMENDATION_COLUMNS`).
+    """The recommendations that fire for one patient at ``at`` (:data:`RECOMMENDATION_COLUMNS`), most
+    clinically urgent first: ``priority`` (1 an actual critical value, 2 a pre-analytical error, 3 an
+    observed change, 4 a forecast; :data:`BASES` names it in ``basis``), then urgency.
 
     ``forecasts`` (the forecasts contract) and ``anomalies`` (:func:`clinical.anomalies.detect_anomalies`)
     should carry an ``output_id`` column so each recommendation can list what triggered it;
     ``at`` defaults to just after the last result. Only results collected before ``at`` count.
     """
+    with reported_precision(decimals_by_code(timeline)):
+        return _evaluate(timeline, patient, at, forecasts, anomalies, rules, reference)
+
+
+def _evaluate(timeline, patient, at, forecasts, anomalies, rules, reference) -> pd.DataFrame:
     rs = rules or load_rules()
     ref = reference or default_reference()
     t = _prepare(timeline, patient, ref)
@@ -357,7 +426,10 @@ def evaluate_rules(
         facts.update(m.facts)
         out.append(dict(rule_id=rule.id, rule_version=rs.version, patient_id=pid, analyte_code=m.analyte, at=at,
                         title=rule.title, text=rule.text.format_map(facts).replace("  ", " "), urgency=rule.urgency,
-                        source=rule.source, triggered_by=list(m.outputs), result_ids=list(m.results)))
+                        source=rule.source, triggered_by=list(m.outputs), result_ids=list(m.results),
+                        priority=rule.priority, basis=rule.basis))
+    # clinical priority first (an actual critical value before a forecast warning), then urgency
+    out.sort(key=lambda r: (r["priority"], URGENCIES.index(r["urgency"])))
     return pd.DataFrame(out, columns=RECOMMENDATION_COLUMNS)
 
 

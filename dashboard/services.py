@@ -56,6 +56,8 @@ __all__ = [
     "OUTPUT_COLUMNS",
     "FORECAST_HORIZONS_DAYS",
     "NO_MODEL_MESSAGE",
+    "age_years",
+    "flag_rules",
     "model_status",
     "is_model_url",
     "remote_model_status",
@@ -69,6 +71,9 @@ __all__ = [
     "load_explanation",
     "review_backend",
     "pending_outputs",
+    "scoring_status",
+    "start_scoring",
+    "warm_explainer",
 ]
 
 FORECAST_COLUMNS = ["patient_id", "analyte_code", "at", "q05", "q10", "q25", "q50", "q75", "q90", "q95",
@@ -303,6 +308,16 @@ def with_reference_limits(results: pd.DataFrame, sex: str | None = None, age_yea
 # =============================================================================================
 # Forecasts
 # =============================================================================================
+def age_years(patient: dict | None, at) -> float | None:
+    """Age in years at ``at`` for choosing reference intervals: from the birth date when known, else the
+    age the source gave (at its reference date); None when neither is known."""
+    patient = patient or {}
+    birth, age = patient.get("birth_date"), patient.get("age_at_ref")
+    if birth is not None and not pd.isna(birth):
+        return None if at is None or pd.isna(at) else (pd.Timestamp(at) - pd.Timestamp(birth)).days / 365.25
+    return None if age is None or pd.isna(age) else float(age)
+
+
 def patient_history(results: pd.DataFrame, patient: dict | None) -> pd.DataFrame:
     """The model's history frame (``model.HISTORY_COLUMNS``) from one patient's timeline.
 
@@ -389,12 +404,23 @@ def load_forecasts(pipeline, results: pd.DataFrame, patient: dict | None, analyt
 # =============================================================================================
 # Clinical outputs (colleague's clinical/ package)
 # =============================================================================================
+def flag_rules() -> tuple[str, ...] | None:
+    """The anomaly rules the timeline runs: every rule but ``reference_interval`` (an H/L outside the reference
+    interval is already the flag on the result: its chart label, its table cell, the counts), so a long series
+    does not compute, keep and list one anomaly per abnormal result. None: every rule (the module is older)."""
+    mod = _optional("clinical.anomalies", "RULES", "PATTERN_PREFIX")
+    if mod is None:
+        return None
+    return tuple(r for r in mod.RULES if r != "reference_interval") + ("preanalytical",)
+
+
 def load_anomalies(results: pd.DataFrame, patient: dict | None, forecaster=None,
-                   model_rules_since=None) -> ServiceResult:
+                   model_rules_since=None, rules=None) -> ServiceResult:
     """Anomaly flags (reference interval, critical value, delta check/RCV, pre-analytical
     patterns; model surprise when ``forecaster`` is given, on results collected at or after
     ``model_rules_since`` when that is given) for one patient's results.
 
+    ``rules``: the rule names to run (``clinical.anomalies.detect_anomalies``; None: all).
     ``extra['notes']`` carries the detector's notes (rules that could not run, and why).
     When the forecaster is a model server that cannot be reached, the other rules still
     run, a note names the URL and ``extra['retry']`` is True.
@@ -405,9 +431,10 @@ def load_anomalies(results: pd.DataFrame, patient: dict | None, forecaster=None,
                              "Anomaly detection is not installed yet: no anomaly flags are shown.")
     extra: dict = {}
     try:
-        frame = mod.detect_anomalies(results, patient, forecaster=forecaster, model_rules_since=model_rules_since)
+        frame = mod.detect_anomalies(results, patient, forecaster=forecaster, model_rules_since=model_rules_since,
+                                     **({"rules": list(rules)} if rules else {}))
     except ModelServerError as exc:
-        frame = mod.detect_anomalies(results, patient)
+        frame = mod.detect_anomalies(results, patient, **({"rules": list(rules)} if rules else {}))
         frame.attrs["notes"] = [*frame.attrs.get("notes", []), f"model_surprise not evaluated: {exc}"]
         extra["retry"] = True
     return ServiceResult(_conform(frame, ANOMALY_COLUMNS), True, "",
@@ -491,3 +518,72 @@ def pending_outputs(store, expert: str) -> ServiceResult:
         return ServiceResult(_empty(OUTPUT_COLUMNS), False, "No model outputs to review yet.")
     return ServiceResult(frame, False, "Review is unavailable: the verdict service (clinical/outputs.py) is not "
                                        "installed yet. Outputs are listed read-only.")
+
+
+def scoring_status(store, model_dir: str | Path | None) -> ServiceResult:
+    """Where the batch job (``labtrend score``) stands for the model in ``model_dir``.
+
+    ``extra``: ``waiting`` (patients with results newer than their stored outputs, or never
+    scored with this model and settings; None without a local model), ``scored``,
+    ``last_run`` (the latest ``scoring_runs`` row as a dict, or None) and ``running`` (True
+    while that run has not finished). ``available`` is False without a local model folder.
+    """
+    from labtrend.scoring import ScoreConfig, scoring_key
+    from labtrend.scoring import scoring_status as _status
+
+    status = model_status(model_dir) if model_dir and not is_model_url(model_dir) else None
+    key = None
+    if status is not None and status.available and status.version:
+        key = scoring_key(status.version, ScoreConfig(db_path=str(store.settings.path), model_dir=str(model_dir)))
+    st = _status(store, key)
+    last = st["last_run"]
+    st["running"] = bool(last is not None and (last.get("finished_at") is None or pd.isna(last.get("finished_at"))))
+    if key is None:
+        return ServiceResult(_empty([]), False, "Outputs are computed by `labtrend score` with a local model folder.",
+                             extra=st)
+    return ServiceResult(_empty([]), True, "", extra=st)
+
+
+def start_scoring(db_path: str | Path, model_dir: str | Path, log_path: str | Path):
+    """Start ``labtrend score`` for the patients with new results, in its own process; returns the ``Popen``.
+
+    The run writes its outputs in short batches (the dashboard keeps reading between them)
+    and its progress into ``scoring_runs``; its output goes to ``log_path``.
+    """
+    import subprocess
+    import sys
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "labtrend.cli", "score", "--db", str(db_path), "--model",
+                                 str(model_dir), "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def warm_explainer(pipeline):
+    """Import shap and run one small explanation in a background thread; returns the thread (None when served).
+
+    shap takes seconds to import and compiles its numba kernels on its first explanation in a
+    process (:func:`model.explain.warm_up`: about 8 s of CPU on a busy 2-core machine), which the
+    first explanation a clinician asks for would otherwise wait for. Called when the page loads the
+    model, so by the time "Explain this forecast" is switched on the explainer is ready. A
+    failure here only means the first explanation pays that cost; it is logged, never raised.
+    """
+    import logging
+    import threading
+
+    if pipeline is None or hasattr(pipeline, "explain"):  # a served model explains on its server
+        return None
+
+    def run():
+        try:
+            from model.explain import warm_up
+
+            warm_up(pipeline)
+        except Exception:  # noqa: BLE001 - a warm-up only
+            logging.getLogger(__name__).warning("explainer warm-up failed", exc_info=True)
+
+    thread = threading.Thread(target=run, name="labtrend-explainer-warm-up", daemon=True)
+    thread.start()
+    return thread

@@ -26,12 +26,13 @@ import streamlit as st
 from dashboard import services
 from data import queries
 from data.db import Store, StoreSettings
-from labtrend import settings
+from data import settings
 
 __all__ = [
     "db_path", "model_dir", "get_store", "data_version", "set_busy_slot", "clear_busy_slot",
     "patients", "timeline", "patient_info", "results_with_limits", "batches", "model_url", "model_status",
     "torch_threads", "get_pipeline", "forecasts", "anomalies", "explanation", "timeline_figure", "recommendations",
+    "reporting_decimals", "admissions",
 ]
 
 VERSION_TTL_S = 5
@@ -115,10 +116,12 @@ def get_store(path: str) -> Store:
 
 @st.cache_data(ttl=VERSION_TTL_S, show_spinner=False, max_entries=8)
 def data_version(path: str) -> str:
-    """Changes whenever an import batch is added: part of every query cache key."""
+    """Changes whenever an import batch is added or results are re-keyed by a local code
+    mapping: part of every query cache key."""
     with get_store(path).read() as cur:
-        n, last = cur.execute("SELECT count(*), max(batch_id) FROM import_batches").fetchone()
-    return f"{n}:{last}"
+        n, last, rekeyed = cur.execute(
+            "SELECT count(*), max(batch_id), (SELECT count(*) FROM code_map_events) FROM import_batches").fetchone()
+    return f"{n}:{last}:{rekeyed}"
 
 
 # -- cached queries ------------------------------------------------------------------------------
@@ -127,7 +130,11 @@ def patients(path: str, version: str) -> pd.DataFrame:
     return queries.patients(get_store(path), limit=1_000_000)
 
 
-@st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner="Loading results…")
+# One patient's frames are kept as shared objects (cache_resource), not pickled copies (cache_data): a year
+# of 5-minute results is 105,120 rows, and a pickled copy in the cache plus a fresh copy on every rerun cost
+# hundreds of MB and a third of a second per run. Nothing in the dashboard changes them in place
+# (tests/test_dashboard.py::test_cached_patient_frames_are_not_changed_by_a_page_run).
+@st.cache_resource(ttl=QUERY_TTL_S, max_entries=64, show_spinner="Loading results…")
 def timeline(path: str, version: str, patient_id: str) -> pd.DataFrame:
     return queries.timeline(get_store(path), patient_id)
 
@@ -137,11 +144,25 @@ def patient_info(path: str, version: str, patient_id: str) -> dict | None:
     return queries.patient_info(get_store(path), patient_id)
 
 
-@st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner=False)
+@st.cache_resource(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
 def results_with_limits(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None
                         ) -> pd.DataFrame:
     """One patient's timeline with the catalogue's reference and critical limits for this sex and age."""
     return services.with_reference_limits(timeline(path, version, patient_id), sex, age_years)
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner=False)
+def reporting_decimals(path: str, version: str, patient_id: str) -> dict[str, int]:
+    """``{analyte_code: decimals}`` of one patient's results (:func:`dashboard.precision.reporting_decimals`)."""
+    from dashboard.precision import reporting_decimals as decimals_of
+
+    return decimals_of(timeline(path, version, patient_id))
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner=False)
+def admissions(path: str, version: str, patient_id: str) -> pd.DataFrame:
+    """One patient's admissions (empty when the source had none): the timeline's latest episode."""
+    return queries.admissions(get_store(path), patient_id)
 
 
 @st.cache_data(ttl=60, max_entries=8, show_spinner=False)
@@ -209,7 +230,9 @@ def get_pipeline(path: str, stamp: float):
         import torch
 
         torch.set_num_threads(torch_threads())
-    return services.load_pipeline(status)
+    pipeline = services.load_pipeline(status)
+    services.warm_explainer(pipeline)  # the first explanation asked for then does not wait for shap's import
+    return pipeline
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=128, show_spinner="Forecasting…")
@@ -231,7 +254,7 @@ def forecasts(path: str, version: str, model_path: str, stamp: float, patient_id
         return exc.result
 
 
-@st.cache_data(ttl=QUERY_TTL_S, max_entries=128, show_spinner="Checking for anomalies…")
+@st.cache_resource(ttl=QUERY_TTL_S, max_entries=64, show_spinner="Checking for anomalies…")
 def _anomalies(path: str, version: str, patient_id: str, model_path: str | None, stamp: float
                ) -> services.ServiceResult:
     pipe = get_pipeline(model_path, stamp) if model_path else None
@@ -240,12 +263,14 @@ def _anomalies(path: str, version: str, patient_id: str, model_path: str | None,
     if pipe is not None and len(results):
         since = pd.Timestamp(results["collected_at"].max()) - pd.Timedelta(days=MODEL_RULES_WINDOW_DAYS)
     return _keep_unless_retry(services.load_anomalies(results, patient_info(path, version, patient_id),
-                                                      forecaster=pipe, model_rules_since=since))
+                                                      forecaster=pipe, model_rules_since=since,
+                                                      rules=services.flag_rules()))
 
 
 def anomalies(path: str, version: str, patient_id: str) -> services.ServiceResult:
-    """Anomaly flags of one patient (``clinical.anomalies``): the rule-based rules, and model surprise
-    over the last :data:`MODEL_RULES_WINDOW_DAYS` days when a model (in-process or served) is available.
+    """Anomaly flags of one patient (``clinical.anomalies``): the rule-based rules but the reference interval
+    (``services.flag_rules``: that one is the H/L flag on each result), and model surprise over the last
+    :data:`MODEL_RULES_WINDOW_DAYS` days when a model (in-process or served) is available.
     """
     status = model_status()
     try:
@@ -291,27 +316,29 @@ def _model_key() -> tuple[str, float]:
 @st.cache_resource(ttl=QUERY_TTL_S, max_entries=32, show_spinner=False)
 def _timeline_figure(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,
                      analytes: tuple[str, ...], date_range: tuple | None, model_key: tuple[str, float],
-                     _results: pd.DataFrame, _forecasts: pd.DataFrame, _anomalies: pd.DataFrame):
+                     _results: pd.DataFrame, _forecasts: pd.DataFrame, _anomalies: pd.DataFrame, _decimals: dict):
     # cache_resource: the figure object itself comes back, where cache_data would unpickle a copy
     # (a Figure rebuilds and revalidates itself: 0.2 s on a busy 2-core machine)
     from dashboard import figures
 
     return figures.make_timeline_figure(_results, list(analytes), forecasts=_forecasts, anomalies=_anomalies,
-                                        date_range=date_range)
+                                        date_range=date_range, decimals=_decimals)
 
 
 def timeline_figure(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,
                     analytes: tuple[str, ...], date_range: tuple | None, results: pd.DataFrame,
-                    forecasts: services.ServiceResult, anomalies: services.ServiceResult):
+                    forecasts: services.ServiceResult, anomalies: services.ServiceResult, decimals: dict | None = None):
     """:func:`dashboard.figures.make_timeline_figure` of ``results_with_limits(path, version, patient_id, sex,
-    age_years)`` with this patient's :func:`forecasts` of ``analytes`` and :func:`anomalies`."""
+    age_years)`` with this patient's :func:`forecasts` of ``analytes``, :func:`anomalies` and
+    :func:`reporting_decimals` (the cache key names all of them)."""
+    decimals = reporting_decimals(path, version, patient_id) if decimals is None else decimals
     if forecasts.extra.get("retry") or anomalies.extra.get("retry"):
         from dashboard import figures
 
         return figures.make_timeline_figure(results, list(analytes), forecasts=forecasts.frame,
-                                            anomalies=anomalies.frame, date_range=date_range)
+                                            anomalies=anomalies.frame, date_range=date_range, decimals=decimals)
     return _timeline_figure(path, version, patient_id, sex, age_years, analytes, date_range, _model_key(),
-                            results, forecasts.frame, anomalies.frame)
+                            results, forecasts.frame, anomalies.frame, decimals)
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
@@ -356,3 +383,24 @@ def monitoring_data(period: str):
     status = model_status()
     local = status.path if status.available and Path(status.path).is_dir() else model_dir()
     return _monitoring(path, data_version(path), _outputs_version(path), local, status.stamp, period)
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=16, show_spinner=False)
+def _agreement(path: str, outputs_version: str) -> pd.DataFrame:
+    from clinical import outputs
+
+    return outputs.agreement(get_store(path))
+
+
+def agreement() -> pd.DataFrame:
+    """``clinical.outputs.agreement`` of the store (per output kind, with 95 % intervals), recomputed only
+    when an output or a verdict is stored."""
+    path = db_path()
+    return _agreement(path, _outputs_version(path))
+
+
+# -- the batch job -----------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def scoring_jobs() -> dict:
+    """The ``labtrend score`` process (``Popen``) this dashboard started, per database path: one at a time."""
+    return {}

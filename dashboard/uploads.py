@@ -19,7 +19,7 @@ import pandas as pd
 
 from data.importers import ImportFileError
 
-__all__ = ["UPLOAD_TYPES", "safe_name", "stage_upload", "preview"]
+__all__ = ["UPLOAD_TYPES", "safe_name", "stage_upload", "preview", "row_outcomes", "batch_outcomes"]
 
 UPLOAD_TYPES = ["csv", "tsv", "txt", "json", "ndjson", "gz", "zip"]
 MAX_UNZIPPED_BYTES = 4 * 1024**3  # a zip may not unpack to more than this (zip bombs)
@@ -123,3 +123,62 @@ def preview(path: Path, rows: int = 15) -> tuple[pd.DataFrame | None, str, list[
         return table, head, listing
     except (csv.Error, pd.errors.ParserError, ValueError):
         return None, head[:4000], listing
+
+
+OUTCOME_COLUMNS = ["Outcome", "Reason", "Rows"]
+_LOADED_NOTES = (("rows_censored", "censored (< or >), stored with the comparator"),
+                 ("rows_text", "text results (e.g. HEMOLYZED, NEG), stored as text"),
+                 ("rows_implausible", "implausible values, stored and flagged as possible entry errors"),
+                 ("rows_conflicting", "conflicting with another value at the same time, both kept and flagged"),
+                 ("rows_unit_missing", "without a unit, stored and kept out of charts' scale and the model"))
+
+
+def row_outcomes(summary: dict) -> pd.DataFrame:
+    """What happened to every row of an import (:data:`OUTCOME_COLUMNS`), from an import summary
+    (``ImportSummary.to_dict()`` or a batch row of ``import_batches``).
+
+    One row for the loaded results (then one per kind of loaded result worth knowing:
+    censored, text, implausible, conflicting, without a unit: "of which"), one per
+    quarantine reason and one per reason rows were skipped (survey rows, vital signs, blank
+    values, exact duplicates ...), each with its count; the Rows of Loaded, Quarantined and
+    Skipped add up to the rows read.
+    """
+    rows = [("Loaded", "stored as results", int(summary.get("rows_loaded") or 0))]
+    for key, text in _LOADED_NOTES:
+        n = int(summary.get(key) or 0)
+        if n:
+            rows.append(("Loaded, of which", text, n))
+    q = _reasons(summary.get("quarantine_reasons"))
+    rest = int(summary.get("rows_quarantined") or 0) - sum(q.values())
+    if rest > 0:
+        q["(reason not recorded)"] = rest
+    rows += [("Quarantined", reason, n) for reason, n in sorted(q.items(), key=lambda kv: (-kv[1], kv[0]))]
+    sk = _reasons(summary.get("skipped_reasons"))
+    rest = int(summary.get("rows_skipped") or 0) - sum(sk.values())
+    if rest > 0:
+        sk["(reason not recorded)"] = rest
+    rows += [("Skipped", reason, n) for reason, n in sorted(sk.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return pd.DataFrame(rows, columns=OUTCOME_COLUMNS)
+
+
+def _reasons(value) -> dict[str, int]:
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return {str(k): int(v) for k, v in (value or {}).items() if v}
+
+
+def batch_outcomes(batch: dict, quarantine: pd.DataFrame) -> pd.DataFrame:
+    """:func:`row_outcomes` of a stored batch (a row of ``queries.batches``), its quarantine reasons counted
+    from ``queries.quarantine_rows`` of that batch (a unit problem counted as one reason, as the import does)."""
+    reasons = {}
+    if len(quarantine):
+        why = quarantine["reason"].where(quarantine["column"] != "unit", "unit unknown or not convertible")
+        unreadable = quarantine["column"].isna()  # whole lines the reader could not split: one reason
+        why = why.where(~unreadable, why.astype(str).str.split(":").str[0])
+        reasons = why.value_counts().to_dict()
+    return row_outcomes({**batch, "quarantine_reasons": reasons})

@@ -18,7 +18,7 @@ import pandas as pd
 __all__ = ["Analyte", "Catalogue", "load_catalogue", "load_serum_indices", "reference_file", "sync_catalogue",
            "CATALOGUE_VERSION"]
 
-CATALOGUE_VERSION = "2026.11-2"
+CATALOGUE_VERSION = "2026.11-3"
 
 
 def reference_file(name: str) -> Path:

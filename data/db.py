@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import duckdb
 
-__all__ = ["Store", "StoreBusyError", "StoreSettings", "open_store"]
+__all__ = ["Store", "StoreBusyError", "StoreSettings", "memory_config", "open_store"]
 
 
 class StoreBusyError(RuntimeError):
@@ -43,9 +43,27 @@ class StoreSettings:
     busy_after_s: float = 2.0
     # DuckDB threads; None lets DuckDB choose (all cores).
     threads: int | None = None
-    # DuckDB memory limit, e.g. "4GB"; None lets DuckDB choose.
+    # DuckDB memory limit, e.g. "4GB"; None: $LABTREND_DUCKDB_MEMORY_LIMIT, else 2GB
+    # (data.settings.duckdb_memory_limit). Beyond it DuckDB spills to temp_directory.
     memory_limit: str | None = None
+    # Folder DuckDB spills to; None: $LABTREND_DUCKDB_TEMP_DIR, else '<database file>.tmp'.
+    temp_directory: str | None = None
     extra_config: dict = field(default_factory=dict)
+    # Open the file read-only: readers in several processes then share it (a read-write opening
+    # excludes every other process); writes and migrations are refused.
+    read_only: bool = False
+
+
+def memory_config(settings: StoreSettings) -> dict:
+    """DuckDB's ``memory_limit`` and ``temp_directory`` for a store (data.settings' defaults:
+    2 GB, spilling beside the database file), so one process cannot take a shared server's memory."""
+    from data import settings as site
+
+    cfg = {"memory_limit": site.duckdb_memory_limit(settings.memory_limit)}
+    temp = site.duckdb_temp_dir(settings.path, settings.temp_directory)
+    if temp is not None:
+        cfg["temp_directory"] = str(temp)
+    return cfg
 
 
 def _is_lock_error(exc: BaseException) -> bool:
@@ -90,15 +108,14 @@ class Store:
         cfg = dict(self.settings.extra_config)
         if self.settings.threads:
             cfg["threads"] = self.settings.threads
-        if self.settings.memory_limit:
-            cfg["memory_limit"] = self.settings.memory_limit
+        cfg.update(memory_config(self.settings))
         Path(self.settings.path).parent.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         told = False
         delay = 0.05
         while True:
             try:
-                return duckdb.connect(self.settings.path, read_only=False, config=cfg)
+                return duckdb.connect(self.settings.path, read_only=self.settings.read_only, config=cfg)
             except duckdb.IOException as exc:
                 if not _is_lock_error(exc):
                     raise
@@ -131,7 +148,7 @@ class Store:
         if self.settings.path == ":memory:":
             with Store._registry_lock:
                 if self._memory_conn is None:
-                    self._memory_conn = duckdb.connect(":memory:")
+                    self._memory_conn = duckdb.connect(":memory:", config=memory_config(self.settings))
                     _migrate(self._memory_conn)
                 cur = self._memory_conn.cursor()
             try:
@@ -144,7 +161,7 @@ class Store:
             if inst is None:
                 inst = _Instance(self._connect_with_retry())
                 Store._instances[self._key] = inst
-                if not self._migrated:
+                if not self._migrated and not self.settings.read_only:
                     with Store._write_locks[self._key]:
                         _migrate(inst.conn)
                     self._migrated = True

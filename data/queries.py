@@ -1,8 +1,11 @@
 """Read queries over the lab store (bound parameters only).
 
 Every function takes a :class:`data.db.Store` and returns pandas objects; none keeps a
-connection. Times are naive ``datetime64`` in the store's time base (UTC when the source
-gave an offset, else as exported).
+connection. Times are naive ``datetime64``: UTC where ``utc_offset_min`` is known (the local
+time at collection is ``collected_at + utc_offset_min``, :func:`data.timezones.local_time`),
+else as exported (zone unknown). ``time_unknown`` marks a date given without a time (stored
+as noon of that date), ``time_flag`` a local time in a skipped or repeated daylight-saving
+hour, ``after_import`` a collection time later than its import.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "batches",
     "quarantine_rows",
     "patient_info",
+    "admissions",
 ]
 
 TIMELINE_COLUMNS = [
@@ -32,31 +36,48 @@ TIMELINE_COLUMNS = [
     "analyte_name", "value_text", "comparator", "value_num", "unit", "value_canonical", "unit_canonical",
     "ref_low", "ref_high", "ref_low_canonical", "ref_high_canonical", "flag", "comment", "result_kind",
     "implausible", "unit_missing", "conflicting", "batch_id", "source_row",
+    "local_code", "utc_offset_min", "time_unknown", "time_flag", "after_import",
 ]
 
 
 def patients(store: Store, search: str | None = None, limit: int = 500) -> pd.DataFrame:
     """Patients with result counts.
 
-    Returns columns ``patient_id, sex, age_at_ref, ref_date, birth_date, n_results,
-    n_abnormal (rows with an abnormal flag as given), n_implausible, first_result,
-    last_result``, ordered by patient id. ``search`` matches a substring of the id (cleaned
-    as ids are: ``data.identifiers.patient_key``).
+    Returns columns ``patient_id, sex, age_at_ref, ref_date, birth_date, age_years (at the last
+    result, else today: from the birth date, else from the age the source gave at its reference
+    date), n_results, n_abnormal (flags H, L, HH, LL, A, AA), n_critical (HH, LL, AA),
+    n_implausible, first_result, last_result``, ordered by patient id. Flags follow
+    :mod:`clinical.flags` for every source: the file's flag, else its reference limits, else the
+    catalogue's interval for the patient's sex and age; the critical value list always.
+    ``search`` matches a substring of the id (cleaned as ids are: ``data.identifiers.patient_key``).
     """
-    sql = """
+    from clinical.flags import flag_counts_sql, register_reference
+
+    sql = f"""
+        WITH c AS ({flag_counts_sql()})
         SELECT p.patient_id, p.sex, p.age_at_ref, p.ref_date, p.birth_date,
-               count(r.result_id) AS n_results,
-               count(r.result_id) FILTER (WHERE r.flag IS NOT NULL AND lower(r.flag) NOT IN ('n', 'normal', '')) AS n_abnormal,
-               count(r.result_id) FILTER (WHERE r.implausible) AS n_implausible,
-               min(r.collected_at) AS first_result, max(r.collected_at) AS last_result
-        FROM patients p LEFT JOIN lab_results r ON r.patient_id = p.patient_id
+               CASE WHEN p.birth_date IS NOT NULL
+                        THEN (epoch(coalesce(c.last_result, now()::TIMESTAMP)) - epoch(p.birth_date::TIMESTAMP))
+                             / 86400.0 / 365.25
+                    WHEN p.age_at_ref IS NOT NULL
+                        THEN p.age_at_ref + coalesce((epoch(coalesce(c.last_result, now()::TIMESTAMP))
+                                                      - epoch(p.ref_date::TIMESTAMP)) / 86400.0 / 365.25, 0.0)
+               END AS age_years,
+               coalesce(c.n_results, 0) AS n_results, coalesce(c.n_abnormal, 0) AS n_abnormal,
+               coalesce(c.n_critical, 0) AS n_critical, coalesce(c.n_implausible, 0) AS n_implausible,
+               c.first_result, c.last_result
+        FROM patients p LEFT JOIN c USING (patient_id)
         WHERE (? IS NULL OR contains(lower(p.patient_id), lower(?)))
-        GROUP BY ALL ORDER BY p.patient_id LIMIT ?
+        ORDER BY p.patient_id LIMIT ?
     """
     if search is not None:  # typed or pasted with the same invisible characters ids are cleaned of
         search = patient_key(search)
     with store.read() as cur:
-        return cur.execute(sql, [search, search, limit]).df()
+        register_reference(cur)
+        df = cur.execute(sql, [search, search, limit]).df()
+    for c in ("n_results", "n_abnormal", "n_critical", "n_implausible"):
+        df[c] = df[c].astype("int64")
+    return df
 
 
 def patient_info(store: Store, patient_id: str) -> dict | None:
@@ -121,9 +142,10 @@ def timeline(
 _RESULT_COLUMNS = (
     "batch_id, source_row, specimen_id, collected_at, reported_at, key_id, value_text, "
     "comparator::VARCHAR AS comparator, value_num, ref_low, ref_high, flag, comment, "
-    "result_kind::VARCHAR AS result_kind, implausible, conflicting"
+    "result_kind::VARCHAR AS result_kind, implausible, conflicting, "
+    "utc_offset_min, time_unknown, time_flag::VARCHAR AS time_flag, after_import"
 )
-_KEY_TEXT = ("analyte_code", "loinc", "analyte_name", "unit", "unit_canonical")
+_KEY_TEXT = ("analyte_code", "loinc", "analyte_name", "unit", "unit_canonical", "local_code")
 
 
 class _ResultKeys:
@@ -191,7 +213,9 @@ def cohort(
 ) -> pd.DataFrame:
     """The model-ready cohort: numeric and censored results in canonical units.
 
-    One row per (patient, analyte, collection time); columns ``patient_id, collected_at,
+    One row per (patient, analyte, collection time); ``collected_at`` is UTC where the zone is
+    known, and a date given without a time is noon of that date (``time_unknown`` in the
+    timeline), never a precise midnight. Columns ``patient_id, collected_at,
     analyte_code, value (canonical unit), censor (-1: '<' or '<=', 0: exact, +1: '>' or
     '>='), unit_canonical, sex ('F'/'M'/None), age_years (at collection, NaN when unknown)``.
 
@@ -244,3 +268,12 @@ def quarantine_rows(store: Store, batch_id: int) -> pd.DataFrame:
             """,
             [batch_id],
         ).df()
+
+
+def admissions(store: Store, patient_id: str) -> pd.DataFrame:
+    """One patient's admissions (``admission_id, admitted_at, discharged_at, admission_type``), oldest first;
+    empty when the source had none (only MIMIC-IV's ``admissions`` are imported)."""
+    with store.read() as cur:
+        return cur.execute(
+            "SELECT admission_id, admitted_at, discharged_at, admission_type FROM admissions "
+            "WHERE patient_id = ? ORDER BY admitted_at, admission_id", [patient_key(patient_id)]).df()

@@ -3,6 +3,11 @@
 Subcommands are registered in :data:`COMMANDS`; each has an ``add_<name>_args`` and a
 ``cmd_<name>`` function. Exit status: 0 success, 2 a file or argument that cannot be used
 (the message names it), 1 anything unexpected.
+
+Every command that reads or writes patient data or accounts is audited in the store it used
+(:mod:`data.audit`), as the operating-system account that ran it: :data:`AUDITED` names the
+action of each, ``import`` writes one row per file, ``train`` is audited by ``train.py`` itself
+and user changes by :mod:`data.users`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from labtrend import settings
+from data import settings
 
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3  # the database stayed held by another process past the retry budget
@@ -46,6 +51,14 @@ def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help="DuckDB file (default: $LABTREND_DB, else var/labtrend.duckdb)")
 
 
+def _audit_cli(store, action: str, patient_id: str | None = None, detail: dict | None = None) -> None:
+    """One audit row for an action of this command, as the OS account that runs it (role 'cli')."""
+    from data import audit
+
+    user, who = audit.cli_actor()
+    audit.record(store, user, [audit.CLI_ROLE], action, patient_id, {**(detail or {}), **who})
+
+
 # -- import ---------------------------------------------------------------------------------
 def add_import_args(p):
     p.add_argument("paths", nargs="+", help="files or folders to import")
@@ -55,6 +68,12 @@ def add_import_args(p):
     order.add_argument("--dayfirst", action="store_true", help="dates like 01.02.2024 are day.month.year")
     order.add_argument("--monthfirst", action="store_true", help="dates like 01/02/2024 are month/day/year")
     p.add_argument("--decimal", choices=[".", ","], help="decimal mark of the value column")
+    p.add_argument("--timezone", help="IANA zone of times written without an offset, e.g. Europe/Berlin "
+                                      "(default: $LABTREND_TIMEZONE; without one, times are stored as written)")
+    p.add_argument("--shifted-dates", action="store_true",
+                   help="the export's dates are shifted for de-identification: times after the import are expected")
+    p.add_argument("--code-map", help="site mapping file of local test codes to LOINC "
+                                      "(default: $LABTREND_CODE_MAP, else var/local_code_map.csv)")
 
 
 def cmd_import(args) -> int:
@@ -63,7 +82,7 @@ def cmd_import(args) -> int:
     store = _store(args, create=True)
     opts = ImportOptions(
         date_order="dayfirst" if args.dayfirst else "monthfirst" if args.monthfirst else None,
-        decimal=args.decimal,
+        decimal=args.decimal, timezone=args.timezone, shifted_dates=args.shifted_dates, code_map=args.code_map,
     )
     status = 0
     for path in args.paths:
@@ -71,8 +90,13 @@ def cmd_import(args) -> int:
             summary = run_import(store, path, fmt=args.format, options=opts)
         except ImportFileError as exc:
             print(f"labtrend import: {exc}", file=sys.stderr)
+            _audit_cli(store, "import", detail={"file": str(path), "status": "rejected", "message": str(exc)})
             status = EXIT_BAD_INPUT
             continue
+        _audit_cli(store, "import", detail={
+            "file": str(path), "status": "already imported" if summary.already_imported else "complete",
+            **{k: getattr(summary, k) for k in ("batch_id", "format", "rows_read", "rows_loaded", "rows_quarantined",
+                                                "rows_skipped", "patients")}})
         print(summary_json(summary), flush=True)
     return status
 
@@ -86,8 +110,10 @@ def add_patients_args(p):
 
 
 def _emit(df, fmt: str) -> None:
-    if fmt == "csv":
-        df.to_csv(sys.stdout, index=False)
+    if fmt == "csv":  # the product's one CSV writer: spreadsheet formulas neutralised
+        from data.export import write_csv
+
+        write_csv(df, sys.stdout)
     elif fmt == "json":
         print(df.to_json(orient="records", date_format="iso", force_ascii=False))
     else:
@@ -138,7 +164,7 @@ def add_quarantine_args(p):
 
 def cmd_quarantine(args) -> int:
     from data import queries
-    from data.export import quarantine_table, write_safe_csv
+    from data.export import quarantine_table, write_csv
 
     store = _store(args)
     known = queries.batches(store)["batch_id"].tolist()
@@ -147,7 +173,7 @@ def cmd_quarantine(args) -> int:
               f"(batches: {', '.join(map(str, sorted(known))) or 'none'})", file=sys.stderr)
         return 2
     df = quarantine_table(queries.quarantine_rows(store, args.batch))
-    write_safe_csv(df, Path(args.out))
+    write_csv(df, Path(args.out))
     print(json.dumps({"batch_id": args.batch, "rows": len(df), "out": args.out}))
     return 0
 
@@ -287,20 +313,21 @@ def _demo_source(work: Path) -> tuple[Path, str]:
     return path, "LabTrend synthetic cohort (simulated)"
 
 
-def _demo_users(users: Path) -> dict[str, str]:
-    """One account per role with a fresh random password, printed once (hashes are stored)."""
+def _demo_users(store) -> dict[str, str]:
+    """One account per role with a fresh random password, printed once (bcrypt hashes are stored)."""
     import secrets
 
-    from dashboard import access
+    from data import users
 
-    existing = {u["username"] for u in access.list_users(users)}
+    existing = {u["username"] for u in users.list_users(store)}
     created = {}
+    actor = users.Actor.cli()
     for role in DEMO_ROLES:
         name = f"demo-{role}"
         if name in existing:
             continue
         password = secrets.token_urlsafe(9)
-        access.add_user(name, f"Demo {role}", role, password, users)
+        users.add_user(store, name, f"Demo {role}", role, password, by=actor)
         created[name] = password
     return created
 
@@ -308,7 +335,6 @@ def _demo_users(users: Path) -> dict[str, str]:
 def cmd_demo(args) -> int:
     """Fresh store from MIMIC-IV demo (or the synthetic cohort), a trained model, then the dashboard."""
     import os
-    import subprocess
 
     from data.db import open_store
     from data.importers import run_import, summary_json
@@ -321,7 +347,10 @@ def cmd_demo(args) -> int:
         Path(str(db) + suffix).unlink(missing_ok=True)
     store = open_store(db)
     print(f"[1/4] importing {label} into {db}", flush=True)
-    print(summary_json(run_import(store, src)), flush=True)
+    summary = run_import(store, src)
+    _audit_cli(store, "import", detail={"file": str(src), "status": "complete", "batch_id": summary.batch_id,
+                                        "rows_loaded": summary.rows_loaded, "command": "demo"})
+    print(summary_json(summary), flush=True)
 
     from data import queries
 
@@ -343,44 +372,51 @@ def cmd_demo(args) -> int:
         print(f"[2/4] using the trained model in {model_dir}", flush=True)
     _print_training_warnings(model_dir)
 
+    import time
+
+    t_outputs = time.perf_counter()
     print(f"[3/4] computing forecasts, anomalies, explanations and recommendations for "
-          f"{args.predict_patients} patients (stored for expert review)", flush=True)
-    from clinical.predict import predict_patient, replay_forecasts
+          f"{args.predict_patients} patients (labtrend score; stored for expert review)", flush=True)
+    from clinical.predict import replay_forecasts
+    from labtrend.scoring import ScoreConfig, run_scoring
     from model.inference import ForecastPipeline
 
     if label.startswith("MIMIC-IV") and _demo_model_card(model_dir):
         print(f"      model card: the committed evaluation of this training recipe on MIMIC-IV demo "
               f"(benchmarks/results) copied into {model_dir.name}/README.md", flush=True)
 
-    pipe = ForecastPipeline.from_pretrained(model_dir)
     held = pats[pats["patient_id"].isin(holdout)].sort_values(["n_results", "patient_id"], ascending=[False, True])
-    for pid in held["patient_id"].head(args.predict_patients):
-        out = predict_patient(store, pipe, pid)
-        print(f"      patient {pid}: {len(out['forecasts'])} forecasts, {len(out['anomalies'])} anomalies, "
-              f"{len(out['explanations'])} explanations, {len(out['recommendations'])} recommendations", flush=True)
+    review = held["patient_id"].head(args.predict_patients).astype(str).tolist()
+    if review:
+        # a few patients: in this process (a pool's workers would each import torch and load the model first,
+        # which costs more than the second core saves; 23 s against 54 s for these three on a busy 2-core machine)
+        summary = run_scoring(ScoreConfig(db_path=str(db), model_dir=str(model_dir)), patients=review,
+                              engine="serial" if len(review) <= 4 else "process")
+        kinds = summary["by_kind"]
+        print(f"      {summary['scored']} patients scored by {summary['workers']} workers: "
+              f"{kinds.get('forecast', 0)} forecasts, {kinds.get('anomaly', 0)} anomalies, "
+              f"{kinds.get('explanation', 0)} explanations, {kinds.get('recommendation', 0)} recommendations"
+              + (f"; failed: {summary['failures']}" if summary["failed"] else ""), flush=True)
+    pipe = ForecastPipeline.from_pretrained(model_dir)
+    for pid in review:
+        _audit_cli(store, "predict", pid, {"model_version": pipe.model_version, "command": "demo"})
     n_replayed = sum(len(replay_forecasts(store, pipe, pid)) for pid in held["patient_id"])
     print(f"      {n_replayed} forecasts replayed at past collection times of the {len(held)} held-out patients "
           "(their targets have arrived: the Model page's monitoring scores them)", flush=True)
+    print(f"      outputs computed and stored in {time.perf_counter() - t_outputs:.1f} s", flush=True)
 
-    from dashboard import access
-
-    users = access.users_path()
-    created = _demo_users(users)
+    created = _demo_users(store)
     if created:
-        print("\nDemo accounts (passwords shown once; hashes stored in " + str(users) + "):")
+        print(f"\nDemo accounts (passwords shown once; bcrypt hashes stored in {db}):")
         for name, password in created.items():
             print(f"    {name:16s} {password}")
     else:
-        print(f"\nDemo accounts already exist in {users} (reset one with 'labtrend users add --replace').")
+        print(f"\nDemo accounts already exist in {db} (new password: 'labtrend users reset-password').")
     if args.no_serve:
         return 0
     print("[4/4] starting the dashboard (Ctrl+C to stop)", flush=True)
     env = dict(os.environ, LABTREND_DB=str(db.resolve()), LABTREND_MODEL=str(model_dir.resolve()))
-    app = settings.PROJECT_ROOT / "dashboard" / "streamlit_app.py"
-    try:
-        return subprocess.call([sys.executable, "-m", "streamlit", "run", str(app), *args.extra], env=env)
-    except KeyboardInterrupt:
-        return 0
+    return _serve_dashboard(env, args.extra)
 
 
 # -- train --------------------------------------------------------------------------------
@@ -401,76 +437,175 @@ def cmd_train(args) -> int:
 def add_dashboard_args(p):
     _add_db(p)
     p.add_argument("--model", help="model folder (default: $LABTREND_MODEL, else var/model)")
-    p.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
     p.add_argument("--model-url", help="use the model served by 'labtrend serve-model' at this URL instead of "
                                        "running it in-process (default: $LABTREND_MODEL_URL)")
-    p.epilog = "Other options are passed to 'streamlit run', e.g. --server.port 8600 --server.address 0.0.0.0"
+    p.add_argument("--idle-minutes", type=float,
+                   help=f"a session ends after this many minutes without activity "
+                        f"(default: $LABTREND_SESSION_IDLE_MINUTES, else {settings.SESSION_IDLE_MINUTES:g})")
+    p.add_argument("--session-hours", type=float,
+                   help=f"a session ends this many hours after the sign-in "
+                        f"(default: $LABTREND_SESSION_MAX_HOURS, else {settings.SESSION_MAX_HOURS:g})")
+    p.epilog = ("Other options are passed to 'streamlit run', e.g. --server.port 8600. The server listens on "
+                "127.0.0.1 only unless --server.address says otherwise (e.g. 0.0.0.0 behind a TLS proxy).")
 
 
-def cmd_dashboard(args) -> int:
-    """``streamlit run dashboard/streamlit_app.py`` with the store and model passed by environment."""
-    import os
+def streamlit_options(extra: list[str]) -> list[str]:
+    """Every setting of the project's ``.streamlit/config.toml`` as ``--section.option=value`` flags for
+    ``streamlit run``, except those ``extra`` (the user's own flags, which come after) sets.
+
+    Streamlit reads ``.streamlit/config.toml`` only from the working folder, so without the flags a
+    dashboard started from another folder would listen on every interface, show full error details
+    and send usage statistics. Raises FileNotFoundError when the project's file is missing.
+    """
+    import tomllib
+
+    config = tomllib.loads(settings.STREAMLIT_CONFIG.read_text(encoding="utf-8"))
+    given = {a[2:].split("=", 1)[0] for a in extra if a.startswith("--")}
+    flags = []
+    for section, options in config.items():
+        for name, value in options.items():
+            key = f"{section}.{name}"
+            if key in given:
+                continue
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            flags.append(f"--{key}={text}")
+    return flags
+
+
+def dashboard_command(extra: list[str]) -> list[str]:
+    """``python -m streamlit run dashboard/server.py`` with :func:`streamlit_options`, then ``extra``."""
+    app = settings.PROJECT_ROOT / "dashboard" / "server.py"
+    return [sys.executable, "-m", "streamlit", "run", str(app), *streamlit_options(extra), *extra]
+
+
+def _serve_dashboard(env: dict, extra: list[str]) -> int:
     import subprocess
 
-    from dashboard import access
-
-    env = dict(os.environ)
-    env["LABTREND_DB"] = str(settings.db_path(args.db).resolve())
-    env["LABTREND_MODEL"] = str(settings.model_dir(args.model).resolve())
-    if args.users:
-        env["LABTREND_USERS"] = str(Path(args.users).resolve())
-    url = settings.model_url(args.model_url)
-    if url:  # forecasts and explanations from the model server (else the model runs in the dashboard)
-        env["LABTREND_MODEL_URL"] = url
-    users = Path(env["LABTREND_USERS"]) if args.users else access.users_path()
-    if not access.list_users(users):
-        print(f"labtrend dashboard: no user accounts in {users}; create one first with "
-              "'labtrend users add --username NAME --name \"Full Name\" --role admin'", file=sys.stderr)
-    app = settings.PROJECT_ROOT / "dashboard" / "streamlit_app.py"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), *args.extra]
     try:
-        return subprocess.call(cmd, env=env)
+        return subprocess.call(dashboard_command(extra), env=env)
     except KeyboardInterrupt:
         return 0
 
 
+def cmd_dashboard(args) -> int:
+    """Serve the dashboard (:func:`dashboard_command`) with the store, model and session policy passed by environment."""
+    import os
+
+    from data import users
+
+    env = dict(os.environ)
+    db = settings.db_path(args.db)
+    env["LABTREND_DB"] = str(db.resolve())
+    env["LABTREND_MODEL"] = str(settings.model_dir(args.model).resolve())
+    url = settings.model_url(args.model_url)
+    if url:  # forecasts and explanations from the model server (else the model runs in the dashboard)
+        env["LABTREND_MODEL_URL"] = url
+    try:
+        if args.idle_minutes is not None:
+            env["LABTREND_SESSION_IDLE_MINUTES"] = str(settings.session_idle_minutes(args.idle_minutes))
+        if args.session_hours is not None:
+            env["LABTREND_SESSION_MAX_HOURS"] = str(settings.session_max_hours(args.session_hours))
+    except ValueError as exc:
+        print(f"labtrend dashboard: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if Path(db).is_file() and not users.has_users(_store(args)):
+        legacy = settings.legacy_users_file()
+        hint = (f"; the accounts of {legacy} can be copied in with 'labtrend users import --file {legacy}'"
+                if legacy.is_file() else "")
+        print(f"labtrend dashboard: no user accounts in {db}; create one first with 'labtrend users add "
+              f"--username NAME --name \"Full Name\" --role admin'{hint}", file=sys.stderr)
+    return _serve_dashboard(env, args.extra)
+
+
 # -- users --------------------------------------------------------------------------------
 def add_users_args(p):
+    from data.users import ROLES
+
     sub = p.add_subparsers(dest="users_command", required=True)
-    add = sub.add_parser("add", help="add a user (password hashed with bcrypt)")
-    add.add_argument("--username", required=True)
+
+    def command(name: str, help_: str, username: bool = True):
+        c = sub.add_parser(name, help=help_, description=help_)
+        if username:
+            c.add_argument("--username", required=True)
+        _add_db(c)
+        return c
+
+    add = command("add", "add a user (password stored as a bcrypt hash)")
     add.add_argument("--name", required=True, help="full name, as shown in the audit log")
-    add.add_argument("--role", required=True, choices=["clinician", "expert", "analyst", "admin"])
+    add.add_argument("--role", required=True, choices=ROLES)
     add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
-    add.add_argument("--replace", action="store_true", help="update an existing user (name, role, password)")
-    add.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
-    ls = sub.add_parser("list", help="list users and roles (never passwords)")
-    ls.add_argument("--users", help="users file (default: $LABTREND_USERS, else var/users.yaml)")
+    ls = command("list", "list users, roles and status (never passwords)", username=False)
+    ls.add_argument("--format", choices=["table", "json"], default="table")
+    command("disable", "disable a user: no more sign-ins, open sessions end now")
+    command("enable", "re-enable a disabled user")
+    role = command("set-role", "change a user's role (applies at their next click)")
+    role.add_argument("--role", required=True, choices=ROLES)
+    reset = command("reset-password", "set a temporary password, to be changed at the next sign-in; open sessions end")
+    reset.add_argument("--password-stdin", action="store_true",
+                       help="read the temporary password from stdin (default: a random one, printed once)")
+    imp = command("import", "copy the accounts of a former users file (users.yaml, bcrypt hashes) into the store",
+                  username=False)
+    imp.add_argument("--file", required=True, help="the users file (e.g. var/users.yaml)")
+
+
+def _read_password(args, prompt: str = "Password: ") -> str | None:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    password = getpass.getpass(prompt)
+    if getpass.getpass("Repeat: ") != password:
+        print("labtrend users: the passwords differ", file=sys.stderr)
+        return None
+    return password
 
 
 def cmd_users(args) -> int:
-    from dashboard import access
+    """Accounts in the store of ``--db``; every change is audited as the OS account running the command."""
+    from data import users
 
-    path = Path(args.users) if args.users else access.users_path()
-    if args.users_command == "list":
-        for u in access.list_users(path):
-            print(f"{u['username']}\t{','.join(u['roles'])}\t{u['name']}")
-        return 0
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        import getpass
-
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat password: ") != password:
-            print("labtrend users: the passwords differ", file=sys.stderr)
-            return EXIT_BAD_INPUT
+    command = args.users_command
+    store = _store(args, create=command in ("add", "import"))
+    actor = users.Actor.cli()
+    db = str(store.settings.path)
     try:
-        written = access.add_user(args.username, args.name, args.role, password, path, replace=args.replace)
-    except access.UserError as exc:
-        print(f"labtrend users: {exc}", file=sys.stderr)
+        if command == "list":
+            rows = users.list_users(store)
+            if args.format == "json":
+                print(json.dumps(rows, default=str))
+            else:
+                for u in rows:
+                    print(f"{u['username']}\t{','.join(u['roles'])}\t{u['status']}\t{u['name']}")
+            return 0
+        if command == "add":
+            password = _read_password(args)
+            if password is None:
+                return EXIT_BAD_INPUT
+            user = users.add_user(store, args.username, args.name, args.role, password, by=actor)
+            print(json.dumps({"username": user.username, "role": args.role, "db": db}))
+        elif command == "disable":
+            ended = users.disable_user(store, args.username, by=actor)
+            print(json.dumps({"username": args.username.strip().lower(), "status": "disabled",
+                              "sessions_ended": ended, "db": db}))
+        elif command == "enable":
+            users.enable_user(store, args.username, by=actor)
+            print(json.dumps({"username": args.username.strip().lower(), "status": "active", "db": db}))
+        elif command == "set-role":
+            users.set_role(store, args.username, args.role, by=actor)
+            print(json.dumps({"username": args.username.strip().lower(), "role": args.role, "db": db}))
+        elif command == "reset-password":
+            given = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
+            temporary = users.reset_password(store, args.username, by=actor, password=given)
+            out = {"username": args.username.strip().lower(), "must_change_password": True, "db": db}
+            if given is None:
+                out["temporary_password"] = temporary  # shown once; only its hash is stored
+            print(json.dumps(out))
+        elif command == "import":
+            added = users.import_users_file(store, Path(args.file), by=actor)
+            print(json.dumps({"imported": added, "db": db}))
+    except users.UserError as exc:
+        print(f"labtrend users {command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(json.dumps({"username": args.username.strip().lower(), "role": args.role, "users_file": str(written)}))
     return 0
 
 
@@ -559,8 +694,9 @@ def cmd_forecast(args) -> int:
     ids = sorted(q["patient_id"].unique())
     history = queries.cohort(store, patients=ids)
     fc = pipe.forecast(history, q.rename(columns={"analyte": "analyte_code"})[["patient_id", "analyte_code", "at"]])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fc.to_csv(args.out, index=False)
+    from data.export import write_csv
+
+    write_csv(fc, Path(args.out))
     print(json.dumps({"queries": len(q), "ok": int((fc["status"] == "ok").sum()), "out": args.out}))
     return 0
 
@@ -638,6 +774,8 @@ def cmd_predict(args) -> int:
     except (PatientNotFound, ValueError) as exc:
         print(f"labtrend predict: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    args.audit_detail = {"model_version": result["model_version"], "at": str(result["at"]),
+                         "stored": result.get("stored")}
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=1))
         return 0
@@ -652,6 +790,114 @@ def cmd_predict(args) -> int:
     for n in result["notes"]:
         print(f"  note: {n}")
     return 0
+
+
+# -- codes ----------------------------------------------------------------------------------
+def add_codes_args(p):
+    sub = p.add_subparsers(dest="codes_command", required=True)
+    ls = sub.add_parser("list", help="local test codes without a LOINC code from the source, unmapped first")
+    _add_db(ls)
+    ls.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    mp = sub.add_parser("map", help="map a local code to LOINC in the site mapping file and re-key its results")
+    _add_db(mp)
+    mp.add_argument("local_code", help="as listed, e.g. site:K or mimic:50971")
+    mp.add_argument("loinc", nargs="?", help="LOINC code; leave out to withdraw the mapping")
+    mp.add_argument("--specimen", required=True, help="specimen the laboratory measures it in (serum or plasma, "
+                                                      "blood, urine, other)")
+    mp.add_argument("--source", default="", help="where the mapping comes from (required with a LOINC code)")
+    mp.add_argument("--code-map", help="site mapping file (default: $LABTREND_CODE_MAP, else var/local_code_map.csv)")
+
+
+def cmd_codes(args) -> int:
+    """``codes list`` and ``codes map`` (data/codemap.py); a mapping is made as the OS user."""
+    from data import codemap
+
+    store = _store(args)
+    if args.codes_command == "list":
+        _emit(codemap.local_codes(store), args.format)
+        return 0
+    try:
+        event = codemap.map_code(store, codemap.map_path(args.code_map), args.local_code, args.loinc, args.specimen,
+                                 args.source, by=codemap.os_user())
+    except codemap.CodeMapError as exc:
+        print(f"labtrend codes map: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps({k: event.get(k) for k in ("local_code", "new_analyte", "results_moved")}, default=str))
+    return 0
+
+
+# -- score ------------------------------------------------------------------------------------
+def add_score_args(p):
+    p.add_argument("--model", help="ForecastPipeline folder (default: $LABTREND_MODEL, else var/model)")
+    _add_db(p)
+    sel = p.add_argument_group("which patients (default: those with results newer than their stored outputs)")
+    sel.add_argument("--all", action="store_true", help="every patient with results, even if up to date")
+    sel.add_argument("--patients", metavar="FILE", help="only these patients (one id per line)")
+    sel.add_argument("--since", metavar="TIME", help="only patients with a result collected at or after TIME (ISO)")
+    p.add_argument("--engine", choices=["process", "dask", "serial"], default="process",
+                   help="process: a local process pool (default); dask: Dask distributed "
+                        "(pip install 'labtrend[distributed]'); serial: this process")
+    p.add_argument("--workers", type=int, help="worker processes (default: the machine's cores)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="Dask scheduler address, e.g. tcp://10.0.0.5:8786 (implies --engine dask; "
+                        "without it the dask engine starts a LocalCluster)")
+    p.add_argument("--top", type=int, default=5, help="forecasts per patient: its N most measured analytes (default 5)")
+    p.add_argument("--no-explain", action="store_true", help="skip the SHAP explanations")
+    p.add_argument("--pretrained", help="pretraining folder for the multivariate check")
+    p.add_argument("--critical-values", help="site critical value list (columns as data/reference/critical_values.csv)")
+    p.add_argument("--model-window-days", type=float, default=30.0,
+                   help="run the model-based anomaly rules on the last N days before the forecast time (default 30)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--write-batch", type=int, default=16, help="patients per write transaction (default 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_score(args) -> int:
+    """Compute and store the outputs of every patient with new results (workers compute, one process writes)."""
+    import pandas as pd
+
+    from labtrend.scoring import ScoreConfig, read_patient_ids, run_scoring
+
+    db = _db_path(args)
+    model_dir = settings.model_dir(args.model)
+    try:
+        ids = read_patient_ids(args.patients) if args.patients else None
+        since = pd.Timestamp(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"labtrend score: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if ids is not None:
+        from data import queries
+
+        store = _store(args)
+        known = set(queries.patients(store, limit=10_000_000)["patient_id"].astype(str))
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            print(f"labtrend score: {args.patients}: {len(unknown)} patient id(s) not in {db}: "
+                  f"{', '.join(unknown[:10])}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    config = ScoreConfig(db_path=str(db), model_dir=str(model_dir), top_n=args.top, explain=not args.no_explain,
+                         model_window_days=args.model_window_days, pretrained=args.pretrained,
+                         critical_values=args.critical_values, torch_threads=args.threads, device=args.device)
+    engine = "dask" if args.scheduler else args.engine
+    try:
+        summary = run_scoring(config, engine=engine, workers=args.workers, scheduler=args.scheduler,
+                              everyone=args.all, patients=ids, since=since, write_batch=args.write_batch,
+                              progress=not args.no_progress)
+    except (ValueError, RuntimeError) as exc:
+        print(f"labtrend score: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("labtrend score: interrupted; the patients already written are kept, run it again to go on",
+              file=sys.stderr)
+        return 130
+    _audit_cli(_store(args), "score", None, {
+        "model_version": summary.get("model_version"), "engine": engine, "scored": summary.get("scored"),
+        "failed": summary.get("failed"), "everyone": bool(args.all), "patients_file": args.patients,
+        "since": args.since})
+    print(json.dumps(summary, default=str), flush=True)
+    return 1 if summary["failed"] else 0
 
 
 # -- annotations ----------------------------------------------------------------------------
@@ -694,7 +940,9 @@ COMMANDS = {
     "users": (add_users_args, cmd_users, "manage dashboard user accounts"),
     "train": (add_train_args, cmd_train, "pretrain and fine-tune the forecaster (same flags as train.py)"),
     "predict": (add_predict_args, cmd_predict, "forecasts, anomalies, SHAP and recommendations for one patient"),
+    "score": (add_score_args, cmd_score, "compute and store outputs for every patient with new results (batch job)"),
     "annotations": (add_annotations_args, cmd_annotations, "export expert verdicts; agreement between experts"),
+    "codes": (add_codes_args, cmd_codes, "local test codes: list them, map them to LOINC (re-keys stored results)"),
     "evaluate": (add_evaluate_args, cmd_evaluate, "model card: baselines and fine-tuning modes on held-out patients"),
     "forecast": (add_forecast_args, cmd_forecast, "batch forecasts for a CSV of (patient_id, analyte, at)"),
     "serve-model": (add_serve_model_args, cmd_serve_model, "serve forecasts and explanations over HTTP (GPU machine)"),
@@ -709,6 +957,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands audited by :func:`main` once they ran against an existing store: command -> (action,
+#: patient id of the arguments, details of the arguments). ``import`` (one row per file), ``train``
+#: (``train.py``) and ``users`` (:mod:`data.users`) write their own rows.
+AUDITED = {
+    "patients": ("list_patients", None, lambda a: {"search": a.search}),
+    "timeline": ("view_patient", "patient", lambda a: {"analytes": a.analyte, "start": a.start, "end": a.end,
+                                                       "format": a.format}),
+    "quarantine": ("download_quarantine", None, lambda a: {"batch_id": a.batch, "out": a.out}),
+    "annotations": ("export", None, lambda a: {"what": f"annotations {a.annotations_command}",
+                                               "out": getattr(a, "out", None)}),
+    "predict": ("predict", "patient", lambda a: {"model": str(settings.model_dir(a.model))}),
+    "forecast": ("forecast", None, lambda a: {"queries": a.queries, "out": a.out,
+                                              "model": str(settings.model_dir(a.model))}),
+    "evaluate": ("evaluate", None, lambda a: {"model": str(settings.model_dir(a.model)), "patients": a.patients,
+                                              "folds": a.folds}),
+}
+
+
+def _audit_command(args, status) -> None:
+    """The audit row of an :data:`AUDITED` command that ran against an existing store (none when the store is
+    missing: nothing was read). A row that cannot be written is reported, never silently dropped."""
+    from data.db import StoreBusyError, open_store
+
+    action, patient_arg, details = AUDITED[args.command]
+    path = settings.db_path(getattr(args, "db", None))
+    if str(path) == ":memory:" or not Path(path).is_file():
+        return
+    detail = {"command": args.command, **details(args), "db": str(path), "exit_status": status,
+              **getattr(args, "audit_detail", {})}
+    try:
+        _audit_cli(open_store(path), action, getattr(args, patient_arg) if patient_arg else None, detail)
+    except StoreBusyError as exc:
+        print(f"labtrend {args.command}: the audit row could not be written ({exc})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -718,14 +1001,21 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     from data.db import StoreBusyError
 
+    status: int | str = "error"
     try:
-        return COMMANDS[args.command][1](args) or 0
+        status = COMMANDS[args.command][1](args) or 0
+        return status
     except StoreBusyError as exc:  # another process kept the database past the retry budget
         print(f"labtrend {args.command}: {exc}; try again when it is done", file=sys.stderr)
-        return EXIT_BUSY
+        status = EXIT_BUSY
+        return status
     except NoDatabase as exc:
         print(f"labtrend {args.command}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        status = EXIT_BAD_INPUT
+        return status
+    finally:
+        if args.command in AUDITED:
+            _audit_command(args, status)
 
 
 if __name__ == "__main__":

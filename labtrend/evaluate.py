@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from labtrend import settings
+from data import settings
 
 BASELINES = ("last value", "historical mean", "linear trend", "LightGBM")
 MODES = ("full", "embeddings", "lora", "scratch")

@@ -46,7 +46,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from labtrend.remote import forecast_payload, json_value
-from labtrend.settings import MODEL_SERVER_HOST, MODEL_SERVER_PORT
+from data.settings import MODEL_SERVER_HOST, MODEL_SERVER_PORT
 
 __all__ = ["create_app", "serve", "compute_dtype", "validation_message"]
 
@@ -248,6 +248,9 @@ def serve(model_dir, *, host: str = MODEL_SERVER_HOST, port: int = MODEL_SERVER_
     from model.inference import ForecastPipeline
 
     pipeline = ForecastPipeline.from_pretrained(model_dir, device=device)
+    from model.explain import warm_up
+
+    warm_up(pipeline)  # shap's import and numba compilation now, not in the first /explain request
     print(f"labtrend serve-model: model {pipeline.model_version} on {pipeline.device} "
           f"({compute_dtype(pipeline.device)}), http://{host}:{port} (API docs at /docs)", flush=True)
     uvicorn.run(create_app(pipeline), host=host, port=port, log_level=log_level)

@@ -1,112 +1,12 @@
-"""Where things live: the database, the shared datasets, the model directory.
+"""Compatibility name for :mod:`data.settings` (the settings moved to the data layer, so that
+``model/`` and ``train.py`` read them without importing the CLI package).
 
-Every path is resolved here, once, from (in order) an explicit argument, an environment
-variable, then a default under the project's ignored ``var/`` folder.
+``labtrend.settings`` is the very same module object as ``data.settings``: an attribute set on
+one (a test's ``monkeypatch.setattr(settings, "VAR_DIR", ...)``) is seen through the other.
 """
 
-from __future__ import annotations
+import sys
 
-import os
-from pathlib import Path
+from data import settings as _settings
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-VAR_DIR = PROJECT_ROOT / "var"
-
-MIMIC_DEMO_URL = "https://physionet.org/content/mimic-iv-demo/2.2/"
-MODEL_SERVER_HOST = "127.0.0.1"  # labtrend serve-model listens here unless --host says otherwise
-MODEL_SERVER_PORT = 8700
-
-
-def db_path(explicit: str | os.PathLike | None = None) -> Path:
-    """The DuckDB file: ``--db`` if given, else ``$LABTREND_DB``, else ``var/labtrend.duckdb``."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("LABTREND_DB")
-    if env:
-        return Path(env)
-    return VAR_DIR / "labtrend.duckdb"
-
-
-def shared_data_dir() -> Path | None:
-    """The folder holding the open lab datasets, or None when it is not on this machine.
-
-    ``$LABTREND_DATA_DIR`` wins; otherwise ``../shared/data`` next to the project checkout.
-    """
-    env = os.environ.get("LABTREND_DATA_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(PROJECT_ROOT.parent / "shared" / "data")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
-
-
-def dataset_dir(name: str) -> Path | None:
-    """One dataset folder under :func:`shared_data_dir` (e.g. ``mimic-iv-demo``), or None."""
-    root = shared_data_dir()
-    if root is None or not (root / name).is_dir():
-        return None
-    return root / name
-
-
-def mimic_demo_dir() -> Path | None:
-    """MIMIC-IV demo: ``$LABTREND_DEMO_DATA`` else the shared copy, or None."""
-    env = os.environ.get("LABTREND_DEMO_DATA")
-    if env and Path(env).is_dir():
-        return Path(env)
-    return dataset_dir("mimic-iv-demo")
-
-
-def model_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The fine-tuned model: explicit, else ``$LABTREND_MODEL``, else ``var/model``."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("LABTREND_MODEL")
-    return Path(env) if env else VAR_DIR / "model"
-
-
-def model_url(explicit: str | None = None) -> str | None:
-    """Base URL of a ``labtrend serve-model`` server: explicit, else ``$LABTREND_MODEL_URL``, else None.
-
-    None means the dashboard runs the model in-process from :func:`model_dir`. The URL is
-    returned without a trailing slash (``http://gpu-host:8700``).
-    """
-    url = explicit or os.environ.get("LABTREND_MODEL_URL") or ""
-    url = url.strip().rstrip("/")
-    return url or None
-
-
-#: The pretrained checkpoint shipped with the project (``small`` preset, trained by
-#: ``train.py --stage pretrain``; how, on what and for how long: its ``pretraining.json``).
-SHIPPED_PRETRAINED = PROJECT_ROOT / "model" / "checkpoints" / "pretrained-small"
-_CHECKPOINT_FILES = ("config.json", "model.safetensors", "vocab.json", "scaler.json")
-
-
-def is_checkpoint(path: Path) -> bool:
-    """True when ``path`` holds a pretraining checkpoint (config, weights, vocabulary, scaler)."""
-    return all((Path(path) / f).is_file() for f in _CHECKPOINT_FILES)
-
-
-def pretrained_cache_dir() -> Path:
-    """Where ``--stage pretrain`` writes by default: ``$LABTREND_PRETRAINED``, else ``var/pretrained``."""
-    env = os.environ.get("LABTREND_PRETRAINED")
-    return Path(env) if env else VAR_DIR / "pretrained"
-
-
-def pretrained_dir() -> Path:
-    """The checkpoint fine-tuning starts from: ``$LABTREND_PRETRAINED``; else one built here by
-    ``--stage pretrain`` (``var/pretrained``); else the shipped one; else ``var/pretrained``
-    (then ``train.py`` builds it once)."""
-    cache = pretrained_cache_dir()
-    if os.environ.get("LABTREND_PRETRAINED") or is_checkpoint(cache):
-        return cache
-    return SHIPPED_PRETRAINED if is_checkpoint(SHIPPED_PRETRAINED) else cache
-
-
-def cases_dir() -> Path | None:
-    """The real-world input cases (``../shared/cases``), or None when absent."""
-    root = shared_data_dir()
-    if root is None:
-        return None
-    c = root.parent / "cases"
-    return c if c.is_dir() else None
+sys.modules[__name__] = _settings

@@ -38,7 +38,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -51,6 +51,8 @@ __all__ = [
     "ForecastExplanation",
     "EventGroupMasker",
     "explain_forecast",
+    "explain_forecasts",
+    "warm_up",
     "NOT_ADDITIVE_MESSAGE",
     "GROUP_TIME",
     "GROUP_AGE",
@@ -108,10 +110,46 @@ class ForecastExplanation:
         return d
 
 
+_SHAP_JIT_MODULES = ("shap.links", "shap.utils._masked_model", "shap.explainers._exact")
+_shap_ready = False
+
+
 def _shap():
-    """shap, imported lazily: it is slow to import and only needed here."""
+    """shap, imported lazily: it is slow to import and only needed here.
+
+    shap compiles its numba kernels on first use **in every process**: 10-25 s of CPU on a busy
+    2-core machine, which every scoring worker and the dashboard's first explanation paid.
+    Numba's own on-disk cache is switched on for them (what ``@njit(cache=True)`` does): the
+    link functions and the exact explainer's coalition sums are then compiled once per
+    installation (numba checks the source file's timestamp, so an upgraded shap compiles
+    afresh). The masked model's output bookkeeping takes the link function as an argument and
+    cannot be cached, so it is still compiled once per process: :func:`warm_up` does that ahead
+    of the first real explanation.
+    """
+    global _shap_ready
     import shap
 
+    if not _shap_ready:
+        import importlib
+
+        try:
+            from numba.core.dispatcher import Dispatcher
+        except ImportError:  # a numba without this layout: shap still works, it compiles per process
+            Dispatcher = None
+        if Dispatcher is not None:
+            for name in _SHAP_JIT_MODULES:
+                try:
+                    mod = importlib.import_module(name)
+                except ImportError:
+                    continue
+                for obj in vars(mod).values():
+                    if isinstance(obj, Dispatcher) and getattr(obj, "_cache", None) is not None \
+                            and type(obj._cache).__name__ == "NullCache":
+                        try:
+                            obj.enable_caching()
+                        except Exception:  # noqa: BLE001 - e.g. a read-only install: compile per process
+                            log.debug("numba cache not enabled for %s", obj, exc_info=True)
+        _shap_ready = True
     return shap
 
 
@@ -132,6 +170,9 @@ def _masker_class():
             self.shape = (1, int(n_groups))
             self.clustering = None
             self.immutable_outputs = True
+            # every mask of one permutation (or every coalition of the exact explainer) in one call:
+            # the value function memoises and orders them by length itself
+            self.default_batch_size = 1 << 16
 
         def __call__(self, mask, *args):
             mask = np.asarray(self._standardize_mask(mask, *args), dtype=bool)
@@ -148,24 +189,45 @@ def EventGroupMasker(event_group, extra_groups, n_groups):  # noqa: N802 - a cla
 
 
 class _ValueFunction:
-    """keep flags ``(n, events + 4)`` -> forecast medians ``(n,)`` in the canonical unit."""
+    """keep flags ``(n, events + 4)`` -> forecast medians ``(n,)`` in the canonical unit.
+
+    Each distinct coalition is evaluated once per explanation (shap's Permutation explainer
+    asks for the empty and the full coalition in every permutation, and antithetic
+    permutations share more): values are kept by keep-flag pattern. The masked inputs of one
+    call are run shortest first in forward passes of at most ``batch_size`` rows, each padded
+    only to its own longest row, so a coalition without most events costs what it holds, not
+    the full ``max_events``. ``n_calls`` counts the rows actually run through the network.
+    """
 
     def __init__(self, pipeline, row, code: str, reference_horizon_days: float, batch_size: int):
         self.pipeline = pipeline
         self.row = row
         self.code = code
         self.reference_horizon = float(reference_horizon_days)
-        self.batch_size = batch_size
+        self.batch_size = max(1, int(batch_size))
         self.n_calls = 0
+        self._memo: dict[bytes, float] = {}
 
     def __call__(self, keep: np.ndarray) -> np.ndarray:
         keep = np.asarray(keep) > 0.5
+        keys = [k.tobytes() for k in np.packbits(keep, axis=1)]
+        todo: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            if k not in self._memo and k not in todo:
+                todo[k] = i
+        if todo:
+            idx = np.fromiter(todo.values(), dtype=np.int64, count=len(todo))
+            for k, v in zip(todo, self._evaluate(keep[idx])):
+                self._memo[k] = float(v)
+        return np.array([self._memo[k] for k in keys], dtype=np.float64)
+
+    def _evaluate(self, keep: np.ndarray) -> np.ndarray:
         n = keep.shape[0]
         self.n_calls += n
         r = self.row
         n_ev = len(r.event_analyte)
         kept = [np.flatnonzero(k[:n_ev]) for k in keep]
-        order = np.argsort([len(k) for k in kept], kind="stable")  # similar lengths together: less padding
+        order = np.argsort([len(k) for k in kept], kind="stable")  # shortest first: each pass pads to its own longest
         out = np.empty(n, dtype=np.float64)
         device = self.pipeline.device
         on_cuda = device.type == "cuda"
@@ -273,7 +335,7 @@ def explain_forecast(
     max_analyte_groups: int = 10,
     permutations: int = 5,
     reference_horizon_days: float = 1.0,
-    batch_size: int = 256,
+    batch_size: int = 16,
     seed: int = 0,
 ) -> ForecastExplanation:
     """Shapley values of the forecast median of ``analyte_code`` at ``at`` over event groups.
@@ -288,29 +350,92 @@ def explain_forecast(
         max_analyte_groups: analytes with their own group; the rest share ``results:other``.
         permutations: antithetic permutations for the Permutation explainer.
         reference_horizon_days: the horizon used when "time since last result" is removed.
+        batch_size: most masked inputs in one forward pass (shortest first, each pass padded
+            to its own longest row).
 
-    Returns a :class:`ForecastExplanation`; never raises for an explainer failure.
+    Returns a :class:`ForecastExplanation`; never raises for an explainer failure. Raises
+    ``ValueError`` for an unknown ``method`` or a history / query the pipeline rejects.
     """
+    q = pd.DataFrame({"patient_id": [str(patient_id)], "analyte_code": [str(analyte_code)], "at": [pd.Timestamp(at)]})
+    return explain_forecasts(pipeline, history, q, forecast_medians=None if forecast_median is None else [forecast_median],
+                             method=method, max_exact_groups=max_exact_groups, max_analyte_groups=max_analyte_groups,
+                             permutations=permutations, reference_horizon_days=reference_horizon_days,
+                             batch_size=batch_size, seed=seed)[0]
+
+
+def explain_forecasts(
+    pipeline,
+    history: pd.DataFrame,
+    queries: pd.DataFrame,
+    *,
+    forecast_medians=None,
+    method: str = "auto",
+    max_exact_groups: int = 7,
+    max_analyte_groups: int = 10,
+    permutations: int = 5,
+    reference_horizon_days: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[ForecastExplanation]:
+    """:func:`explain_forecast` of every row of ``queries`` (``patient_id, analyte_code, at``), in order.
+
+    The history is validated, forecast and encoded once for all the queries (a busy patient's
+    history of thousands of results costs more to prepare than a forecast), then each median is
+    explained on its own. ``forecast_medians`` (one per query, canonical unit, or None) are
+    the medians shown to the user. Each explanation is the one :func:`explain_forecast` gives
+    for that query alone; the arguments are those of :func:`explain_forecast`.
+    """
+    from model.features import validate_history, validate_queries
+
     if method not in ("auto", "exact", "permutation"):
         raise ValueError(f"method must be 'exact', 'permutation' or 'auto', got {method!r}")
     t0 = time.perf_counter()
-    at = pd.Timestamp(at)
     version = pipeline.model_version
-    q = pd.DataFrame({"patient_id": [str(patient_id)], "analyte_code": [str(analyte_code)], "at": [at]})
-    base = dict(patient_id=str(patient_id), analyte_code=str(analyte_code), at=at, model_version=version)
-    fc = pipeline.forecast(history, q).iloc[0]
-    unit = fc["unit"]
-    if fc["status"] != STATUS_OK:
-        return ForecastExplanation("unavailable", f"No forecast to explain: {fc['status']}", unit=unit, **base,
-                                   elapsed_s=time.perf_counter() - t0)
-    median = float(fc["q50"]) if forecast_median is None else float(forecast_median)
+    h = validate_history(history)
+    q = validate_queries(queries)
+    if forecast_medians is not None and len(forecast_medians) != len(q):
+        raise ValueError(f"forecast_medians has {len(forecast_medians)} values for {len(q)} queries")
+    fc = pipeline.forecast(h, q)
     config = pipeline.model.config
-    enc = encode_queries(history, q, pipeline.vocab, pipeline.scaler, max_events=config.max_events,
-                         max_queries=config.max_queries, min_history=MIN_HISTORY)
-    row = enc.rows[0]
-    groups, event_group, extras = _groups(pipeline, row, str(analyte_code), max_analyte_groups)
+    enc = encode_queries(h, q, pipeline.vocab, pipeline.scaler, max_events=config.max_events,
+                         max_queries=config.max_queries, min_history=MIN_HISTORY, validated=True)
+    row_of: dict[int, tuple] = {}
+    for row in enc.rows:
+        for k, i in enumerate(row.query_index):
+            row_of[int(i)] = (row, k)
+    prepare_s = time.perf_counter() - t0
+    out = []
+    for i, f in enumerate(fc.to_dict("records")):
+        t1 = time.perf_counter()
+        spent = prepare_s / len(q)  # each explanation carries its share of the shared preparation
+        base = dict(patient_id=str(f["patient_id"]), analyte_code=str(f["analyte_code"]), at=pd.Timestamp(f["at"]),
+                    model_version=version)
+        if f["status"] != STATUS_OK or i not in row_of:
+            out.append(ForecastExplanation("unavailable", f"No forecast to explain: {f['status']}", unit=f["unit"],
+                                           **base, elapsed_s=spent + time.perf_counter() - t1))
+            continue
+        given = None if forecast_medians is None else forecast_medians[i]
+        median = float(f["q50"]) if given is None else float(given)
+        row, k = row_of[i]
+        one = replace(row, query_analyte=row.query_analyte[k:k + 1], query_horizon=row.query_horizon[k:k + 1],
+                      query_anchor_value=row.query_anchor_value[k:k + 1],
+                      query_anchor_censor=row.query_anchor_censor[k:k + 1], query_summary=row.query_summary[k:k + 1],
+                      query_index=row.query_index[k:k + 1])
+        e = _explain_row(pipeline, one, base, f["unit"], median, method=method, max_exact_groups=max_exact_groups,
+                         max_analyte_groups=max_analyte_groups, permutations=permutations,
+                         reference_horizon_days=reference_horizon_days, batch_size=batch_size, seed=seed)
+        e.elapsed_s = spent + time.perf_counter() - t1
+        out.append(e)
+    return out
+
+
+def _explain_row(pipeline, row, base: dict, unit, median: float, *, method, max_exact_groups, max_analyte_groups,
+                 permutations, reference_horizon_days, batch_size, seed) -> ForecastExplanation:
+    """The explanation of one encoded single-query row (see :func:`explain_forecast`)."""
+    version, code = base["model_version"], base["analyte_code"]
+    groups, event_group, extras = _groups(pipeline, row, code, max_analyte_groups)
     n_groups = len(groups)
-    fn = _ValueFunction(pipeline, row, str(analyte_code), reference_horizon_days, batch_size)
+    fn = _ValueFunction(pipeline, row, code, reference_horizon_days, batch_size)
     use = method if method != "auto" else ("exact" if n_groups <= max_exact_groups else "permutation")
     try:
         shap = _shap()
@@ -326,23 +451,42 @@ def explain_forecast(
         values = np.asarray(result.values, dtype=np.float64).reshape(-1)
         base_value = float(np.asarray(result.base_values, dtype=np.float64).reshape(-1)[0])
     except Exception as exc:  # noqa: BLE001 - shap internals (incl. AssertionError) must not reach the user
-        log.exception("SHAP explanation failed for model %s (%s %s at %s)", version, patient_id, analyte_code, at)
+        log.exception("SHAP explanation failed for model %s (%s %s at %s)", version, base["patient_id"], code,
+                      base["at"])
         return ForecastExplanation(
             "failed", f"Explanation not available for this model version (the explainer failed: {type(exc).__name__})",
-            unit=unit, method=use, median=median, **base, elapsed_s=time.perf_counter() - t0)
+            unit=unit, method=use, median=median, **base)
     gap = abs(base_value + float(values.sum()) - median)
     tol = 0.01 * max(1.0, abs(median))
     for g, v in zip(groups, values):
-        g["label"] = _label(g, str(analyte_code))
+        g["label"] = _label(g, code)
         g["value"] = float(v)
     groups.sort(key=lambda g: -abs(g["value"]))
     common = dict(unit=unit, method=use, median=median, base_value=base_value, additivity_gap=gap, tolerance=tol,
                   n_evaluations=fn.n_calls, **base)
     if not gap <= tol:  # also catches NaN
         log.warning("SHAP explanation does not add up for model %s: |base + sum - median| = %.6g > %.6g "
-                    "(%s %s at %s)", version, gap, tol, patient_id, analyte_code, at)
+                    "(%s %s at %s)", version, gap, tol, base["patient_id"], code, base["at"])
         for g in groups:
             g["value"] = None
         return ForecastExplanation("not_additive", NOT_ADDITIVE_MESSAGE.format(diff=f"{gap:.3g}"), groups=groups,
-                                   elapsed_s=time.perf_counter() - t0, **common)
-    return ForecastExplanation("ok", None, groups=groups, elapsed_s=time.perf_counter() - t0, **common)
+                                   **common)
+    return ForecastExplanation("ok", None, groups=groups, **common)
+
+
+def warm_up(pipeline) -> None:
+    """Import shap and explain one made-up forecast with each explainer, so that shap's numba kernels
+    are compiled before a real explanation is asked for.
+
+    One of them (the masked model's output bookkeeping) takes shap's link function as an
+    argument and cannot be cached on disk, so every process compiles it once: seconds of CPU
+    (about 8 s on a busy 2-core machine). The history is three results at the analyte's
+    training centre; nothing is stored or returned.
+    """
+    code = pipeline.vocab.codes[0]
+    centre = float(pipeline.scaler.denormalise([code], np.zeros(1))[0])
+    t = pd.Timestamp("2000-01-01")
+    history = pd.DataFrame({"patient_id": "warm-up", "analyte_code": code, "censor": 0, "value": centre,
+                            "collected_at": [t + pd.Timedelta(days=d) for d in range(3)]})
+    for method in ("exact", "permutation"):
+        explain_forecast(pipeline, history, "warm-up", code, t + pd.Timedelta(days=3), method=method, permutations=1)

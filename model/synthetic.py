@@ -676,6 +676,7 @@ def to_canonical_csv(history: pd.DataFrame, path) -> Path:
         "sex": h["sex"].fillna(""),
         "birth_date": h["patient_id"].map(birth).fillna(""),
     })[list(CANONICAL_CSV_COLUMNS)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out.to_csv(path, index=False, float_format="%.10g", compression="gzip" if path.suffix == ".gz" else None)
+    from data.export import write_csv  # the product's one CSV writer (formula cells neutralised)
+
+    write_csv(out, path, float_format="%.10g", compression="gzip" if path.suffix == ".gz" else None)
     return path

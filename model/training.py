@@ -1218,8 +1218,8 @@ def _fixed_subset(items: list, n: int, seed: int) -> list:
 
 
 def pretrain(corpus_history: pd.DataFrame, config: str | LabTrendConfig, steps: int | None = None, *,
-             settings: TrainSettings | None = None,
-             runtime: Runtime | None = None) -> tuple[LabTrendForPretraining, AnalyteVocab, AnalyteScaler]:
+             settings: TrainSettings | None = None, runtime: Runtime | None = None,
+             validation_patients: Sequence[str] | None = None) -> tuple[LabTrendForPretraining, AnalyteVocab, AnalyteScaler]:
     """Pretrain on the corpus with masked value prediction and next-value forecasting.
 
     Args:
@@ -1227,6 +1227,8 @@ def pretrain(corpus_history: pd.DataFrame, config: str | LabTrendConfig, steps: 
         config: a preset name ('tiny', 'small', 'base') or a :class:`LabTrendConfig`;
             ``n_analytes`` is set from the fitted vocabulary.
         steps: overrides ``settings.steps``.
+        validation_patients: the held-out corpus patients (e.g. ``model.corpus.split_by_source``,
+            one split per source); default: :func:`split_patients` over the whole corpus.
 
     Returns the model (on ``runtime.device``, best validation checkpoint), the vocabulary
     fitted on the corpus and the scaler fitted on its training patients. ``model.training_report``
@@ -1237,8 +1239,16 @@ def pretrain(corpus_history: pd.DataFrame, config: str | LabTrendConfig, steps: 
     t0 = time.monotonic()
     seed_everything(settings.seed)
     h = validate_history(corpus_history)
-    train_ids, val_ids = split_patients(h, settings.pretrain_val_fraction, settings.seed, 1,
-                                        settings.pretrain_max_val_patients)
+    if validation_patients is None:
+        train_ids, val_ids = split_patients(h, settings.pretrain_val_fraction, settings.seed, 1,
+                                            settings.pretrain_max_val_patients)
+    else:
+        ids = set(h["patient_id"].unique())
+        val_ids = sorted(ids & {str(p) for p in validation_patients})
+        train_ids = sorted(ids - set(val_ids))
+        if not val_ids or not train_ids:
+            raise ValueError(f"validation_patients leave {len(train_ids)} training and {len(val_ids)} validation "
+                             "patients in the corpus; both must be at least 1")
     vocab = AnalyteVocab.fit(h)
     scaler, scaler_info = _fit_scaler(h[h["patient_id"].isin(train_ids)], h, vocab, None, "site")
     scaler_info.pop("pretrained_codes")

@@ -36,6 +36,9 @@ setup() {
     .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q torch
   fi
   .venv/bin/python -m pip install -q -e ".[dev]"
+  # test reference for the agreement statistics (tests/test_agreement.py); its release pins scipy 1.12 and
+  # pandas < 3, which LabTrend cannot use, so it is installed without its dependencies (it runs on current ones)
+  .venv/bin/python -m pip install -q --no-deps "irrCAC==0.4.4"
   touch "$stamp"
 }
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from labtrend import settings
+from data import settings
 
 
 def pytest_report_header(config):
@@ -54,3 +55,14 @@ def mimic_store(tmp_path_factory, mimic_dir):
     summary = run_import(s, mimic_dir)
     s.mimic_summary = summary
     return s
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_main_module():
+    """Streamlit's script runner (AppTest) installs the app as ``sys.modules['__main__']`` and leaves it there; a
+    process pool started later in the same test process (``labtrend score``) would then re-run the app in each
+    spawned worker. Every test starts and ends with the interpreter's own ``__main__``."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None and sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from clinical.anomalies import (
-    ANOMALY_COLUMNS,
     MaskedValuePredictor,
     detect_anomalies,
     evaluate_patterns,
@@ -19,6 +18,7 @@ from clinical.anomalies import (
     rcv_limits,
     short_citation,
 )
+from clinical.flags import result_flags
 from data import queries
 from data.importers import run_import
 from model import QUANTILE_COLUMNS
@@ -82,33 +82,21 @@ def test_short_citation():
 # --- rule 1: reference interval -----------------------------------------------------------------
 
 
-def test_reference_interval_both_ways_and_sources():
-    rows = [("2024-01-01", K, 5.6), ("2024-01-02", K, 4.2), ("2024-01-03", K, 3.0),
-            ("2024-01-04", K, 5.6, {"ref_low": 3.5, "ref_high": 5.8})]  # the laboratory's own interval wins
-    a = rules_of(detect_anomalies(tl(rows), ADULT_F, rules=["reference_interval"]), "reference_interval")
-    assert a["result_id"].tolist() == [1, 3] and a["flag"].tolist() == ["H", "L"]
-    assert a["evidence"].iloc[0]["interval_source"] == "catalogue" and "MIMIC-IV" in a["source"].iloc[0]
-    assert " \u2014 consider" in a["text"].iloc[0]
-    assert set(a.columns) == set(ANOMALY_COLUMNS)
+def test_reference_interval_flags_are_not_review_items():
+    """A result outside its reference interval is a flag on the result (clinical.flags), never an anomaly."""
+    rows = [("2024-01-01", K, 5.6), ("2024-01-02", K, 4.2), ("2024-01-03", K, 3.0)]
+    assert detect_anomalies(tl(rows), ADULT_F).empty
+    with pytest.raises(ValueError, match="flag on the result"):
+        detect_anomalies(tl(rows), ADULT_F, rules=["reference_interval"])
 
 
-def test_reference_interval_by_sex_and_unknown_sex():
-    rows = [("2024-01-01", CREA, 1.15)]  # F 0.4-1.1, M 0.5-1.2
-    assert len(detect_anomalies(tl(rows), ADULT_F, rules=["reference_interval"])) == 1
-    assert detect_anomalies(tl(rows), ADULT_F | {"sex": "M"}, rules=["reference_interval"]).empty
-    unknown = detect_anomalies(tl(rows), None, rules=["reference_interval"])
-    assert unknown.empty  # sex unknown: the union 0.4-1.2
-    hi = detect_anomalies(tl([("2024-01-01", CREA, 1.25)]), None, rules=["reference_interval"])
-    assert hi["flag"].tolist() == ["H"] and hi["evidence"].iloc[0]["age_note"] == "age unknown: adult interval used"
-
-
-def test_censored_limits_flag_only_when_the_limit_itself_is_beyond():
-    rows = [("2024-01-01", TSH, ">100"), ("2024-01-02", TSH, "<0.001"), ("2024-01-03", TSH, "<3"), ("2024-01-04", TSH, ">1")]
-    a = detect_anomalies(tl(rows), ADULT_F)
-    assert a["result_id"].tolist() == [1, 2] and a["flag"].tolist() == ["H", "L"]
-    assert "censored: the true value is above 100" in a["text"].iloc[0]
+def test_censored_critical_limits_flag_only_when_the_limit_itself_is_beyond():
+    rows = [("2024-01-01", K, ">7"), ("2024-01-02", K, "<2"), ("2024-01-03", K, "<3"), ("2024-01-04", K, ">6")]
+    a = detect_anomalies(tl(rows), ADULT_F, rules=["critical_value"])
+    assert a["result_id"].tolist() == [1, 2] and a["flag"].tolist() == ["HH", "LL"]
+    assert "censored: the true value is above 7.0" in a["text"].iloc[0]
     assert a["evidence"].iloc[0]["censored"] is True and a["evidence"].iloc[0]["comparator"] == ">"
-    assert a["text"].iloc[0].startswith("TSH >100 m[IU]/L")
+    assert a["text"].iloc[0].startswith("Potassium >7.0 mmol/L")
 
 
 # --- rule 2: critical values --------------------------------------------------------------------
@@ -141,17 +129,34 @@ def test_site_critical_list(tmp_path):
 def test_delta_check_both_ways():
     a = detect_anomalies(tl([("2024-01-01", CREA, 1.0), ("2024-01-03", CREA, 1.3), ("2024-01-05", CREA, 1.35)]),
                          ADULT_F, rules=["delta_check"])
-    assert a["result_id"].tolist() == [2] and a["flag"].tolist() == ["UP"]  # +30 % > 16.1 %; then +3.8 %: no
+    assert a["result_id"].tolist() == [2] and a["flag"].tolist() == ["UP"]  # +30 % > 21.2 %; then +3.8 %: no
     ev = a["evidence"].iloc[0]
-    assert ev["previous_value"] == 1.0 and ev["previous_result_id"] == 1 and ev["rcv_pct"] == pytest.approx(16.11, abs=0.01)
-    assert "rose +30 % from 1 mg/dL (2.0 days earlier)" in a["text"].iloc[0]
+    # review Z = 2.58 (screened on every result): 2^0.5 x 2.58 x (5.2^2 + 2.6^2)^0.5 = 21.2 %
+    assert ev["previous_value"] == 1.0 and ev["previous_result_id"] == 1 and ev["rcv_pct"] == pytest.approx(21.21, abs=0.01)
+    assert ev["z"] == 2.58
+    assert ev["min_abs_change"] == pytest.approx(0.3) and "KDIGO" in ev["min_abs_change_source"]
+    assert ("Creatinine 1.3 mg/dL rose +0.3 mg/dL (+30 %) from 1.0 mg/dL 2 days earlier (the previous result)"
+            in a["text"].iloc[0])
+    # no CVI for potassium in biological_variation.csv: no RCV, no delta check
     assert detect_anomalies(tl([("2024-01-01", K, 4.0), ("2024-01-02", K, 5.5)]), ADULT_F, rules=["delta_check"]).empty
 
 
+def test_delta_check_needs_the_cited_minimum_change_and_a_recent_previous_result():
+    """Creatinine 0.6 -> 0.8 mg/dL is +33 % (beyond the 16 % RCV) but 0.2 mg/dL, below KDIGO's 0.3: no review item."""
+    small = [("2024-01-01", CREA, 0.6), ("2024-01-02", CREA, 0.8)]
+    assert detect_anomalies(tl(small), ADULT_F, rules=["delta_check"]).empty
+    big = [("2024-01-01", CREA, 0.6), ("2024-01-02", CREA, 0.9)]
+    assert detect_anomalies(tl(big), ADULT_F, rules=["delta_check"])["flag"].tolist() == ["UP"]
+    # a change against a result 8 days older is a trend, not a delta check (window 7 days)
+    old = [("2024-01-01", CREA, 0.6), ("2024-01-09", CREA, 1.2)]
+    assert detect_anomalies(tl(old), ADULT_F, rules=["delta_check"]).empty
+
+
 def test_delta_check_log_normal_is_asymmetric():
-    down = detect_anomalies(tl([("2024-01-01", GLU, 100), ("2024-01-02", GLU, 85)]), ADULT_F, rules=["delta_check"])
-    up = detect_anomalies(tl([("2024-01-01", GLU, 100), ("2024-01-02", GLU, 116)]), ADULT_F, rules=["delta_check"])
-    assert down["flag"].tolist() == ["DOWN"] and up.empty  # -15 % beyond -14.3 %, +16 % within +16.8 %
+    down = detect_anomalies(tl([("2024-01-01", GLU, 100), ("2024-01-02", GLU, 80)]), ADULT_F, rules=["delta_check"])
+    up = detect_anomalies(tl([("2024-01-01", GLU, 100), ("2024-01-02", GLU, 120)]), ADULT_F, rules=["delta_check"])
+    assert down["flag"].tolist() == ["DOWN"] and up.empty  # -20 % beyond -18.5 %, +20 % within +22.7 %
+    assert down["evidence"].iloc[0]["rcv_pct"] == pytest.approx(-18.5, abs=0.1)
     assert down["evidence"].iloc[0]["log_normal"] is True
 
 
@@ -180,9 +185,9 @@ def test_lab01_censored_never_scored_as_numbers(store, cases):
     assert a1.empty  # no 'dropped to 0 then rose to 14'
     t2, p2 = queries.timeline(store, "P0002"), queries.patient_info(store, "P0002")
     a2 = detect_anomalies(t2, p2)
-    above = a2[a2["flag"] == "H"]
-    assert len(above) == 1 and "censored" in above["text"].iloc[0] and above["value"].iloc[0] == 100.0
-    assert rules_of(a2, "delta_check").empty
+    assert a2.empty  # '>100' is flagged H on the result (clinical.flags), not a review item
+    f2 = result_flags(t2, p2)
+    assert f2.loc[t2["value_text"].astype(str).str.startswith(">"), "flag"].tolist() == ["H"]
     assert not (a2["value"] == 0).any()
 
 
@@ -193,8 +198,9 @@ def test_lab02_text_results_not_scored(store, cases):
     on_text = a[a["result_id"].isin(text_ids)]
     assert on_text["rule"].tolist() == ["preanalytical:haemolysis_reported"]
     assert on_text["value"].isna().all() and on_text["score"].isna().all()
-    high = a[(a["rule"] == "reference_interval")]
-    assert high["value"].tolist() == [5.9] and high["flag"].tolist() == ["H"]
+    f = result_flags(t, p)
+    assert t.loc[f["flag"] == "H", "value_canonical"].tolist() == [5.9]  # a flag on the result, not a review item
+    assert f.loc[t["result_kind"].isin(["text", "empty"]), "flag"].isna().all()
     assert detect_anomalies(queries.timeline(store, "P0004"), queries.patient_info(store, "P0004")).empty
 
 
@@ -211,7 +217,7 @@ def test_lab05_conflicting_results_are_not_a_delta(store, cases):
     a = detect_anomalies(t, p)
     assert rules_of(a, "delta_check").empty
     assert not a["text"].str.contains("128.*138|138.*128").any()  # never 'rapid change 128 -> 138 within 0 min'
-    assert (a["rule"] == "reference_interval").all()  # 128 is below the interval on its own
+    assert a.empty and result_flags(t, p)["flag"].eq("L").any()  # 128 is below the interval on its own: a flag
     # the next day's 137 is compared with the value reported last at 14:00 (138): no change beyond RCV
     h = history_from_timeline(t, p)
     assert h[h["collected_at"] == pd.Timestamp("2024-03-10 14:00")]["value"].tolist() == [138.0]
@@ -347,9 +353,10 @@ def test_haemolysis_pattern_without_index_on_synthetic_cohort(synthetic_cohort):
 
 
 class StubForecaster:
-    """Forecasts every query with fixed quantiles around ``centre``."""
+    """Forecasts every query with fixed quantiles around ``centre`` (calibrated: its 95 % interval is
+    centre +- 1.96 spread)."""
 
-    conformal = None
+    conformal = "calibrated"
 
     def __init__(self, centre: float, spread: float):
         self.centre, self.spread = centre, spread
@@ -358,6 +365,7 @@ class StubForecaster:
         out = queries_.copy()
         for k, z in zip(QUANTILE_COLUMNS, (-1.645, -1.28, -0.674, 0.0, 0.674, 1.28, 1.645)):
             out[k] = self.centre + z * self.spread
+        out["lo95"], out["hi95"] = self.centre - 1.96 * self.spread, self.centre + 1.96 * self.spread
         out["status"], out["model_version"], out["unit"], out["n_history"] = "ok", "stub-1", None, 2
         return out
 
@@ -367,11 +375,19 @@ def test_model_surprise_both_ways():
     a = detect_anomalies(tl(rows), ADULT_F, forecaster=StubForecaster(140, 2), rules=["model_surprise"])
     assert a["result_id"].tolist() == [4] and a["flag"].tolist() == ["ABOVE"] and a["model_version"].tolist() == ["stub-1"]
     assert a["score"].iloc[0] == pytest.approx(0.95) and a["evidence"].iloc[0]["excess_in_interval_widths"] > 0
-    assert "interval not calibrated" in a["text"].iloc[0]
+    assert a["evidence"].iloc[0]["interval_level"] == 0.95
+    assert "above the 95 % interval 136–144 mmol/L" in a["text"].iloc[0]
     none = detect_anomalies(tl(rows[:3]), ADULT_F, forecaster=StubForecaster(140, 2), rules=["model_surprise"])
     assert none.empty
+    # beyond the interval by less than the allowable error of one sodium result (4 mmol/L): no surprise
+    near = rows[:3] + [("2024-01-04", NA, 147)]
+    assert detect_anomalies(tl(near), ADULT_F, forecaster=StubForecaster(140, 2), rules=["model_surprise"]).empty
     notes = detect_anomalies(tl(rows), ADULT_F, rules=["model_surprise"]).attrs["notes"]
     assert notes == ["model_surprise not evaluated: no forecaster given"]
+    uncalibrated = StubForecaster(140, 2)
+    uncalibrated.conformal = None
+    a = detect_anomalies(tl(rows), ADULT_F, forecaster=uncalibrated, rules=["model_surprise"])
+    assert a.empty and "not calibrated" in a.attrs["notes"][0]
 
 
 def test_model_surprise_with_a_real_pipeline():
@@ -380,14 +396,17 @@ def test_model_surprise_with_a_real_pipeline():
     from model.inference import ForecastPipeline
     from model.modeling import LabTrendForForecasting
 
-    rows = [(f"2024-01-{d:02d}", NA, v) for d, v in zip(range(1, 9), (140, 139, 141, 140, 138, 139, 141, 160))]
+    steady = [140, 139, 141, 140, 138, 139, 141] * 4
+    rows = [(pd.Timestamp("2024-01-01") + pd.Timedelta(days=d), NA, v) for d, v in enumerate(steady + [175])]
     t = tl(rows)
     h = history_from_timeline(t, ADULT_F)
     torch.manual_seed(0)
     vocab = AnalyteVocab.fit(h)
     pipe = ForecastPipeline(LabTrendForForecasting(config_preset("tiny", n_analytes=len(vocab))), vocab, AnalyteScaler.fit(h))
+    calib = h.iloc[2:len(steady)].rename(columns={"collected_at": "at"})  # the steady days: 26 points
+    pipe = pipe.calibrate(h, calib, min_points=19)
     a = detect_anomalies(t, ADULT_F, forecaster=pipe, rules=["model_surprise"])
-    assert a["result_id"].tolist() == [8] and a["model_version"].iloc[0] == pipe.model_version
+    assert a["result_id"].tolist() == [len(rows)] and a["model_version"].iloc[0] == pipe.model_version
 
 
 class StubMasked:
@@ -446,7 +465,7 @@ def test_mimic_demo_patients(mimic_store):
         assert not scored["result_id"].isin(bad).any()
         assert a["source"].str.len().gt(0).all() and a["text"].str.contains("consider").all()
         seen_rules |= set(a["rule"])
-    assert {"reference_interval", "delta_check"} <= seen_rules
+    assert {"critical_value", "delta_check"} <= seen_rules and "reference_interval" not in seen_rules
 
 
 def test_mimic_demo_haemolysis_comments_and_negations(mimic_store):
@@ -460,7 +479,8 @@ def test_mimic_demo_haemolysis_comments_and_negations(mimic_store):
     for pid in pids:
         t = queries.timeline(mimic_store, pid)
         a = detect_anomalies(t, queries.patient_info(mimic_store, pid), rules=["preanalytical"])
-        flagged |= set(a.loc[a["rule"] == "preanalytical:haemolysis_reported", "result_id"])
+        flagged |= {i for ev in a.loc[a["rule"] == "preanalytical:haemolysis_reported", "evidence"]
+                    for i in ev["result_ids"]}
         c = t["comment"].fillna("").str.lower()
         negated |= set(t.loc[c.str.contains(r"not hemoly|no hemoly"), "result_id"])
         reported |= set(t.loc[c.str.contains("falsely elevates"), "result_id"])
@@ -481,3 +501,45 @@ def test_forecast_targets_skip_the_haemolysis_index():
     codes = top_analytes_for(h, set(h["analyte_code"]), 3)
     top = counts.drop(HAEMOLYSIS_INDEX)
     assert len(codes) == 3 and set(codes) <= set(top[top == top.max()].index)  # the most frequent patient analytes
+
+
+# --- runs: consecutive flags of one analyte within one episode are one review item ---------------------------------
+
+
+def test_consecutive_critical_values_are_one_item_with_their_run():
+    rows = [("2024-01-01 06:00", K, 6.8), ("2024-01-01 12:00", K, 7.1), ("2024-01-02 07:00", K, 6.5),  # one run
+            ("2024-01-02 12:00", K, 5.0),                                                        # not critical
+            ("2024-01-02 18:00", K, 6.6),                                                        # a new item
+            ("2024-01-05 06:00", K, 6.9)]                                                        # 2.5 days later
+    a = detect_anomalies(tl(rows), ADULT_F, rules=["critical_value"])
+    assert a["result_id"].tolist() == [1, 5, 6] and (a["rule"] == "critical_value").all()
+    run = a["evidence"].iloc[0]["run"]
+    assert run["n"] == 3 and run["result_ids"] == [1, 2, 3] and run["peak"]["value"] == 7.1
+    assert a["value"].iloc[0] == 7.1  # the peak
+    assert a["text"].iloc[0].startswith("Potassium critical high on 3 consecutive results from 2024-01-01 06:00 to "
+                                        "2024-01-02 07:00 (1 day): first 6.8, peak 7.1 (2024-01-01 12:00), last 6.5 "
+                                        "mmol/L, above the critical limit 6.2 mmol/L")
+    assert "run" not in a["evidence"].iloc[1]  # a single flag keeps its own text
+    per_result = detect_anomalies(tl(rows), ADULT_F, rules=["critical_value"], group=False)
+    assert len(per_result) == 5
+    # a critical low after a critical high is another emergency: another item
+    both = detect_anomalies(tl([("2024-01-01", K, 6.8), ("2024-01-01 06:00", K, 2.5)]), ADULT_F, rules=["critical_value"])
+    assert both["flag"].tolist() == ["HH", "LL"]
+
+
+def test_runs_follow_the_admission_when_known():
+    rows = [("2024-01-01 06:00", K, 6.8), ("2024-01-03 06:00", K, 6.9), ("2024-01-05 06:00", K, 7.0)]  # 48 h apart
+    assert len(detect_anomalies(tl(rows), ADULT_F, rules=["critical_value"])) == 3
+    stay = pd.DataFrame({"patient_id": ["P"], "start": [pd.Timestamp("2023-12-31")], "end": [pd.Timestamp("2024-01-04")]})
+    a = detect_anomalies(tl(rows), ADULT_F, rules=["critical_value"], episodes=stay)
+    assert a["result_id"].tolist() == [1, 3] and a["evidence"].iloc[0]["run"]["episode"] == "admission"
+
+
+def test_a_delta_check_run_names_its_baseline():
+    """The issue's creatinine: 1.0 -> 1.4 -> 2.1 mg/dL in 9 days is x2.1 from 1.0 mg/dL, not '+50 % from the previous'."""
+    rows = [("2024-01-01", CREA, 1.0), ("2024-01-05", CREA, 1.4), ("2024-01-10", CREA, 2.1)]
+    stay = pd.DataFrame({"patient_id": ["P"], "start": [pd.Timestamp("2023-12-31")], "end": [pd.Timestamp("2024-01-11")]})
+    a = detect_anomalies(tl(rows), ADULT_F, rules=["delta_check"], episodes=stay)
+    assert len(a) == 1 and a["evidence"].iloc[0]["run"]["result_ids"] == [2, 3]
+    assert ("2.1 mg/dL is +1.1 mg/dL (x2.1) from 1.0 mg/dL 9 days earlier (the result before this run)"
+            in a["text"].iloc[0])

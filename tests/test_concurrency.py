@@ -24,29 +24,35 @@ def test_reader_process_and_import_process(tmp_path, cases):
         for i in range(300_000):
             f.write(f"Q{i % 1000},2024-02-01 00:00:00,2823-3,Potassium,{4 + i % 7 / 10},mmol/L\n".replace(
                 "00:00:00", f"{(i // 1000) // 60 % 24:02d}:{(i // 1000) % 60:02d}:00"))
+    done = tmp_path / "writer_done"
     reader = subprocess.Popen(
         [sys.executable, "-c", f"""
-import sys, time
+import pathlib, sys
 from data.db import Store, StoreSettings
 from data import queries
-s = Store(StoreSettings(path={str(db)!r}, busy_timeout_s=120))
-counts = set()
-t0 = time.time()
-while time.time() - t0 < 6:
-    n = len(queries.patients(s, limit=100000))
-    counts.add(n)
+s = Store(StoreSettings(path={str(db)!r}, busy_timeout_s=600))
+counts = []
+while True:  # read until the writer has finished, then once more: the state after the import
+    last = pathlib.Path({str(done)!r}).exists()
+    counts.append(len(queries.patients(s, limit=100000)))
     assert len(queries.timeline(s, 'P0001')) == 2
-print(sorted(counts))
+    if len(counts) == 1:
+        print('reading', flush=True)
+    if last:
+        break
+print(sorted(set(counts)), counts[0], counts[-1])
 """],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    assert reader.stdout.readline().strip() == "reading"  # the reader is in before the writer starts (an event)
     writer = subprocess.run([sys.executable, "-m", "labtrend.cli", "import", str(big), "--db", str(db)],
-                            capture_output=True, text=True, timeout=300)
-    out, err = reader.communicate(timeout=300)
+                            capture_output=True, text=True, timeout=900)
+    done.touch()
+    out, err = reader.communicate(timeout=900)
     assert writer.returncode == 0, writer.stderr
     assert reader.returncode == 0, err
-    seen = eval(out.strip())
-    assert set(seen) <= {2, 1002}  # before (2 patients) or after (+1000), nothing in between
+    seen, first, last = out.strip().rsplit(" ", 2)[0], int(out.split()[-2]), int(out.split()[-1])
+    assert set(eval(seen)) <= {2, 1002}  # before (2 patients) or after (+1000), nothing in between
+    assert (first, last) == (2, 1002)  # it read before the import and after it
     assert len(queries.patients(Store(StoreSettings(path=str(db))), limit=100000)) == 1002
 
 
@@ -84,23 +90,36 @@ def test_threads_see_their_own_patient_during_upload(tmp_path, cases):
 
 
 def test_busy_callback_after_wait(tmp_path):
-    """A reader blocked by another process's lock is told 'busy' after busy_after_s, then gets in."""
+    """A reader blocked by another process's lock is told 'busy' after busy_after_s, then gets in. The other
+    process holds the lock until the reader has been told (an event, not a fixed time)."""
     import duckdb
 
     db = tmp_path / "b.duckdb"
     open_store(db)
     holder = subprocess.Popen([sys.executable, "-c", f"""
-import duckdb, time
+import duckdb, sys
 c = duckdb.connect({str(db)!r})
 print('locked', flush=True)
-time.sleep(2.5)
+sys.stdin.readline()
 c.close()
-"""], stdout=subprocess.PIPE, text=True)
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     told = []
-    s = Store(StoreSettings(path=str(db), busy_after_s=0.5, busy_timeout_s=30), on_busy=told.append)
+
+    def on_busy(waited_s):
+        told.append(waited_s)
+        if len(told) == 1:
+            holder.stdin.write("release\n")
+            holder.stdin.flush()
+
+    s = Store(StoreSettings(path=str(db), busy_after_s=0.5, busy_timeout_s=600), on_busy=on_busy)
     t0 = time.time()
-    assert queries.patients(s).empty
-    assert told and told[0] >= 0.5 and time.time() - t0 >= 1.0
+    try:
+        assert queries.patients(s).empty
+    finally:
+        if not told:
+            holder.stdin.write("release\n")
+            holder.stdin.flush()
+    assert told and told[0] >= 0.5 and time.time() - t0 >= 0.5
     holder.wait()
     assert isinstance(duckdb.__version__, str)

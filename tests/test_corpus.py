@@ -10,7 +10,7 @@ import pytest
 
 from data.catalogue import load_catalogue
 from data.units import conversion_factor
-from labtrend import settings
+from data import settings
 from model import HISTORY_COLUMNS
 from model import corpus
 from model.corpus import (
@@ -80,8 +80,8 @@ def _check_contract(frame: pd.DataFrame, prefix: str) -> None:
 def test_source_codes_table_is_consistent():
     codes = source_codes()
     cat = load_catalogue()
-    assert list(codes.columns) == ["source", "source_name", "source_unit", "loinc", "note"]
-    assert set(codes["source"]) == {"physionet2012", "eicu", "nhanes"}
+    assert list(codes.columns) == ["source", "source_name", "file_unit", "source_unit", "loinc", "note"]
+    assert set(codes["source"]) == {"physionet2012", "eicu", "nhanes", "physionet2019", "physionet2012c", "mimic3", "cdisc"}
     assert (codes["note"].str.len() > 20).all(), "every row cites its documentation"
     mapped = codes[codes["loinc"] != ""]
     for r in mapped.itertuples():
@@ -204,13 +204,13 @@ def test_nhanes_below_detection_limit_is_left_censored_at_the_lod(nhanes):
 
 def test_pretraining_corpus_combines_prefixes_and_respects_max_rows(monkeypatch, physionet, eicu, nhanes):
     fixtures = {"physionet2012": physionet, "eicu": eicu, "nhanes": nhanes}
-    monkeypatch.setattr(corpus, "_LOADERS", {k: (lambda f=f: f.copy()) for k, f in fixtures.items()})
-    full = load_pretraining_corpus(include_synthetic_patients=20, seed=1)
+    monkeypatch.setattr(corpus, "_LOADERS", {k: (lambda *_, f=f: f.copy()) for k, f in fixtures.items()})
+    full = load_pretraining_corpus(include_synthetic_patients=20, seed=1, cache=False)
     assert tuple(full.columns) == HISTORY_COLUMNS
     prefixes = set(full["patient_id"].str.split(":").str[0])
     assert prefixes == {"physionet2012", "eicu", "nhanes", "synthetic"}
     assert len(full) == len(physionet) + len(eicu) + len(nhanes) + full.attrs["report"]["synthetic"]["rows_loaded"]
-    cut = load_pretraining_corpus(max_rows=100_000, include_synthetic_patients=20, seed=1)
+    cut = load_pretraining_corpus(max_rows=100_000, include_synthetic_patients=20, seed=1, cache=False)
     assert 90_000 < len(cut) <= 100_000
     # whole patients only: each kept patient has all of their rows
     counts_full = full.groupby("patient_id").size()

@@ -8,7 +8,6 @@ import pytest
 from app_helpers import signed_in
 from clinical import outputs as out_mod
 from clinical.predict import replay_forecasts
-from dashboard import access
 from data import queries
 from data.db import open_store
 from data.importers import run_import
@@ -37,13 +36,9 @@ def monitored(tmp_path_factory, cases):
     fc = pipe.forecast(history, pd.DataFrame({"patient_id": "P0020", "analyte_code": "2823-3", "at": times.to_numpy()}))
     out_mod.record_verdict(store, recs[0]["output_id"], "ed", "expert", "valid")
     out_mod.record_verdict(store, recs[1]["output_id"], "ed", "expert", "invalid", comment="too low")
-    users = root / "users.yaml"
-    access.add_user("ana", "Dr Ana", "analyst", "a long test password", users)
     mp = pytest.MonkeyPatch()
-    mp.setenv("LABTREND_DB", str(root / "lab.duckdb"))
-    mp.setenv("LABTREND_USERS", str(users))
+    mp.setenv("LABTREND_DB", str(root / "lab.duckdb"))  # signed_in() adds the analyst's account there
     mp.setenv("LABTREND_MODEL", str(root / "model"))
-    mp.setenv("LABTREND_COOKIE_KEY", "test-cookie-key-not-a-secret-0123456789")
     mp.delenv("LABTREND_MODEL_URL", raising=False)
     yield fc, history
     mp.undo()

@@ -149,3 +149,21 @@ def test_many_analytes_share_an_other_group(pipeline, history):
     e = explain_forecast(pipeline, history, "S03", K, "2024-03-01", max_analyte_groups=1, method="exact")
     names = [g["group"] for g in e.groups]
     assert "results:other" in names and f"results:{K}" in names and e.ok
+
+
+def test_several_forecasts_explained_at_once_are_each_explained_alone(pipeline, history):
+    """explain_forecasts prepares the history once; each explanation is the one explain_forecast gives."""
+    from model.explain import explain_forecasts
+
+    at = pd.Timestamp("2024-03-01")
+    q = pd.DataFrame({"patient_id": ["S03", "S03", "S05"], "analyte_code": [K, NA, CREA], "at": [at, at, at]})
+    many = explain_forecasts(pipeline, history, q, method="permutation", permutations=3)
+    for (_, r), e in zip(q.iterrows(), many):
+        one = explain_forecast(pipeline, history, r["patient_id"], r["analyte_code"], at, method="permutation",
+                               permutations=3)
+        assert e.ok and one.ok and (e.patient_id, e.analyte_code) == (one.patient_id, one.analyte_code)
+        assert e.base_value == pytest.approx(one.base_value, abs=1e-9)
+        assert {g["group"]: g["value"] for g in e.groups} == pytest.approx({g["group"]: g["value"] for g in one.groups},
+                                                                           abs=1e-9)
+        # each distinct coalition is run once: fewer model rows than shap's permutations * (2G + 1) requests
+        assert e.n_evaluations < 3 * (2 * len(e.groups) + 1)

@@ -31,6 +31,12 @@ def traces(fig, name_part: str):
     return [t for t in fig.data if t.name and name_part.lower() in t.name.lower() and not t.name.endswith("(low)")]
 
 
+def colors(trace) -> set[str]:
+    """The marker colours of a trace (one colour is given once, not per point)."""
+    c = trace.marker.color
+    return {c} if isinstance(c, str) else set(c)
+
+
 def yaxis(fig, row: int):
     return fig.layout["yaxis" if row == 1 else f"yaxis{row}"]
 
@@ -55,7 +61,7 @@ def test_abnormal_values_have_text_labels_not_only_colour(case_store):
     fig = figures.make_timeline_figure(results(case_store, "P0020"), None)
     high = traces(fig, "outside reference")[0]
     assert set(high.text) == {"H"}  # 5.2 .. 5.8 above 5.1
-    assert len(set(high.marker.color)) == 1 and high.marker.color[0] == figures.COLORS["abnormal"]
+    assert colors(high) == {figures.COLORS["abnormal"]}
     hover = " ".join(high.customdata)
     assert "Flag: H" in hover and "mmol/L" in hover and "As reported" in hover
 
@@ -84,7 +90,7 @@ def test_crowded_abnormal_results_print_one_label_each_cluster(case_store):
     fig = figures.make_timeline_figure(pd.concat([k, late]), ["2823-3"])
     low = traces(fig, "outside reference")[0]
     assert list(low.text) == ["", "", "L", "H"]  # the latest of the cluster keeps its label; 30 days later: apart
-    assert set(low.marker.color) == {figures.COLORS["abnormal"]}  # every abnormal point is still red
+    assert colors(low) == {figures.COLORS["abnormal"]}  # every abnormal point is still red
     assert all("Flag: L" in h for h in low.customdata[:3])
     assert fig.layout.meta["hidden_flag_labels"] == 2
 
@@ -108,17 +114,23 @@ def test_censored_results_at_the_limit_with_their_own_markers(case_store):
     assert list(traces(fig2, "Below limit")[0].y) == [0.001]
 
 
-def test_text_results_are_marked_gaps_not_points_at_zero(case_store):
-    """LAB-02: HEMOLYZED and an empty value are gaps at the axis edge, never 0, text in hover."""
+def test_text_results_are_marked_on_the_time_axis_not_at_a_value(case_store):
+    """LAB-02: HEMOLYZED and an empty value are marks on the time axis (y = 0 of the chart's domain, not a
+    value of the y-axis), the text in their hover; never a point at 0 or at any other height."""
     r = results(case_store, "P0003")
     fig = figures.make_timeline_figure(r, None)
-    gap = traces(fig, "Text result")[0]
-    y0, _ = yaxis(fig, 1).range
-    assert list(gap.y) == [y0, y0] and y0 > 0
-    assert "HEMOLYZED" in gap.customdata[0] and "see note" in gap.customdata[1]
+    marks = [a for a in fig.layout.annotations if a.name == "text_result"]
+    assert len(marks) == 2
+    assert all(a.yref.endswith(" domain") and a.y == 0 for a in marks)
+    assert "HEMOLYZED" in marks[0].hovertext and "see note" in marks[1].hovertext
     assert len([s for s in fig.layout.shapes if s.line.dash == "dot"]) == 2
-    for t in fig.data:  # no trace draws a point at 0
+    legend = traces(fig, "Text result")[0]
+    assert list(legend.y) == [None]  # a legend entry only: no point on the value axis
+    times = {pd.Timestamp(a.x) for a in marks}
+    for t in fig.data:  # no trace draws a point at 0, nor any point at a text result's time
         assert all(v is None or v != 0 for v in (list(t.y) if t.y is not None else []))
+        if t.mode and "markers" in t.mode and t.x is not None and t.name != "Trend":
+            assert not times & {pd.Timestamp(x) for x in t.x if x is not None}, t.name
     # the urine protein 'NEG' (text only) is not charted at all
     assert figures.make_timeline_figure(results(case_store, "P0004"), None).layout.meta["analytes"] == []
 
@@ -167,7 +179,9 @@ def test_forecast_band_traces_are_distinct_and_labelled(case_store):
     observed = traces(fig, "Result")[0]
     assert med.line.color != observed.marker.color
     assert med.x[0] == observed.x[-1] or pd.Timestamp(med.x[0]) <= pd.Timestamp(traces(fig, "outside")[0].x[-1])
-    assert any("up to 5 d after the last result" in a.text and "lt-abc" in a.text for a in fig.layout.annotations)
+    # the horizon is written under the chart by the page, not over the chart above (it overprinted its dates)
+    assert fig.layout.meta["forecast_notes"] == {"2823-3": "up to 5 d after the last result"}
+    assert not [a for a in fig.layout.annotations if a.yanchor == "bottom" and (a.y or 0) >= 1]
     assert "Decision support" in med.customdata[-1] and "based on 8 measurements" in med.customdata[-1]
     _, hi = yaxis(fig, 1).range
     assert hi >= 5.9 + 2 * 0.6  # the whole band is on the axis
@@ -196,7 +210,7 @@ def test_forecast_without_numbers_says_why(case_store):
     fc = _forecast_frame().head(1).assign(q50=float("nan"), status="Not enough measurements to forecast (0; minimum 1)")
     fig = figures.make_timeline_figure(results(case_store, "P0020"), None, forecasts=fc)
     assert not traces(fig, "Forecast median")
-    assert any("Not enough measurements" in a.text for a in fig.layout.annotations)
+    assert any("Not enough measurements" in v for v in fig.layout.meta["forecast_status"].values())
 
 
 def test_anomalies_ring_the_result_and_name_the_rule(case_store):
@@ -226,7 +240,9 @@ def test_cumulative_table(case_store):
     assert list(t.columns[:3]) == ["Analyte", "Unit", "Reference interval"]
     assert list(t.columns[3:]) == sorted(t.columns[3:])  # oldest left
     glu = t[t["Analyte"] == "Glucose"].iloc[0]
-    assert glu["2024-02-08 08:05"] == "100.9 H (5.6 mmol/L)"  # above 70-100 mg/dL; as reported in brackets
+    # reported 5.6 mmol/L (1 decimal) is 100.9 mg/dL: written at the precision reported, 1 decimal less
+    # in mg/dL (x18), "101" (dashboard.precision)
+    assert glu["2024-02-08 08:05"] == "101 H (5.6 mmol/L)"  # above 70-100 mg/dL; as reported in brackets
     hb = t[t["Analyte"] == "Hemoglobin"].iloc[0]
     assert hb["2024-02-15 08:10"] == "13.5 (no unit)" and hb["Unit"] == "g/dL"
     assert hb["Reference interval"] == "11.2–17.5"  # sex unknown: union of the F and M intervals

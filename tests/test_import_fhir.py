@@ -106,7 +106,8 @@ def test_bundle_values_as_stored(db):
 
     hcg = r[11]  # valueCodeableConcept, date-only effectiveDateTime, Patient/<id> without Patient resource
     assert (hcg["patient_id"], hcg["value_text"], hcg["result_kind"]) == ("pat-002", "Negative", "text")
-    assert hcg["collected_at"] == datetime(2024, 2, 10)
+    # a date without a time: noon of that date, flagged time unknown (never a precise midnight)
+    assert (hcg["collected_at"], hcg["time_unknown"]) == (datetime(2024, 2, 10, 12), True)
 
 
 def test_bundle_patients(db):
@@ -207,9 +208,10 @@ def test_json_without_resource_type_raises(tmp_path):
 
 
 def test_time_normalisation():
-    assert _fhir_time("2024-03-01T08:30:00+01:00") == "2024-03-01 07:30:00"
-    assert _fhir_time("2024-03-01T23:30:00-02:30") == "2024-03-02 02:00:00"
-    assert _fhir_time("2024-03-01T08:30:00Z") == "2024-03-01 08:30:00"
+    # the offset is kept for the pipeline, which stores UTC and the offset
+    assert _fhir_time("2024-03-01T08:30:00+01:00") == "2024-03-01 08:30:00+01:00"
+    assert _fhir_time("2024-03-01T23:30:00-02:30") == "2024-03-01 23:30:00-02:30"
+    assert _fhir_time("2024-03-01T08:30:00Z") == "2024-03-01 08:30:00+00:00"
     assert _fhir_time("2024-03-01T08:30:00") == "2024-03-01 08:30:00"  # no offset: kept as local time
     assert _fhir_time("2024-03-01") == "2024-03-01"
     assert _fhir_time("yesterday") == "yesterday"  # left for the pipeline to quarantine

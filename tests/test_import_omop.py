@@ -75,7 +75,8 @@ def test_folder_with_person_and_concept(db):
     assert (r[7]["value_text"], r[7]["analyte_code"], r[7]["analyte_name"]) == ("Negative", "local:upreg", "UPREG")
 
     # measurement_date only
-    assert (r[8]["patient_id"], r[8]["collected_at"], r[8]["value_text"]) == ("3", datetime(2021, 6, 3), "0.90")
+    assert (r[8]["patient_id"], r[8]["collected_at"], r[8]["value_text"]) == ("3", datetime(2021, 6, 3, 12), "0.90")
+    assert r[8]["time_unknown"]  # a date alone: noon of that day, time unknown
     # a concept that is not in CONCEPT keeps its local code
     assert (r[9]["analyte_code"], r[9]["analyte_name"], r[9]["unit"]) == ("omop:3999999", "LOCALX", "U/L")
     assert _none(r[9]["loinc"])

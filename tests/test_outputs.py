@@ -142,7 +142,7 @@ def test_two_experts_at_the_same_moment_both_land(tmp_path):
 
     def go(name):
         try:
-            barrier.wait(timeout=30)
+            barrier.wait(timeout=600)  # a hang guard; the threads start on the barrier's event
             O.record_verdict(store, "PR-1", name, "expert", "valid" if name == "t1" else "invalid")
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
@@ -159,11 +159,11 @@ def test_two_experts_at_the_same_moment_both_land(tmp_path):
     flags.mkdir()
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(path), "PR-1", n, str(flags)], cwd=str(ROOT),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in ("p1", "p2")]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a hang guard; the wait is on the children's ready files
     while not all((flags / f"{n}.ready").exists() for n in ("p1", "p2")) and time.monotonic() < deadline:
         time.sleep(0.01)
     (flags / "go").touch()
-    results = [p.communicate(timeout=120) for p in procs]
+    results = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert sorted(O.current_verdicts(store)["annotator"]) == ["p1", "p2", "t1", "t2"]
 
@@ -319,15 +319,19 @@ def _anomaly(patient: str, code: str, at: str, rule: str, flag: str, score: floa
                      {"rule": rule, "flag": flag, "score": score, "text": f"{rule} {flag}", "value": 1.0}, key=key)
 
 
-def _recommendation(patient: str, rule_id: str, at: str, urgency: str) -> dict:
-    return O._record("recommendation", patient, None, pd.Timestamp(at), "recommendations-t", rule_id,
-                     {"rule_id": rule_id, "urgency": urgency, "text": f"{rule_id} text", "title": rule_id})
+def _recommendation(patient: str, rule_id: str, at: str, urgency: str, priority: int | None = None,
+                    basis: str | None = None) -> dict:
+    payload = {"rule_id": rule_id, "urgency": urgency, "text": f"{rule_id} text", "title": rule_id}
+    if priority is not None:
+        payload |= {"priority": priority, "basis": basis}
+    return O._record("recommendation", patient, None, pd.Timestamp(at), "recommendations-t", rule_id, payload)
 
 
 def test_pending_outputs_most_important_first(store):
-    """Critical values and high-urgency recommendations first, then patterns / model surprise, then
-    forecasts (soonest first), low-urgency recommendations, delta checks, reference-interval flags;
-    newest first within a tier, larger |score| first at one time."""
+    """Clinical priority: actual critical values (and recommendations resting on them) first, then
+    pre-analytical errors, then delta checks / model surprises, then forecast-based warnings, then
+    forecasts to validate (soonest first), then legacy reference-interval anomalies; within a tier
+    higher urgency, then newest first, then the larger |score|."""
     recs = [
         _anomaly("P1", "2951-2", "2024-01-05 08:00", "reference_interval", "H", 0.3, 1),
         _anomaly("P1", "2951-2", "2024-01-07 08:00", "reference_interval", "H", 0.1, 2),
@@ -335,30 +339,86 @@ def test_pending_outputs_most_important_first(store):
         _anomaly("P1", "2160-0", "2024-01-07 08:00", "delta_check", "UP", 2.0, 4),
         _forecast("F-late", "P1", "2160-0", "2024-01-09", 1.1, "mg/dL"),
         _forecast("F-soon", "P1", "2823-3", "2024-01-08", 4.1, "mmol/L"),
-        _recommendation("P1", "REC-LOW", "2024-01-08 08:00", "low"),
+        _recommendation("P1", "REC-HB", "2024-01-08 08:00", "medium", 3, "observed change"),
         _anomaly("P1", "2823-3", "2024-01-02 08:00", "preanalytical:haemolysis", "SUSPECT", None, 5),
         _anomaly("P1", "2823-3", "2024-01-06 08:00", "model_surprise", "ABOVE", 0.99, 6),
-        _recommendation("P1", "REC-MED", "2024-01-08 08:00", "medium"),
+        _recommendation("P1", "REC-RECOLLECT", "2024-01-08 08:00", "medium", 2, "pre-analytical error"),
         _anomaly("P1", "2823-3", "2024-01-01 08:00", "critical_value", "HH", 0.5, 7),
-        _recommendation("P1", "REC-HIGH", "2024-01-08 08:00", "high"),
+        # "Forecast potassium may reach the critical limit" (high urgency) ranks below the actual critical potassium
+        _recommendation("P1", "REC-K-FORECAST", "2024-01-08 08:00", "high", 4, "forecast"),
+        _recommendation("P1", "REC-CRITICAL", "2024-01-08 08:00", "high", 1, "observed critical value"),
+        _recommendation("P1", "REC-OLD", "2024-01-08 08:00", "low"),  # stored before priorities: tier 3
     ]
     O.store_outputs(store, recs)
     got = O.pending_outputs(store, "ann")
     assert list(got.columns) == O.OUTPUT_COLUMNS
-    reasons = got["priority_reason"].tolist()
-    assert reasons == [
-        "recommendation, high urgency", "critical value (HH)",  # tier 1, newest first
-        "recommendation, medium urgency", "model surprise", "pre-analytical pattern: haemolysis",  # tier 2
-        "forecast to validate", "forecast to validate",  # tier 3
-        "recommendation, low urgency", "delta check",
+    assert got["priority_reason"].tolist() == [
+        "recommendation (observed critical value, high urgency)", "critical value (HH)",  # tier 1
+        "recommendation (pre-analytical error, medium urgency)", "pre-analytical pattern: haemolysis",  # tier 2
+        "recommendation (observed change, medium urgency)", "delta check", "model surprise",  # tier 3, newest first
+        "recommendation (earlier version, low urgency)",
+        "recommendation (forecast, high urgency)",  # tier 4
+        "forecast to validate", "forecast to validate",  # tier 5
         "outside the reference interval", "outside the reference interval", "outside the reference interval",
     ]
-    assert got["priority"].tolist() == [1, 1, 2, 2, 2, 3, 3, 4, 5, 6, 6, 6]
-    assert got["output_id"].iloc[5:7].tolist() == ["F-soon", "F-late"]  # soonest forecast first
+    assert got["priority"].tolist() == [1, 1, 2, 2, 3, 3, 3, 3, 4, 5, 5, 6, 6, 6]
+    assert got["output_id"].iloc[9:11].tolist() == ["F-soon", "F-late"]  # soonest forecast first
     ri = got[got["rule"] == "reference_interval"]
     assert [p["score"] for p in ri["payload"]] == [0.9, 0.1, 0.3]  # newest first, then the larger |score|
     # the limit keeps the most important outputs, not the oldest ones
     assert O.pending_outputs(store, "ann", limit=2)["priority"].tolist() == [1, 1]
+    # the Python twin (timeline lists) ranks every output as the queue's SQL does
+    assert [O.review_priority(k, r, p) for k, r, p in zip(got["kind"], got["rule"], got["payload"])] \
+        == got["priority"].tolist()
     O.record_verdict(store, got["output_id"].iloc[0], "ann", "expert", "valid")
     assert O.pending_outputs(store, "ann")["priority_reason"].iloc[0] == "critical value (HH)"
     assert len(O.pending_outputs(store, "ann", limit=None)) == len(recs) - 1
+
+
+def test_migration_008_removes_unreviewed_reference_interval_outputs(tmp_path):
+    """Stores written before the alert budget: unreviewed reference-interval outputs go, reviewed ones
+    (and every verdict) stay, other outputs are untouched."""
+    from store_helpers import store_at_version
+
+    path = tmp_path / "old.duckdb"
+    con = store_at_version(path, 5)
+    recs = [_anomaly("P1", "2951-2", "2024-01-05 08:00", "reference_interval", "H", 0.3, 1),
+            _anomaly("P1", "2951-2", "2024-01-06 08:00", "reference_interval", "H", 0.2, 2),
+            _anomaly("P1", "2823-3", "2024-01-07 08:00", "critical_value", "HH", 0.5, 3)]
+    for r in recs:
+        con.execute("INSERT INTO model_outputs VALUES (?, 'anomaly', 'P1', ?, ?, ?, 'rules-old', ?, 'x', now(), now())",
+                    [r["output_id"], r["analyte_code"], r["output_time"], r["rule"], json.dumps(O._jsonable(r["payload"]))])
+    con.execute("INSERT INTO annotations (submission_id, output_id, annotator, role, verdict, comment, created_at) "
+                "VALUES ('s1', ?, 'ann', 'expert', 'invalid', 'only slightly high', now())", [recs[1]["output_id"]])
+    con.close()
+    store = open_store(path)
+    assert O.load_outputs(store)["output_id"].tolist() == [recs[1]["output_id"], recs[2]["output_id"]]
+    assert O.annotation_log(store)["comment"].tolist() == ["only slightly high"]
+
+
+def test_superseded_rule_based_outputs_leave_the_queue_reviewed_ones_stay(store):
+    recs = [_anomaly("P1", "2160-0", f"2024-01-0{d} 08:00", "delta_check", "UP", 1.0, d) for d in (1, 2, 3, 4)]
+    recs.append(_anomaly("P2", "2160-0", "2024-01-01 08:00", "delta_check", "UP", 1.0, 9))
+    O.store_outputs(store, recs)  # version 'rules-t'
+    O.record_verdict(store, recs[1]["output_id"], "ann", "expert", "valid")
+    n = O.prune_superseded(store, "P1", "anomaly", [recs[0]["output_id"]], before=pd.Timestamp("2024-01-04"),
+                           version_prefix="rules-")
+    assert n == 1  # day 3: unreviewed, not produced again, inside the evaluated period
+    left = set(O.load_outputs(store)["output_id"])
+    assert left == {recs[0]["output_id"], recs[1]["output_id"], recs[3]["output_id"], recs[4]["output_id"]}
+    assert O.prune_superseded(store, "P1", "anomaly", [], before=pd.Timestamp("2025-01-01"), version_prefix="model-") == 0
+
+
+def test_rule_based_anomaly_runs_are_stored_under_the_rule_set_version():
+    """A run (group_runs) beside a model-surprise row: the rule-based rows keep the reference version, never 'nan'."""
+    from clinical.anomalies import detect_anomalies, load_reference
+    from test_anomalies import ADULT_F, K, NA, StubForecaster, tl
+
+    rows = [("2024-01-01 06:00", K, 6.8), ("2024-01-01 12:00", K, 7.1)] + \
+        [(f"2024-01-0{d}", NA, 140) for d in range(1, 4)] + [("2024-01-04", NA, 155)]
+    a = detect_anomalies(tl(rows), ADULT_F, forecaster=StubForecaster(140, 2))
+    assert {"critical_value", "model_surprise"} <= set(a["rule"])  # (and the sodium delta check)
+    version = load_reference().version
+    recs = {r["rule"]: r["model_version"] for r in O.anomaly_outputs(a, version)}
+    assert recs["critical_value"] == version and recs["model_surprise"] == "stub-1"
+    assert all(v == version for rule, v in recs.items() if rule != "model_surprise")

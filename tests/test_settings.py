@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from labtrend import settings
+from data import settings
 
 
 def _fake_checkpoint(d):

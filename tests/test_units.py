@@ -51,7 +51,8 @@ def test_reference_files_are_consistent():
     for u in a["canonical_unit"]:
         parse_ucum(u)
     assert a["source"].str.len().min() > 10
-    for name in ("analytes.csv", "critical_values.csv", "biological_variation.csv", "reference_intervals.csv"):
+    for name in ("analytes.csv", "critical_values.csv", "biological_variation.csv", "reference_intervals.csv",
+                 "reporting_precision.csv", "delta_check_limits.csv"):
         df = pd.read_csv(reference_file(name), dtype=str)
         assert all(loinc_check_digit_ok(c) for c in df["code"]), name
         assert set(df["code"]) <= set(a["code"]), name

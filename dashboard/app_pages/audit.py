@@ -4,12 +4,16 @@ from datetime import datetime, time
 
 import streamlit as st
 
-from dashboard import audit, auth, state
-from data.export import neutralise_formulas
+from dashboard import auth, state
+from data import audit
+from data.export import csv_bytes
 
 user = auth.require_page("audit")
 st.title("Audit log")
-st.caption("Every patient view, upload, expert verdict, sign-in and refused page opening. Rows are only ever added.")
+st.caption("Every patient view, upload, expert verdict, sign-in (password or session cookie), failed sign-in, sign-out "
+           "and ended session, refused page opening and user change in the dashboard; every import, export, "
+           "prediction, training run and user change on the command line (user: the operating-system account, "
+           "role 'cli'). Rows are only ever added.")
 
 store = state.get_store(state.db_path())
 c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
@@ -27,6 +31,6 @@ st.dataframe(log, hide_index=True, width="stretch", key="audit_table", column_co
     "logged_at": st.column_config.DatetimeColumn("When (UTC)", format="YYYY-MM-DD HH:mm:ss"),
     "username": "User", "role": "Role", "action": "Action", "patient_id": "Patient", "detail": "Detail",
 })
-st.download_button("Download (CSV)", neutralise_formulas(log).to_csv(index=False).encode("utf-8"),
+st.download_button("Download (CSV)", csv_bytes(log),
                    file_name="labtrend_audit.csv", mime="text/csv", key="audit_csv", icon=":material/download:",
                    on_click=lambda: auth.record("export_audit", detail={"rows": len(log)}))

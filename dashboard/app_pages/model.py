@@ -147,3 +147,16 @@ else:
         "invalid_rate": st.column_config.NumberColumn("Invalid", format="%.2f"),
         "unsure_rate": st.column_config.NumberColumn("Unsure", format="%.2f"),
     })
+
+st.subheader("Agreement between experts")
+stats = state.agreement()
+agreement = figures.agreement_table(stats[stats["n_items_multi"] > 0] if len(stats) else stats)
+if agreement.empty:
+    st.caption("No output has verdicts from two experts yet: agreement needs at least two experts judging the same "
+               "outputs on the Review page.")
+else:
+    st.dataframe(agreement, hide_index=True, width="stretch", key="model_agreement")
+    st.caption("Per output kind, over each expert's current verdict; 95 % confidence intervals in brackets (Gwet 2014). "
+               "Low agreement on a kind of output means its verdicts are a weak signal for monitoring. Cohen's κ needs "
+               "exactly two experts; when nearly every output is valid, κ can be near 0 despite high agreement (the "
+               "kappa paradox); AC1 is not affected.")

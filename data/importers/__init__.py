@@ -13,6 +13,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from data import codemap, timezones
 from data.importers.base import ImportFileError, ImportOptions, Staged
 from data.importers.pipeline import ImportSummary, drop_temp, load_staged, summary_json
 
@@ -113,10 +114,20 @@ def run_import(store, path, fmt: str | None = None, options: ImportOptions | Non
     ------
     ImportFileError
         the file cannot be read at all (not CSV/JSON, no patient or value column, empty,
-        ambiguous dates or decimal mark); nothing is written.
+        ambiguous dates or decimal mark), the time zone is unknown, or the site mapping
+        file of local codes is invalid; nothing is written.
     """
     path = Path(path)
     options = options or ImportOptions()
+    try:  # an unknown zone or a broken mapping file is a bad argument: stop before reading anything
+        zone_name = options.timezone if options.timezone is not None else timezones.site_zone()
+        zone_name = zone_name.strip() if zone_name and zone_name.strip() else None
+        timezones.zone(zone_name)
+        code_map = codemap.map_path(options.code_map)
+        map_rows = codemap.read_map(code_map)
+    except (timezones.ZoneError, codemap.CodeMapError) as exc:
+        raise ImportFileError(str(exc)) from exc
+    mapping = codemap.current_mapping(map_rows)
     fmt = fmt or detect_format(path)
     module = _module(fmt)
     label = path.name
@@ -137,16 +148,27 @@ def run_import(store, path, fmt: str | None = None, options: ImportOptions | Non
             )
         batch_id = cur.execute("SELECT COALESCE(max(batch_id), 0) + 1 FROM import_batches").fetchone()[0]
         staged: Staged = module.stage(cur, path, options, label)
-        summary = load_staged(cur, staged, batch_id, label)
+        staged.shifted_dates = staged.shifted_dates or options.shifted_dates
+        summary = load_staged(cur, staged, batch_id, label, zone_name=zone_name, mapping=mapping, started=started)
+        if map_rows:
+            staged.options["code_map"] = {"file": code_map.name, "sha256": codemap.file_sha256(code_map)}
+            # results imported earlier follow the mapping file too (each move audited in code_map_events)
+            codemap.rekey(cur, map_rows, by=codemap.os_user(), map_file=code_map)
         summary.message = _message(summary)
         cur.execute(
             """
-            INSERT INTO import_batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'complete')
+            INSERT INTO import_batches (batch_id, file_name, sha256, format, options, rows_read, rows_loaded,
+                rows_quarantined, rows_skipped, rows_duplicate, rows_conflicting, rows_censored, rows_text,
+                rows_implausible, rows_unit_missing, patients, skipped_reasons, started_at, finished_at, status,
+                time_zone, rows_time_unknown, rows_dst, rows_after_import, unmapped_codes)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'complete', ?, ?, ?, ?, ?)
             """,
             [batch_id, label, sha, fmt, json.dumps(staged.options, default=str), summary.rows_read,
              summary.rows_loaded, summary.rows_quarantined, summary.rows_skipped, summary.rows_duplicate,
              summary.rows_conflicting, summary.rows_censored, summary.rows_text, summary.rows_implausible,
-             summary.rows_unit_missing, summary.patients, json.dumps(summary.skipped_reasons), started, _now()],
+             summary.rows_unit_missing, summary.patients, json.dumps(summary.skipped_reasons), started, _now(),
+             summary.time_zone, summary.rows_time_unknown, summary.rows_dst, summary.rows_after_import,
+             json.dumps(summary.unmapped_codes)],
         )
         for t in ("stg", "stg_file", "stg_patients", "csv_rejects", "fhir_rejects", "mimic_map", "reject_errors",
                   "reject_scans"):
@@ -170,4 +192,14 @@ def _message(s: ImportSummary) -> str:
         parts.append(f"{s.rows_implausible} physiologically implausible (possible entry error)")
     if s.rows_unit_missing:
         parts.append(f"{s.rows_unit_missing} with unit missing")
+    if s.rows_time_unknown:
+        parts.append(f"{s.rows_time_unknown} with a date but no time (time unknown)")
+    if s.rows_dst:
+        parts.append(f"{s.rows_dst} in an hour skipped or repeated by a daylight-saving change (check the time)")
+    if s.rows_after_import:
+        parts.append(f"{s.rows_after_import} collected after the import time (check the date)")
+    if s.unmapped_codes:
+        n = len(s.unmapped_codes)
+        parts.append(f"{n} local test code{'s' if n != 1 else ''} without a LOINC mapping "
+                     f"({', '.join(list(s.unmapped_codes)[:5])}{' …' if n > 5 else ''})")
     return ", ".join(parts)

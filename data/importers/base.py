@@ -18,11 +18,11 @@ __all__ = ["STAGING_COLUMNS", "PATIENT_COLUMNS", "ImportFileError", "ImportOptio
 STAGING_COLUMNS = (
     "source_row",  # BIGINT, 1-based data row of the source (file line = row + 1 for CSV with header)
     "patient_id",
-    "collected_at",  # ISO 'YYYY-MM-DD[ HH:MM[:SS]]' or the file's own format (see date_order)
+    "collected_at",  # ISO 'YYYY-MM-DD[ HH:MM[:SS]][+HH:MM|Z]' or the file's own format (see date_order)
     "reported_at",
     "specimen_id",
     "loinc",  # LOINC code when the source gives one
-    "local_code",  # 'source:code' when there is no LOINC (e.g. 'mimic:50934')
+    "local_code",  # the source's own test code as 'source:code' ('site:K', 'mimic:50934'), kept with the result
     "test_name",  # display name as given
     "value",  # the result as given
     "unit",  # as given
@@ -50,6 +50,13 @@ class ImportOptions:
     decimal: str | None = None
     # file encoding; None = UTF-8 (with or without BOM), falling back to cp1252 / latin-1
     encoding: str | None = None
+    # IANA zone of local times written without an offset; None = the site's zone
+    # (LABTREND_TIMEZONE), and without one the times are stored as written (zone unknown)
+    timezone: str | None = None
+    # the export's dates are shifted on purpose (de-identified): no after-import flag, no zone
+    shifted_dates: bool = False
+    # the site mapping file of local codes (data.codemap); None = LABTREND_CODE_MAP / var/local_code_map.csv
+    code_map: str | None = None
 
 
 @dataclass
@@ -60,6 +67,8 @@ class Staged:
     # how the file was read (encoding, delimiter, decimal mark, date order), stored with the batch
     options: dict = field(default_factory=dict)
     has_patients: bool = False
+    # stg_admissions (patient_id, admission_id, admitted_at, discharged_at, admission_type) was staged
+    has_admissions: bool = False
     # order of non-ISO dates in stg: 'dayfirst' / 'monthfirst'; None = decide from the data;
     # 'iso' = the format guarantees ISO 8601 (FHIR), so anything else is an unreadable time
     date_order: str | None = None
@@ -70,3 +79,9 @@ class Staged:
     rejects_table: str | None = None
     # how those rows are summarised in the import summary
     rejects_label: str = "line cannot be read (wrong number of fields or quoting)"
+    # the source declares its dates shifted (MIMIC-IV de-identification): they carry no time
+    # zone, and a collection time after the import is expected, not flagged
+    shifted_dates: bool = False
+    # False when the importer has checked the raw bytes and found no control character, so the
+    # pipeline's per-row check (CONTROL_CHARACTERS) can be skipped
+    control_possible: bool = True

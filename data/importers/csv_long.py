@@ -2,8 +2,11 @@
 
 Columns (header names matched case-insensitively, spaces as underscores):
 ``patient_id, collected_at, loinc, test_name, value, unit`` and optionally
-``specimen_id, reported_at, ref_low, ref_high, flag, comment, sex, birth_date``; at least
-one of ``loinc`` / ``test_name``. Separator ``,`` ``;`` tab or ``|``; decimal point or
+``local_code, specimen_id, reported_at, ref_low, ref_high, flag, comment, sex, birth_date``; at
+least one of ``loinc`` / ``local_code`` / ``test_name``. A ``local_code`` (the laboratory's own
+test code) is kept as ``site:<code>`` and keyed through the site mapping file
+(:mod:`data.codemap`) when the row has no LOINC code. Times may carry an ISO 8601 offset
+(``2024-03-31T02:30:00+02:00``, ``Z``); without one they are local times of the import's zone. Separator ``,`` ``;`` tab or ``|``; decimal point or
 comma (decided from the ``value`` column, or ``--decimal``); UTF-8 with or without BOM,
 else cp1252 / latin-1; ISO dates, or ``dd.mm.yyyy`` / ``mm/dd/yyyy`` with the order
 decided from the data (or ``--dayfirst`` / ``--monthfirst``).
@@ -11,10 +14,11 @@ decided from the data (or ``--dayfirst`` / ``--monthfirst``).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data.importers.base import STAGING_COLUMNS, ImportFileError, ImportOptions, Staged
-from data.importers.csvio import read_csv_varchar, sniff
+from data.importers.csvio import has_control_bytes, read_csv_varchar, sniff
 
 FORMAT = "csv"
 
@@ -24,6 +28,7 @@ SYNONYMS = {
     "collected_at": ("collected_at", "collection_time", "collected", "datetime", "date", "sample_time"),
     "reported_at": ("reported_at", "report_time", "reported", "result_time"),
     "loinc": ("loinc", "loinc_code", "loinc_num"),
+    "local_code": ("local_code", "test_code", "local_test_code", "lab_code", "order_code"),
     "test_name": ("test_name", "test", "analyte", "name", "testname"),
     "value": ("value", "result", "result_value"),
     "unit": ("unit", "units", "uom"),
@@ -61,7 +66,7 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
     dialect = sniff(path)
     cols = map_header(dialect.header)
     missing = [c for c in ("patient_id", "collected_at", "value") if c not in cols]
-    if "loinc" not in cols and "test_name" not in cols:
+    if "loinc" not in cols and "test_name" not in cols and "local_code" not in cols:
         missing.append("loinc or test_name")
     if missing:
         raise ImportFileError(
@@ -71,14 +76,20 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
     def sel(c: str) -> str:
         if c == "source_row":
             return "source_row"
-        if c == "local_code":
-            return "NULL::VARCHAR AS local_code"
+        if c == "local_code":  # the laboratory's own code, namespaced like every source's local codes
+            return (f"CASE WHEN NULLIF(trim({_q(cols[c])}), '') IS NOT NULL THEN 'site:' || trim({_q(cols[c])}) END "
+                    "AS local_code") if c in cols else "NULL::VARCHAR AS local_code"
         return f"{_q(cols[c])} AS {c}" if c in cols else f"NULL::VARCHAR AS {c}"
 
     extras = [f"{_q(cols[c])} AS {c}" for c in ("sex", "birth_date") if c in cols]
     select_sql = "SELECT " + ", ".join([sel(c) for c in STAGING_COLUMNS] + extras) + " FROM raw"
-    encoding = read_csv_varchar(cur, dialect, "stg", select_sql, as_view=True)
+    # the byte scan for control characters runs while DuckDB reads the file (DuckDB releases the GIL)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        scan = pool.submit(has_control_bytes, path)
+        encoding = read_csv_varchar(cur, dialect, "stg", select_sql, as_view=True)
+        control = scan.result()
     staged = Staged(format=FORMAT, files=[path])
+    staged.control_possible = control or encoding not in ("utf-8", "utf-8-sig")
     n_rej = cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
     if n_rej:
         staged.rejects_table = "csv_rejects"

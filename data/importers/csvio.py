@@ -19,7 +19,7 @@ import duckdb
 
 from data.importers.base import ImportFileError
 
-__all__ = ["CsvDialect", "sniff", "read_csv_varchar", "transcode_to_utf8"]
+__all__ = ["CsvDialect", "sniff", "read_csv_varchar", "transcode_to_utf8", "has_control_bytes"]
 
 
 @dataclass
@@ -80,6 +80,28 @@ def sniff(path: Path) -> CsvDialect:
         )
     header = [h.strip().lstrip("\ufeff") for h in _split_header(text, delim)]
     return CsvDialect(path=path, original=path, encoding=enc, delimiter=delim, header=header)
+
+
+# C0 controls but tab, LF, VT, FF, CR; DEL (data.importers.pipeline.CONTROL_CHARACTERS, as bytes)
+_C0_BYTES = bytes(range(0, 9)) + bytes(range(14, 32)) + b"\x7f"
+_C1_UTF8 = re.compile(rb"\xc2[\x80-\x84\x86-\x9f]")
+
+
+def has_control_bytes(path: Path) -> bool:
+    """True when the (possibly gzipped) file may hold a control character the pipeline quarantines.
+
+    A fast byte scan (about 1 GB/s) so that the per-row check runs only on files that need it:
+    C0 and DEL bytes, and the UTF-8 encodings of C1 controls.
+    """
+    tail = b""
+    with _open_bytes(path) as fh:
+        while chunk := fh.read(1 << 24):
+            if len(chunk.translate(None, _C0_BYTES)) != len(chunk):
+                return True
+            if b"\xc2" in tail + chunk[:1] + chunk and _C1_UTF8.search(tail + chunk):
+                return True
+            tail = chunk[-1:]
+    return False
 
 
 def _legacy_byte(err: UnicodeDecodeError) -> tuple[str, int]:

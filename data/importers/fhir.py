@@ -26,15 +26,18 @@ read and ends up staged, skipped with a reason, or rejected (quarantined):
 
 Observation fields read (values as written: JSON numbers are kept as their literal text):
 
-* ``code.coding``: the code with system http://loinc.org is ``loinc``; else the first
-  coding gives ``local_code`` ``<last part of system>:<code>``; ``test_name`` is
+* ``code.coding``: the code with system http://loinc.org is ``loinc``; the first other
+  coding gives ``local_code`` ``<last part of system>:<code>`` (kept beside a LOINC code too,
+  and keyed through the site mapping file when there is no LOINC coding); ``test_name`` is
   ``code.text``, else the display of the LOINC coding, else of the first coding;
 * ``subject.reference`` ``Patient/<id>``, ``urn:uuid:<id>`` or an absolute URL, resolved
   through the ``Patient`` resources' ``id`` / ``fullUrl`` (else the id after ``Patient/`` or
   ``urn:uuid:``); ``subject.identifier.value`` when there is no reference;
 * ``effectiveDateTime``, else ``effectivePeriod.start``, else ``effectiveInstant`` ->
-  ``collected_at``; ``issued`` -> ``reported_at``; a time with a UTC offset is converted to
-  UTC and written ``YYYY-MM-DD HH:MM:SS``; one without offset is kept as local time;
+  ``collected_at``; ``issued`` -> ``reported_at``; a time with a UTC offset is written
+  ``YYYY-MM-DD HH:MM:SS+HH:MM`` (the pipeline stores UTC and the offset); one without offset
+  is a local time of the import's zone; a date alone (``2024-03-05``) is a date with the time
+  unknown;
 * ``valueQuantity``: ``value`` with ``comparator`` prefixed (``<0.5``); unit is ``code``
   when ``system`` is UCUM, else ``unit``. ``valueString``, ``valueCodeableConcept`` (text,
   else first display, else code), ``valueInteger``, ``valueBoolean``, ``valueRange``
@@ -57,7 +60,7 @@ import gzip
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -246,9 +249,10 @@ def _text(x) -> str | None:
 
 
 def _fhir_time(value) -> str | None:
-    """A FHIR date/dateTime/instant: with an offset -> UTC 'YYYY-MM-DD HH:MM:SS[.ffffff]'.
+    """A FHIR date/dateTime/instant as 'YYYY-MM-DD HH:MM:SS[.ffffff][+HH:MM]'.
 
-    Without an offset the local time is kept ('T' -> ' '); a date alone stays a date; text
+    The offset is kept as written ('Z' -> '+00:00') for the pipeline to store UTC and the
+    offset; without one the local time is kept ('T' -> ' '); a date alone stays a date; text
     that is not ISO 8601 is passed through for the pipeline to quarantine.
     """
     s = _text(value)
@@ -261,10 +265,12 @@ def _fhir_time(value) -> str | None:
         dt = datetime.fromisoformat(s)
     except ValueError:
         return s
-    if dt.tzinfo is not None:
-        dt = dt.astimezone(timezone.utc).replace(tzinfo=None)
     fmt = "%Y-%m-%d %H:%M:%S.%f" if dt.microsecond else "%Y-%m-%d %H:%M:%S"
-    return dt.strftime(fmt)
+    text = dt.replace(tzinfo=None).strftime(fmt)
+    if dt.tzinfo is not None:
+        minutes = int(dt.utcoffset().total_seconds() // 60)
+        text += f"{'+' if minutes >= 0 else '-'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return text
 
 
 def _codings(concept) -> list[dict]:
@@ -298,8 +304,8 @@ def _codes(code) -> tuple[str | None, str | None, str | None]:
     """(loinc, local_code, test_name) of ``Observation.code``."""
     codings = _codings(code)
     loinc = next((c for c in codings if (c.get("system") or "").rstrip("/") in LOINC_SYSTEMS and _text(c.get("code"))), None)
-    first = next((c for c in codings if _text(c.get("code"))), None)
-    local = None if loinc or first is None else f"{_system_tail(first.get('system'))}:{_text(first.get('code'))}"
+    first = next((c for c in codings if _text(c.get("code")) and c is not loinc), None)
+    local = None if first is None else f"{_system_tail(first.get('system'))}:{_text(first.get('code'))}"
     name = _text(code.get("text")) if isinstance(code, dict) else None
     if name is None:
         name = next((_text(c.get("display")) for c in ([loinc] if loinc else []) + codings if _text(c.get("display"))), None)

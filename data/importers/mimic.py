@@ -1,4 +1,4 @@
-"""MIMIC-IV ``hosp`` module: labevents + d_labitems + patients.
+"""MIMIC-IV ``hosp`` module: labevents + d_labitems + patients (+ admissions, for the timeline's episodes).
 
 Accepts the dataset root (with ``hosp/``) or the ``hosp`` folder itself; files may be
 ``.csv`` or ``.csv.gz``. Items are mapped to LOINC by ``data/reference/mimic_loinc.csv``
@@ -11,6 +11,14 @@ Rules specific to MIMIC:
   (``Glucose (Urine)``) so that urine and blood tests are never mixed on one chart.
 * Patient age: ``anchor_age`` is the age in ``anchor_year``; it is stored with a reference
   date of 1 July of ``anchor_year`` (the year's midpoint, error at most six months).
+* Every result keeps its item as the local code ``mimic:<itemid>``, mapped or not.
+* **Times carry no zone.** MIMIC-IV shifts every patient's dates by a random offset into the
+  future (years 2100-2200) for de-identification, keeping time of day and day of week; the
+  shifted time is not a time in any real zone (the daylight-saving calendar of the shifted
+  year is not the one the sample was drawn under), so no zone is applied (``--timezone`` and
+  ``LABTREND_TIMEZONE`` are ignored and the batch records none), no time is flagged as a
+  skipped or repeated hour, and times after the import are expected (the source declares
+  shifted dates), not flagged. ``utc_offset_min`` stays NULL.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from pathlib import Path
 
 from data.catalogue import reference_file
 from data.importers.base import ImportFileError, ImportOptions, Staged
+from data.importers.csvio import has_control_bytes
 
 FORMAT = "mimic"
 
@@ -70,7 +79,7 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
                    le.storetime AS reported_at,
                    le.specimen_id,
                    m.loinc,
-                   CASE WHEN m.loinc IS NULL THEN 'mimic:' || le.itemid END AS local_code,
+                   'mimic:' || trim(le.itemid) AS local_code,
                    CASE WHEN i.fluid IS NULL OR i.fluid = 'Blood' THEN i.label
                         ELSE i.label || ' (' || i.fluid || ')' END AS test_name,
                    CASE WHEN (le.value IS NULL OR trim(le.value) IN ('', '___')) AND le.valuenum IS NOT NULL
@@ -88,7 +97,8 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
         )
     except Exception as exc:
         raise ImportFileError(f"{label}: cannot read MIMIC-IV files ({str(exc).splitlines()[0]})") from exc
-    staged = Staged(format=FORMAT, files=[lab, items] + ([pats] if pats else []))
+    staged = Staged(format=FORMAT, files=[lab, items] + ([pats] if pats else []), shifted_dates=True)
+    staged.control_possible = has_control_bytes(lab) or has_control_bytes(items)
     if pats is not None:
         cur.execute(
             """
@@ -100,5 +110,20 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
             [str(pats)],
         )
         staged.has_patients = True
+    adm = _find(path, "admissions")
+    if adm is not None:  # not part of the import's identity: a store imported before keeps "already imported"
+        try:
+            cur.execute(
+                """
+                CREATE OR REPLACE TEMP TABLE stg_admissions AS
+                SELECT subject_id AS patient_id, hadm_id AS admission_id, admittime AS admitted_at,
+                       dischtime AS discharged_at, admission_type
+                FROM read_csv(?, header = true, all_varchar = true)
+                """,
+                [str(adm)],
+            )
+            staged.has_admissions = True
+        except Exception as exc:
+            raise ImportFileError(f"{label}: cannot read {adm.name} ({str(exc).splitlines()[0]})") from exc
     staged.options = {"mapping": "mimic_loinc.csv"}
     return staged

@@ -11,7 +11,11 @@ Only the concepts the measurements use are read from CONCEPT, so the full Athena
 Rules (one MEASUREMENT row = one staged row; nothing is skipped):
 
 * ``person_id`` -> patient; ``measurement_datetime``, else ``measurement_date`` (plus
-  ``measurement_time`` when given) -> collected_at;
+  ``measurement_time`` when given) -> collected_at. A ``measurement_datetime`` at exactly
+  midnight without a ``measurement_time`` is read as the date with the time unknown: ETLs fill
+  DATETIME columns with 00:00:00 when the source has no time (OHDSI THEMIS convention
+  discussion, OHDSI/Themis issue #147 "what to do with DATETIME columns when the raw data has
+  no time or is given as 00:00:00"), so such a midnight is not a time of collection;
 * analyte: with CONCEPT, a ``measurement_concept_id`` whose ``vocabulary_id`` is LOINC
   gives the LOINC ``concept_code``; otherwise the local code is ``omop:<concept_id>``
   (concept 0, "no matching concept", gives no code: the test is then known by its name).
@@ -38,7 +42,7 @@ from pathlib import Path
 import duckdb
 
 from data.importers.base import STAGING_COLUMNS, ImportFileError, ImportOptions, Staged
-from data.importers.csvio import _columns_struct, _short, read_csv_varchar, sniff
+from data.importers.csvio import _columns_struct, _short, has_control_bytes, read_csv_varchar, sniff
 
 FORMAT = "omop"
 
@@ -211,7 +215,12 @@ def _select_sql(with_concepts: bool) -> str:
     exprs = {
         "source_row": "m.source_row",
         "patient_id": "m.person_id",
-        "collected_at": "COALESCE(m.measurement_datetime, m.measurement_date || COALESCE(' ' || m.measurement_time, ''))",
+        "collected_at": (
+            "CASE WHEN m.measurement_datetime IS NOT NULL AND NOT (m.measurement_time IS NULL AND "
+            "regexp_matches(m.measurement_datetime, '[ T]00:00(:00(\\.0+)?)?([+-][0-9:]+|Z)?$')) "
+            "THEN m.measurement_datetime "
+            "ELSE COALESCE(m.measurement_date, left(m.measurement_datetime, 10)) "
+            "|| COALESCE(' ' || m.measurement_time, '') END"),
         "loinc": loinc,
         "local_code": f"CASE WHEN ({loinc}) IS NULL THEN 'omop:' || {_id('measurement_concept_id')} END",
         "test_name": f"COALESCE({f'{mc}.concept_name' if mc else 'NULL'}, m.measurement_source_value)",
@@ -262,6 +271,7 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
         _read_concepts(cur, concept)
     cur.execute(f"CREATE OR REPLACE TEMP TABLE stg AS {_select_sql(concept is not None)}")
     staged = Staged(format=FORMAT, files=paths)
+    staged.control_possible = has_control_bytes(meas) or concept is not None or encoding not in ("utf-8", "utf-8-sig")
     if cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]:
         staged.rejects_table = "csv_rejects"
     staged.decimal = options.decimal or _decimal(cur, label)

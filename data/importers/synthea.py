@@ -32,7 +32,7 @@ from pathlib import Path
 import duckdb
 
 from data.importers.base import STAGING_COLUMNS, ImportFileError, ImportOptions, Staged
-from data.importers.csvio import _columns_struct, _short, read_csv_varchar, sniff
+from data.importers.csvio import _columns_struct, _short, has_control_bytes, read_csv_varchar, sniff
 
 FORMAT = "synthea"
 
@@ -157,6 +157,7 @@ def stage(cur, path: Path, options: ImportOptions, label: str) -> Staged:
     ).fetchall()
     cur.execute("DELETE FROM stg WHERE skip_reason IS NOT NULL; ALTER TABLE stg DROP COLUMN skip_reason")
     staged = Staged(format=FORMAT, files=paths, skipped={r: int(n) for r, n in skipped})
+    staged.control_possible = has_control_bytes(obs) or encoding not in ("utf-8", "utf-8-sig")
     if cur.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]:
         staged.rejects_table = "csv_rejects"
     staged.decimal = options.decimal or "."
