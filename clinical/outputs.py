@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from data.db import Store
+from model import history_basis  # plain Python (no torch): "based on 1 measurement"
 
 __all__ = [
     "OUTPUT_KINDS",
@@ -191,6 +192,7 @@ def forecast_outputs(forecasts: pd.DataFrame, history: pd.DataFrame | None = Non
                            if r.get("lo95") is not None and not pd.isna(r.get("lo95")) else None),
             "median": r.get("q50"), "unit": r.get("unit"), "status": r.get("status"), "at": at,
             "based_on": {"prior_results": r.get("n_history"), "last_result_at": prev_at, "calibrated": calibrated,
+                         "text": history_basis(r["n_history"]) if not pd.isna(r.get("n_history", np.nan)) else None,
                          "model_version": r.get("model_version"),
                          "rule": "results collected strictly before the forecast time"},
         }

@@ -45,6 +45,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from model import history_basis  # "based on 1 measurement" (no torch: model/__init__ is plain Python)
+
 __all__ = [
     "COLORS",
     "display_unit",
@@ -991,7 +993,7 @@ def _add_forecast(fig, fc_rows: pd.DataFrame, trend: pd.DataFrame, i: int, legen
             f"<b>Forecast</b> {name} for {at.strftime(TIME_FMT)}{horizon}<br>"
             f"Median {fmt_value(r['q50'], dec)} {u}<br>80%: {fmt_value(r['q10'], dec)}–{fmt_value(r['q90'], dec)} {u}<br>"
             f"{outer[2]}: {fmt_value(r[outer[0]], dec)}–{fmt_value(r[outer[1]], dec)} {u}<br>"
-            f"Model {version}" + (f"; {int(r['n_history'])} prior results" if _num(r.get("n_history")) is not None else "")
+            f"Model {version}" + (f"; {history_basis(r['n_history'])}" if _num(r.get("n_history")) is not None else "")
             + "<br><i>Decision support, not a result</i>"
         )
     med_label = f"Forecast median (model {version})" if version else "Forecast median"

@@ -208,26 +208,69 @@ def add_demo_args(p):
     p.epilog = "Other options are passed to 'streamlit run', e.g. --server.port 8600"
 
 
-DEMO_CARD = "model_card_mimic_fold0"
+DEMO_CARD = "model_card_mimic"  # benchmarks/results/<this>/: README.md + model_card.json (forecast_quality.py mimic)
+DEMO_CARD_LEGACY = "model_card_mimic_fold0"  # benchmarks/results/<this>.json / .md, written before the README cards
 
 
 def _demo_model_card(model_dir: Path) -> bool:
     """Give the demo model the committed MIMIC-IV demo model card when it has none (``labtrend evaluate``
-    takes ~15 CPU minutes); its meta says what it evaluated. True when copied."""
+    takes ~15 CPU minutes); its meta says what it evaluated. The card lands as the folder's
+    ``README.md`` (Hugging Face's convention) and ``model_card.json``. True when copied."""
     import json
 
-    src = settings.PROJECT_ROOT / "benchmarks" / "results" / f"{DEMO_CARD}.json"
+    results = settings.PROJECT_ROOT / "benchmarks" / "results"
+    folder = results / DEMO_CARD
+    src, md = (folder / "model_card.json", folder / "README.md") if (folder / "model_card.json").is_file() else (
+        results / f"{DEMO_CARD_LEGACY}.json", results / f"{DEMO_CARD_LEGACY}.md")
     if (model_dir / "model_card.json").is_file() or not src.is_file():
         return False
+    note = ("Evaluation of the same training recipe (same pretrained checkpoint and settings) on held-out patients of "
+            "MIMIC-IV demo (benchmarks/results); the model in this folder was trained on the other patients")
     card = json.loads(src.read_text(encoding="utf-8"))
-    card.setdefault("meta", {})["note"] = (
-        "Evaluation of the same training recipe (same pretrained checkpoint and settings) on held-out patients of "
-        "MIMIC-IV demo (benchmarks/results); the model in this folder was trained on the other patients")
+    measured, own = _card_parameters(card), _model_parameters(model_dir)
+    if measured and own and measured != own:  # the committed card predates the current architecture
+        note = (f"Evaluation of an EARLIER version of this training recipe ({measured:,} parameters; this model has "
+                f"{own:,}) on held-out patients of MIMIC-IV demo (benchmarks/results): its figures are not this "
+                "model's; run `labtrend evaluate` to measure this one")
+    card.setdefault("meta", {})["note"] = note
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=1), encoding="utf-8")
-    md = src.with_suffix(".md")
     if md.is_file():
-        (model_dir / "model_card.md").write_text(md.read_text(encoding="utf-8"), encoding="utf-8")
+        text = md.read_text(encoding="utf-8")
+        header = ""
+        if text.startswith("---\n") and "\n---\n" in text[4:]:  # keep the Hugging Face metadata block first
+            end = text.index("\n---\n", 4) + len("\n---\n")
+            header, text = text[:end], text[end:]
+        (model_dir / "README.md").write_text(f"{header}\n> {note}.\n\n{text.lstrip()}", encoding="utf-8")
     return True
+
+
+def _card_parameters(card: dict) -> int | None:
+    """Parameters of the fine-tuned model a committed card measured (its first training report), or None."""
+    reports = (card.get("meta") or {}).get("training_reports") or {}
+    for runs in reports.values():
+        for r in runs or []:
+            if isinstance(r, dict) and r.get("n_parameters"):
+                return int(r["n_parameters"])
+    return None
+
+
+def _model_parameters(model_dir: Path) -> int | None:
+    """Parameters of the trained model in ``model_dir`` (its ``run.json`` report), or None."""
+    import json
+
+    run = model_dir / "run.json"
+    n = json.loads(run.read_text()).get("report", {}).get("n_parameters") if run.is_file() else None
+    return int(n) if n else None
+
+
+def _print_training_warnings(model_dir: Path) -> None:
+    """Repeat what ``run.json`` says a reader must know (undertrained, trained from scratch, budget overrun)."""
+    import json
+
+    run = model_dir / "run.json"
+    warnings = json.loads(run.read_text()).get("warnings", []) if run.is_file() else []
+    for w in warnings:
+        print(f"      WARNING: {w}", flush=True)
 
 
 def _demo_holdout(patients, n: int) -> list[str]:
@@ -327,6 +370,7 @@ def cmd_demo(args) -> int:
             return rc
     else:
         print(f"[2/4] using the trained model in {model_dir}", flush=True)
+    _print_training_warnings(model_dir)
 
     import time
 
@@ -339,7 +383,7 @@ def cmd_demo(args) -> int:
 
     if label.startswith("MIMIC-IV") and _demo_model_card(model_dir):
         print(f"      model card: the committed evaluation of this training recipe on MIMIC-IV demo "
-              f"(benchmarks/results/{DEMO_CARD}.md) copied into {model_dir.name}", flush=True)
+              f"(benchmarks/results) copied into {model_dir.name}/README.md", flush=True)
 
     held = pats[pats["patient_id"].isin(holdout)].sort_values(["n_results", "patient_id"], ascending=[False, True])
     review = held["patient_id"].head(args.predict_patients).astype(str).tolist()
@@ -600,7 +644,7 @@ def cmd_evaluate(args) -> int:
     except FileNotFoundError as exc:
         print(f"labtrend evaluate: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(json.dumps({"model_card": str(out / "model_card.md"), "winner": card.get("winner"),
+    print(json.dumps({"model_card": str(out / "README.md"), "winner": card.get("winner"),
                       "statement": card.get("statement")}))
     return 0
 

@@ -63,6 +63,28 @@ class LabTrendConfig(PretrainedConfig):
             (``model.features.QUERY_SUMMARY``: mean, previous, minimum, maximum relative to
             the anchor, standard deviation, log count). It covers every prior result, also
             those older than the ``max_events`` window. 0 leaves it out.
+        event_context (`bool`, *optional*, defaults to `False`):
+            Give every event token what a tabular model reads from the history, computed by the
+            network from its own inputs (so removing events removes them too): its recency rank
+            among the results of its analyte (0 = the latest before the forecast time, 1, 2,
+            3 or more), and the change from the previous observed result of the same analyte
+            with the days between them (a local slope). With it one cross-attention layer can
+            find "the latest value of every other analyte". `False` (checkpoints made before
+            it existed) leaves the event tokens as they were.
+        query_context (`bool`, *optional*, defaults to `False`):
+            Give every query token counts and times read from the events: results of its
+            analyte in the last day and the last week, days since the patient's last result
+            of any analyte, results of any analyte in the last day (acuity), and days between
+            the analyte's last two results. `False` leaves the query tokens as they were.
+
+        input_soft_limit (`float`, *optional*, defaults to 0.0):
+            When > 0, the values that enter the network as features (event values and the
+            query anchor) pass through ``L * tanh(z / L)``: nearly unchanged in the range
+            the model was trained on, bounded beyond it, so a real result far outside the
+            training range (WBC 342 x10^3/uL) is read as "very high" instead of being
+            extrapolated linearly into an absurd change. The forecast itself is still
+            ``anchor + change`` with the anchor's exact value. 0 (checkpoints made before it
+            existed) passes values as they are.
 
         > Time encoding
 
@@ -144,6 +166,9 @@ class LabTrendConfig(PretrainedConfig):
         max_events: int = 256,
         max_queries: int = 16,
         query_summary_features: int = 6,
+        event_context: bool = False,
+        query_context: bool = False,
+        input_soft_limit: float = 0.0,
         # time encoding
         time_fourier_features: int = 16,
         time_min_period_days: float = 0.25,
@@ -172,6 +197,9 @@ class LabTrendConfig(PretrainedConfig):
         self.max_events = max_events
         self.max_queries = max_queries
         self.query_summary_features = query_summary_features
+        self.event_context = bool(event_context)
+        self.query_context = bool(query_context)
+        self.input_soft_limit = float(input_soft_limit)
         self.time_fourier_features = time_fourier_features
         self.time_min_period_days = time_min_period_days
         self.time_max_period_days = time_max_period_days
@@ -200,6 +228,8 @@ class LabTrendConfig(PretrainedConfig):
                 f"time periods must satisfy 0 < time_min_period_days ({self.time_min_period_days}) "
                 f"<= time_max_period_days ({self.time_max_period_days})"
             )
+        if self.input_soft_limit < 0:
+            raise ValueError(f"input_soft_limit ({self.input_soft_limit}) must be >= 0 (0 disables it)")
         if self.query_summary_features not in (0, 6):
             raise ValueError(f"query_summary_features ({self.query_summary_features}) must be 0 or 6 "
                              "(model.features.QUERY_SUMMARY)")
@@ -217,13 +247,16 @@ class LabTrendConfig(PretrainedConfig):
 #   tiny   34 k   tests
 #   small 328 k   fine-tunes on the MIMIC-IV demo on 2 CPU cores (~0.5-1 s per step of 32 rows x 128 events)
 #   base  31.7 M  GPU
+# What every current preset reads beyond the raw events (issue 13): see the fields' docs.
+_CONTEXT = dict(event_context=True, query_context=True, input_soft_limit=8.0)
+
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=32, n_layers=2, n_decoder_layers=1, n_heads=2, d_ff=64, max_events=64, max_queries=8,
-                 time_fourier_features=8, dropout=0.0),
-    "small": dict(d_model=96, n_layers=3, n_decoder_layers=1, n_heads=4, d_ff=192, max_events=128, max_queries=16,
-                  time_fourier_features=16, dropout=0.1),
+                 time_fourier_features=8, dropout=0.0, **_CONTEXT),
+    "small": dict(d_model=96, n_layers=3, n_decoder_layers=2, n_heads=4, d_ff=192, max_events=128, max_queries=16,
+                  time_fourier_features=16, dropout=0.1, **_CONTEXT),
     "base": dict(d_model=512, n_layers=8, n_decoder_layers=2, n_heads=8, d_ff=2048, max_events=512, max_queries=32,
-                 time_fourier_features=32, dropout=0.1),
+                 time_fourier_features=32, dropout=0.1, **_CONTEXT),
 }
 
 
@@ -235,3 +268,17 @@ def config_preset(name: str, **overrides) -> LabTrendConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     return LabTrendConfig(**{**PRESETS[name], **overrides})
+
+
+# `AutoConfig.from_pretrained(dir)` rebuilds a LabTrendConfig from any LabTrend checkpoint once
+# this module is imported (model_type 'labtrend'); the models register in model.modeling.
+def _register_auto_config() -> None:
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.register(LabTrendConfig.model_type, LabTrendConfig)
+    except ValueError:  # already registered (a module reloaded)
+        pass
+
+
+_register_auto_config()

@@ -18,6 +18,13 @@ Everything is in the model's normalised space (``model.features.AnalyteScaler``)
 unit is comparable across analytes: an additive adjustment there is additive in canonical
 units for raw-scale analytes and multiplicative for log-scale (skewed) ones. Analytes with
 fewer than ``min_points`` calibration points use the adjustment pooled over all analytes.
+
+**Strata.** Forecasts that rest on less evidence (one prior result: ``model.history_stratum``)
+are calibrated apart: each point may carry a stratum name, and a non-default stratum gets
+its own per-analyte adjustments (keys ``'<code>|<stratum>'``) and its own pooled adjustment,
+so the interval of a one-result forecast is as wide as one-result forecasts need, not the
+average over all histories. A stratum with too few points falls back to the pooled
+adjustment over every point.
 """
 
 from __future__ import annotations
@@ -123,15 +130,20 @@ class ConformalCalibration:
     n_pooled: int
     min_points: int
     meta: dict = field(default_factory=dict)
+    pooled_strata: dict[str, dict[str, float]] = field(default_factory=dict)  # stratum -> level -> adjustment
 
-    def adjustments(self, codes: Sequence[str]) -> np.ndarray:
-        """Adjustments of shape ``(n, n_levels)`` for analytes ``codes``; unknown or small ones get the pooled value."""
+    def adjustments(self, codes: Sequence[str], strata: Sequence[str] | None = None) -> np.ndarray:
+        """Adjustments of shape ``(n, n_levels)`` for analytes ``codes`` in ``strata`` (default: all in
+        the default stratum ''): the analyte's own in its stratum, else the stratum's pooled one,
+        else the pooled one over every point."""
         pooled = [self.pooled[str(lv)] for lv in self.levels]
+        by_stratum = {s: [a[str(lv)] for lv in self.levels] for s, a in self.pooled_strata.items()}
         table = {c: [a[str(lv)] for lv in self.levels] for c, a in self.per_analyte.items()}
-        rows = [table.get(str(c), pooled) for c in codes]
+        strata = [""] * len(codes) if strata is None else [str(s) for s in strata]
+        rows = [table.get(_key(c, s), by_stratum.get(s, pooled)) for c, s in zip(codes, strata)]
         return np.array(rows, dtype=np.float64).reshape(len(codes), len(self.levels))
 
-    def apply(self, codes: Sequence[str], quantiles: np.ndarray) -> np.ndarray:
+    def apply(self, codes: Sequence[str], quantiles: np.ndarray, strata: Sequence[str] | None = None) -> np.ndarray:
         """Widen (or narrow) each interval of ``quantiles`` (``(n, n_quantiles)``, normalised), keeping them monotone.
 
         The median is unchanged. After the adjustment, quantiles below the median are made
@@ -139,7 +151,7 @@ class ConformalCalibration:
         stay nested.
         """
         q = np.array(quantiles, dtype=np.float64, copy=True)
-        adj = self.adjustments(codes)
+        adj = self.adjustments(codes, strata)
         for k, level in enumerate(self.levels):
             if _is_extended(self.quantile_levels, level):
                 continue
@@ -158,8 +170,8 @@ class ConformalCalibration:
         """Calibrated levels wider than the model's quantiles (e.g. ``(0.95,)``)."""
         return tuple(lv for lv in self.levels if _is_extended(self.quantile_levels, lv))
 
-    def extended_bounds(self, codes: Sequence[str], raw: np.ndarray, calibrated: np.ndarray | None = None
-                        ) -> dict[float, np.ndarray]:
+    def extended_bounds(self, codes: Sequence[str], raw: np.ndarray, calibrated: np.ndarray | None = None,
+                        strata: Sequence[str] | None = None) -> dict[float, np.ndarray]:
         """Bounds of each extended level: ``{level: (n, 2) array of (low, high)}``, normalised units.
 
         ``raw`` are the model's quantiles before :meth:`apply` (``(n, n_quantiles)``): the
@@ -167,7 +179,7 @@ class ConformalCalibration:
         given, keeps the wider interval outside the narrower calibrated ones (nested).
         """
         raw = np.asarray(raw, dtype=np.float64)
-        adj = self.adjustments(codes)
+        adj = self.adjustments(codes, strata)
         out = {}
         for k, level in enumerate(self.levels):
             if not _is_extended(self.quantile_levels, level):
@@ -191,6 +203,8 @@ class ConformalCalibration:
             "n_pooled": self.n_pooled,
             "min_points": self.min_points,
             "meta": self.meta,
+            # only when there is one, so a calibration without strata keeps its bytes (and model_version)
+            **({"pooled_strata": self.pooled_strata} if self.pooled_strata else {}),
         }
 
     @classmethod
@@ -204,7 +218,13 @@ class ConformalCalibration:
             n_pooled=int(d["n_pooled"]),
             min_points=int(d["min_points"]),
             meta=d.get("meta", {}),
+            pooled_strata={s: {k: float(v) for k, v in a.items()} for s, a in d.get("pooled_strata", {}).items()},
         )
+
+
+def _key(code: object, stratum: str) -> str:
+    """The per-analyte key of ``code`` in ``stratum`` ('' is the default stratum: the code itself)."""
+    return str(code) if not stratum else f"{code}|{stratum}"
 
 
 def fit_conformal(
@@ -215,6 +235,7 @@ def fit_conformal(
     quantile_levels: Sequence[float] = QUANTILES,
     levels: Sequence[float] = DEFAULT_LEVELS,
     min_points: int = 50,
+    strata: Sequence[str] | None = None,
 ) -> ConformalCalibration:
     """Fit adjustments from calibration forecasts.
 
@@ -226,6 +247,7 @@ def fit_conformal(
         levels: nominal central intervals to calibrate; a level wider than the outermost
             quantile pair (up to 95 %) is calibrated on that pair (an extended level).
         min_points: analytes with fewer points use the pooled adjustment.
+        strata: stratum of each point, ``(n,)`` ('' = default; see the module docstring), or None.
     """
     codes = np.asarray([str(c) for c in codes], dtype=object)
     quantiles = np.asarray(quantiles, dtype=np.float64)
@@ -246,12 +268,21 @@ def fit_conformal(
         i, j = _base_columns(quantile_levels, level)
         scores[level] = np.maximum(quantiles[:, i] - y, y - quantiles[:, j])  # [n]
     pooled = {str(lv): conformal_adjustment(scores[lv], lv) for lv in levels}
+    strata = np.full(len(y), "", dtype=object) if strata is None else np.asarray([str(s) for s in strata], dtype=object)
+    if len(strata) != len(y):
+        raise ValueError(f"strata has {len(strata)} entries for {len(y)} points")
+    pooled_strata = {}
+    for stratum in sorted(set(strata.tolist()) - {""}):
+        sel = strata == stratum
+        if sel.sum() >= min_points:
+            pooled_strata[stratum] = {str(lv): conformal_adjustment(scores[lv][sel], lv) for lv in levels}
+    keys = np.array([_key(c, s) for c, s in zip(codes, strata)], dtype=object)
     per_analyte, n_per = {}, {}
-    for code in sorted(set(codes.tolist())):
-        sel = codes == code
-        n_per[code] = int(sel.sum())
-        if n_per[code] >= min_points:
-            per_analyte[code] = {str(lv): conformal_adjustment(scores[lv][sel], lv) for lv in levels}
+    for key in sorted(set(keys.tolist())):
+        sel = keys == key
+        n_per[key] = int(sel.sum())
+        if n_per[key] >= min_points:
+            per_analyte[key] = {str(lv): conformal_adjustment(scores[lv][sel], lv) for lv in levels}
     return ConformalCalibration(
         quantile_levels=tuple(float(q) for q in quantile_levels),
         levels=levels,
@@ -260,4 +291,5 @@ def fit_conformal(
         pooled=pooled,
         n_pooled=len(y),
         min_points=min_points,
+        pooled_strata=pooled_strata,
     )

@@ -14,14 +14,13 @@ The task (:func:`build_task`), exactly:
   the target's) collected strictly before the target time. A censored result ('<x', '>x';
   12 of about 90,000 in MIMIC-IV demo) is scored at its limit; ``targets.censor`` says which.
 
-The scoring rule for targets with a single prior result (identical for every method):
-the product API makes no forecast below :data:`model.MIN_HISTORY` prior results of the
-analyte, but the task still scores those targets. :func:`evaluate` therefore replaces the
-forecast of every target with fewer than ``MIN_HISTORY`` prior results of its analyte by the
-last-value forecast (median = last value, quantiles from the training fold's changes; see
-:class:`model.baselines.LastValue`) for every method alike, and says how many targets that
-was. A method that returns no forecast for a target with enough history gets the same
-fallback, and the card reports that count as failures.
+The scoring rule (identical for every method): every target has at least one prior result
+of its analyte, and the product forecasts from one (:data:`model.MIN_HISTORY`), so every
+method is scored on its own forecast of every target. A method whose ``min_history`` is
+higher, or that returns no forecast, gets the last-value forecast instead (median = last
+value, quantiles from the training fold's changes; see :class:`model.baselines.LastValue`):
+:func:`evaluate` says how many targets that was (``fallback_fewer_than_min_history`` for
+targets below :data:`model.MIN_HISTORY`, none today), and the card reports failures.
 
 Metrics per analyte: MAE; NMAE = MAE / (p99 - p1 of that analyte's targets, all folds
 pooled); median absolute percentage error; mean pinball loss over the 7 quantiles; 80%
@@ -29,13 +28,16 @@ pooled); median absolute percentage error; mean pinball loss over the 7 quantile
 the mean over targets of ``|y - q50| / range``), and the same by sex, age band and number of
 prior results. Whether a method beats last value is counted per analyte.
 
-Side effects live only in :func:`write_model_card` (it writes two files).
+Side effects live only in :func:`write_model_card` (it writes ``model_card.json`` and the card
+``README.md``, whose header holds the Hugging Face metadata: licence, datasets, metrics and a
+``model-index`` with the measured results).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,10 @@ __all__ = [
     "score",
     "compare",
     "write_model_card",
+    "card_metadata",
+    "training_warnings",
+    "MODEL_CARD_FILE",
+    "write_checkpoint_card",
 ]
 
 AGE_BANDS = ("<40", "40-64", "65-79", "80+", "unknown")
@@ -168,7 +174,7 @@ class Task:
             "n_patients": int(t["patient_id"].nunique()),
             "n_targets": int(len(t)),
             "n_history_results": int(len(self.history)),
-            "targets_with_one_prior": int((t["n_prior"] < MIN_HISTORY).sum()),
+            "targets_with_one_prior": int((t["n_prior"] <= 1).sum()),
             **self.info,
         }
 
@@ -662,13 +668,69 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+MODEL_CARD_FILE = "README.md"  # the Hugging Face convention: the model folder's README is its card
+CARD_LICENSE = "odbl"  # the most restrictive licence among the corpus and MIMIC-IV demo data (see the card text)
+
+
+def training_warnings(meta: dict) -> list[str]:
+    """Every training warning in ``meta['training_reports']`` (method -> one report per fold), as
+    '<method>, fold <i>: <warning>' lines: undertrained runs, budget overruns, models worse than
+    their starting checkpoint."""
+    out = []
+    for method, reports in (meta.get("training_reports") or {}).items():
+        for i, r in enumerate(reports or [], start=1):
+            for w in (r or {}).get("warnings") or []:
+                out.append(f"{method}, fold {i}: {w}")
+    return out
+
+
+def card_metadata(results: dict[str, EvaluationResult], meta: dict):
+    """The card's Hugging Face metadata (``huggingface_hub.ModelCardData``): licence, datasets,
+    metrics and a ``model-index`` with the results measured in this run (the primary method,
+    and the same targets' last-value and best-baseline NMAE for context)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    cmp = compare(results, meta)
+    primary = cmp["primary"] or cmp["winner"]
+    dataset = str(meta.get("dataset", "unknown"))
+    dataset_id = str(meta.get("dataset_id") or re.sub(r"[^a-z0-9]+", "-", dataset.lower()).strip("-") or "unknown")
+    o = results[primary].overall
+    common = dict(task_type="time-series-forecasting", task_name="Laboratory value forecasting (quantiles)",
+                  dataset_type=dataset_id, dataset_name=dataset, dataset_split=str(meta.get("split", "")) or None)
+    evals = [
+        EvalResult(metric_type="nmae", metric_name="count-weighted NMAE", metric_value=round(o["nmae"], 5), **common),
+        EvalResult(metric_type="nmae_ratio_to_last_value", metric_name="NMAE / last value's NMAE (same targets)",
+                   metric_value=round(o["nmae"] / o["last_value_nmae"], 4) if o.get("last_value_nmae") else None,
+                   **common),
+        EvalResult(metric_type="coverage", metric_name="80% interval coverage", metric_value=round(o["coverage80"], 4),
+                   **common),
+        EvalResult(metric_type="wins_vs_last_value", metric_name="analytes better than last value",
+                   metric_value=int(o["wins_vs_last_value"]), **common),
+    ]
+    for other in ("last value", "LightGBM"):
+        if other in results and other != primary:
+            evals.append(EvalResult(metric_type="nmae", metric_name=f"{other} NMAE (baseline, same targets)",
+                                    metric_value=round(results[other].overall["nmae"], 5), **common))
+    evals = [e for e in evals if e.metric_value is not None]
+    datasets = list(meta.get("datasets") or [dataset_id])
+    return ModelCardData(
+        model_name=str(meta.get("model_name", f"labtrend {primary}")), license=CARD_LICENSE,
+        library_name="transformers", pipeline_tag="time-series-forecasting", datasets=datasets,
+        metrics=["mae", "nmae", "pinball", "coverage"],
+        tags=["labtrend", "laboratory", "clinical-decision-support", "time-series", "quantile-regression",
+              "conformal-prediction"],
+        eval_results=evals,
+    )
+
+
 def write_model_card(results: dict[str, EvaluationResult], out_dir: str | Path, meta: dict | None = None) -> dict:
-    """Write ``model_card.json`` and ``model_card.md`` into ``out_dir``; returns the JSON dict.
+    """Write ``model_card.json`` and the card ``README.md`` (Hugging Face metadata header) into ``out_dir``.
 
     ``meta`` describes the run: ``dataset``, ``split``, ``task`` (``Task.describe()``),
     ``analyte_names`` (code -> name), optional ``primary_method`` (the full fine-tuning
-    result's name; by default the first name containing 'full'), and anything else worth
-    recording (it is copied into the JSON).
+    result's name; by default the first name containing 'full'), ``training_reports``
+    (their ``warnings`` are shown first, loudly), and anything else worth recording (it is
+    copied into the JSON). Returns the JSON dict.
     """
     meta = dict(meta or {})
     out_dir = Path(out_dir)
@@ -676,11 +738,13 @@ def write_model_card(results: dict[str, EvaluationResult], out_dir: str | Path, 
     cmp = compare(results, meta)
     names = cmp["ranking"]
     an_names = meta.get("analyte_names", {})
+    warnings = training_warnings(meta)
 
     card = {
         "statement": cmp["statement"],
         "winner": cmp["winner"],
         "ranking": names,
+        "training_warnings": warnings,
         "meta": meta,
         "reference_figures": REFERENCE_FIGURES,
         "methods": {n: results[n].to_dict() for n in names},
@@ -688,6 +752,22 @@ def write_model_card(results: dict[str, EvaluationResult], out_dir: str | Path, 
     (out_dir / "model_card.json").write_text(json.dumps(card, indent=2, default=str), encoding="utf-8")
 
     md = ["# LabTrend forecasting — model card", "", f"**{cmp['statement']}**", ""]
+    if warnings:
+        md += ["## ⚠ Training warnings", "", *[f"- **{w}**" for w in warnings], ""]
+    md += ["## Model", "",
+           "A transformer over irregular laboratory histories (one token per prior result: analyte, value "
+           "normalised per analyte, censor flag, days before the forecast time; one patient token with age and sex), "
+           "pretrained on an open laboratory corpus and then **fully fine-tuned** on the site's patients (every "
+           "parameter trains, with L2-SP and replay against forgetting). It forecasts the quantiles 0.05 ... 0.95 "
+           "of an analyte's next value at a given time, with split-conformal intervals calibrated per analyte on "
+           "held-out patients (forecasts from a single prior result are calibrated apart).", "",
+           "**Intended use:** decision support for clinicians browsing a patient's laboratory timeline, reviewed by "
+           "experts; never a diagnosis, never a substitute for the measured result. **Out of scope:** paediatric "
+           "reference populations not in the training data, units other than the canonical ones the model was "
+           "trained in (refused), analytes outside its vocabulary (no forecast).", "",
+           "**Licence:** the weights derive from the open datasets named below (ODbL 1.0, ODC-BY 1.0, public "
+           "domain); ODbL's share-alike terms are the most restrictive, hence `odbl`. Keep each dataset's "
+           "attribution with the model.", ""]
     md += ["## Data and split", ""]
     for key in ("dataset", "split", "command", "date"):
         if key in meta:
@@ -699,8 +779,8 @@ def write_model_card(results: dict[str, EvaluationResult], out_dir: str | Path, 
                   f"before the target time; duplicate (patient, analyte, time) values averaged "
                   f"({task.get('duplicates_averaged', 0)} rows merged).")
         md.append(f"- Targets with a single prior result of their analyte ({task.get('targets_with_one_prior')}) are "
-                  "scored with the last-value forecast for every method (the product makes no forecast below "
-                  "MIN_HISTORY = 2); identical for all methods.")
+                  f"scored like the others: the product forecasts from MIN_HISTORY = {MIN_HISTORY} prior result "
+                  "(an interval calibrated on single-result forecasts), and so do the baselines.")
     md.append("- NMAE = MAE / (p99 - p1 of the analyte's targets); overall figures are count-weighted over analytes. "
               "`nmae_trimmed` drops targets outside [p1, p99] first (LabTOP's metric).")
     md.append("")
@@ -755,5 +835,105 @@ def write_model_card(results: dict[str, EvaluationResult], out_dir: str | Path, 
         md.append(f"- {n}: fit {i.get('fit_s')} s, predict {i.get('predict_s')} s, leakage check on "
                   f"{i.get('leakage_checked_queries')} queries passed, {i.get('failed_forecasts')} failed forecasts.")
     md.append("")
-    (out_dir / "model_card.md").write_text("\n".join(md), encoding="utf-8")
+    from huggingface_hub import ModelCard
+
+    data = card_metadata(results, meta)
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(md)).save(out_dir / MODEL_CARD_FILE)
     return card
+
+
+# Corpus sources -> (Hugging Face style dataset id, licence, citation) for the checkpoint card.
+CORPUS_DATASETS = {
+    "physionet2012": ("physionet-challenge-2012", "ODC-BY-1.0",
+                      "Silva I et al. Predicting In-Hospital Mortality of ICU Patients: The PhysioNet/Computing in "
+                      "Cardiology Challenge 2012. Comput Cardiol 2012;39:245-248"),
+    "eicu": ("eicu-crd-demo", "ODbL-1.0", "Pollard TJ et al. The eICU Collaborative Research Database. Sci Data "
+                                          "2018;5:180178 (demo v2.0.1, YAIB/ricu hourly processing)"),
+    "nhanes": ("nhanes-2017-2020", "public domain", "CDC/NCHS National Health and Nutrition Examination Survey "
+                                                    "2017-March 2020 pre-pandemic files"),
+    "synthetic": ("labtrend-synthetic", "Apache-2.0", "LabTrend's own simulated cohort (model/synthetic.py)"),
+}
+
+
+def write_checkpoint_card(path: str | Path) -> Path:
+    """Write ``README.md`` (the Hugging Face model card) of a pretraining checkpoint from its
+    ``pretraining.json``: corpus sources and counts, size, steps, the held-out corpus patients'
+    NMAE against last value on the same rows, interval calibration, the training warnings and
+    the report's ``notes`` (a list of sentences, when present). Returns the card's path.
+    Sources this table does not know are listed with their own key."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    path = Path(path)
+    report = json.loads((path / "pretraining.json").read_text())
+    config = report.get("config", {})
+    corpus = {k: v for k, v in (report.get("corpus") or {}).items() if isinstance(v, dict)}
+    val = report.get("val") or {}
+    datasets = [CORPUS_DATASETS.get(k, (k,))[0] for k in corpus]
+    common = dict(task_type="time-series-forecasting", task_name="Next laboratory value (quantiles)",
+                  dataset_type="labtrend-pretraining-corpus", dataset_name="held-out corpus patients",
+                  dataset_split="pretraining validation")
+    evals = []
+    if val.get("nmae") is not None:
+        evals.append(EvalResult(metric_type="nmae", metric_name="NMAE", metric_value=round(val["nmae"], 5), **common))
+        if val.get("nmae_last_value"):
+            evals.append(EvalResult(metric_type="nmae", metric_name="last value NMAE (same rows)",
+                                    metric_value=round(val["nmae_last_value"], 5), **common))
+            evals.append(EvalResult(metric_type="nmae_ratio_to_last_value", metric_name="NMAE / last value's",
+                                    metric_value=round(val["nmae"] / val["nmae_last_value"], 4), **common))
+    if val.get("coverage80") is not None:
+        evals.append(EvalResult(metric_type="coverage", metric_name="80% coverage before calibration",
+                                metric_value=round(val["coverage80"], 4), **common))
+    data = ModelCardData(model_name=f"labtrend-{path.name}", license=CARD_LICENSE,
+                         library_name="transformers", pipeline_tag="time-series-forecasting", datasets=datasets,
+                         metrics=["nmae", "pinball", "coverage"],
+                         tags=["labtrend", "laboratory", "time-series", "quantile-regression", "pretrained"],
+                         eval_results=evals or None)
+    n_par = config.get("d_model")
+    md = [f"# LabTrend pretrained checkpoint `{path.name}`", "",
+          "The starting point of every site's model: a transformer over irregular laboratory histories "
+          "pretrained with masked-value and next-value (quantile) objectives on an open corpus. It is meant to be "
+          "**fully fine-tuned** on a site's patients (`labtrend train`); used as it is (`ForecastPipeline."
+          "from_pretrained`) it forecasts zero-shot with intervals calibrated on its held-out corpus patients. "
+          "Decision support for clinicians, never a diagnosis.", ""]
+    if report.get("warnings"):
+        md += ["## ⚠ Training warnings", "", *[f"- **{w}**" for w in report["warnings"]], ""]
+    if report.get("notes"):  # what the people who shipped it must say about it (pretraining.json 'notes')
+        md += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
+    md += ["## Architecture", "",
+           f"- d_model {n_par}, {config.get('n_layers')} encoder layers, {config.get('n_decoder_layers')} query "
+           f"decoder layers, {config.get('n_heads')} heads, up to {config.get('max_events')} events per forecast; "
+           f"{config.get('n_analytes', 3) - 3} analytes in the vocabulary.",
+           f"- Event context (recency rank, change and gap from the analyte's previous result): "
+           f"{bool(config.get('event_context'))}; query context (counts in the last day/week, time since any "
+           f"result, last gap): {bool(config.get('query_context'))}; input soft limit: "
+           f"{config.get('input_soft_limit', 0.0)}.", "",
+           "## Training data", "", "| source | rows | patients | licence | citation |", "|---|---|---|---|---|"]
+    for key, rep in corpus.items():
+        ds = CORPUS_DATASETS.get(key, (key, "see PROVENANCE.md", ""))
+        md.append(f"| {key} | {rep.get('rows_loaded', '')} | {rep.get('patients', '')} | {ds[1]} | {ds[2]} |")
+    md += ["", "Values outside the catalogue's cited plausible limits were dropped (counts in `pretraining.json`).",
+           "", "## Training", "",
+           f"- {report.get('steps')} optimizer steps (best {report.get('best_step')}, stop: {report.get('stop_reason')}), "
+           f"{report.get('seconds')} s on {report.get('device', 'cpu')}; {report.get('patients_train')} training "
+           f"patients, {len(report.get('validation_patients') or [])} held out.", "",
+           "## Evaluation (held-out corpus patients)", ""]
+    if val:
+        md.append(f"- NMAE {val.get('nmae', float('nan')):.4f} vs last value {val.get('nmae_last_value', float('nan')):.4f} "
+                  f"on the same {val.get('n_targets')} targets; 80% coverage before calibration "
+                  f"{val.get('coverage80', float('nan')):.3f}.")
+    cal = report.get("calibration") or {}
+    if cal.get("crossfit_coverage"):
+        cov = cal["crossfit_coverage"]
+        md.append(f"- Conformal calibration on {cal.get('n_points')} held-out points (`calibration.json`); cross-fitted "
+                  f"coverage " + ", ".join(f"{float(k):.0%}: {v:.3f}" for k, v in cov.items()) + ".")
+    if cal.get("crossfit_coverage_single"):
+        cov = cal["crossfit_coverage_single"]
+        md.append(f"- Forecasts from a single prior result are calibrated apart ({cal.get('crossfit_points_single')} "
+                  f"points); their cross-fitted coverage " + ", ".join(f"{float(k):.0%}: {v:.3f}" for k, v in cov.items())
+                  + ".")
+    md += ["", "## Licence and attribution", "",
+           "The weights derive from the datasets above; ODbL's share-alike terms are the most restrictive, hence "
+           "`odbl`. Keep each dataset's attribution with the checkpoint.", ""]
+    out = path / MODEL_CARD_FILE
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(md)).save(out)
+    return out

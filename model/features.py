@@ -83,6 +83,11 @@ def summary_from_sums(n, s, ss, lo, hi, anchor, prev) -> np.ndarray:
     return np.clip(out, -_SUMMARY_CLIP, _SUMMARY_CLIP).astype(np.float32)
 
 
+SOFT_LIMIT = 8.0  # AnalyteScaler: robust z-scores beyond about this are compressed (asinh), never clipped
+SOFT_CLIP = 60.0  # ... and cut only beyond this in compressed units (raw z of about 7,000: typos, overflow)
+_MAX_LOG = 700.0  # exp() of more overflows float64
+
+
 def status_too_few(n: int, minimum: int = MIN_HISTORY) -> str:
     """The status of a query with ``n`` prior results of its analyte (FC-12)."""
     return f"Not enough measurements to forecast ({n}; minimum {minimum})"
@@ -154,17 +159,26 @@ class AnalyteScaler:
 
     A series with zero spread would divide by zero (tslearn's NaN, FC-12), so the scale is
     floored at ``min_rel_scale`` of the typical value: 0.05 log units (5 %) for log-scaled
-    analytes, 5 % of ``|median|`` (or 1.0 when the median is 0) otherwise. Normalised
-    values are clipped to ``[-clip, clip]``.
+    analytes, 5 % of ``|median|`` (or 1.0 when the median is 0) otherwise.
+
+    **Extremes are compressed, never clipped** (``soft_limit`` L, the default for new fits): the
+    robust z-score goes through ``L * asinh(z / L)``, the identity within a few units (z = 3 ->
+    2.93) and logarithmic beyond, and back through ``L * sinh(z / L)``. A real but extreme result
+    (WBC 342 x10^3/uL on a site whose WBC spread is narrow: z = 200) therefore comes back as
+    itself instead of the clip's value. Only ``|z_compressed| > clip`` is cut, against overflow
+    from a typo (60 means raw z beyond about 7,000). ``soft_limit=None`` (scalers saved before
+    it existed) keeps the former hard clip of the raw z-score at ``[-clip, clip]``.
     """
 
-    def __init__(self, stats: dict[str, AnalyteStats], clip: float = 20.0):
+    def __init__(self, stats: dict[str, AnalyteStats], clip: float = 20.0, soft_limit: float | None = None):
         self.stats = dict(stats)
         self.clip = float(clip)
+        self.soft_limit = None if soft_limit is None else float(soft_limit)
 
     @classmethod
     def fit(
-        cls, history: pd.DataFrame, *, log_ratio: float = 3.0, min_rel_scale: float = 0.05, clip: float = 20.0
+        cls, history: pd.DataFrame, *, log_ratio: float = 3.0, min_rel_scale: float = 0.05, clip: float | None = None,
+        soft_limit: float | None = SOFT_LIMIT,
     ) -> AnalyteScaler:
         """Fit on ``history`` (history contract). Censored results count at their limit.
 
@@ -193,7 +207,9 @@ class AnalyteScaler:
                 unit=str(unit_values.mode().iloc[0]) if len(unit_values) else None,
                 n=int(len(x)),
             )
-        return cls(stats, clip=clip)
+        if clip is None:
+            clip = SOFT_CLIP if soft_limit is not None else 20.0
+        return cls(stats, clip=clip, soft_limit=soft_limit)
 
     def __contains__(self, code: object) -> bool:
         return str(code) in self.stats
@@ -210,28 +226,56 @@ class AnalyteScaler:
         lower = np.fromiter((table[c].lower for c in codes), dtype=np.float64, count=len(codes))
         return is_log, center, scale, lower
 
+    def _compress(self, z: np.ndarray) -> np.ndarray:
+        """Raw robust z-score -> normalised units (float64, same shape)."""
+        if self.soft_limit is not None:
+            z = self.soft_limit * np.arcsinh(z / self.soft_limit)
+        return np.clip(z, -self.clip, self.clip)
+
+    def _expand(self, z: np.ndarray) -> np.ndarray:
+        """Normalised units -> raw robust z-score (the inverse of :meth:`_compress` inside the clip)."""
+        z = np.clip(np.asarray(z, dtype=np.float64), -self.clip, self.clip)
+        if self.soft_limit is not None:
+            z = self.soft_limit * np.sinh(z / self.soft_limit)
+        return z
+
     def normalise(self, codes: Sequence[str], values: np.ndarray) -> np.ndarray:
         """Canonical-unit ``values`` of analytes ``codes`` -> normalised float32, shape ``(n,)``."""
         x = np.asarray(values, dtype=np.float64)
         is_log, center, scale, lower = self._columns(codes)
         t = np.where(is_log, np.log(np.maximum(x, np.where(is_log, lower, 1.0))), x)
-        return np.clip((t - center) / scale, -self.clip, self.clip).astype(np.float32)
+        return self._compress((t - center) / scale).astype(np.float32)
+
+    def unit_per_normalised(self, codes: Sequence[str], z: np.ndarray) -> np.ndarray:
+        """``d value / d z`` at normalised ``z`` (shape ``(n,)``): how many canonical units one
+        normalised unit is worth there (the scale; times the value itself on a log scale; times
+        the compression's slope beyond the soft limit)."""
+        z = np.clip(np.asarray(z, dtype=np.float64), -self.clip, self.clip)
+        raw = self._expand(z)
+        slope = np.cosh(z / self.soft_limit) if self.soft_limit is not None else 1.0
+        is_log, center, scale, _ = self._columns(codes)
+        t = np.clip(center + scale * raw, -_MAX_LOG, _MAX_LOG)
+        return np.where(is_log, np.exp(np.where(is_log, t, 0.0)) * scale, scale) * slope
 
     def denormalise(self, codes: Sequence[str], z: np.ndarray) -> np.ndarray:
         """Normalised ``z`` of shape ``(n,)`` or ``(n, k)`` -> canonical units (float64), same shape."""
-        z = np.clip(np.asarray(z, dtype=np.float64), -self.clip, self.clip)
+        raw = self._expand(z)
         is_log, center, scale, _ = self._columns(codes)
-        if z.ndim == 2:
+        if raw.ndim == 2:
             is_log, center, scale = is_log[:, None], center[:, None], scale[:, None]
-        t = center + scale * z
-        return np.where(is_log, np.exp(np.where(is_log, t, 0.0)), t)
+        t = center + scale * raw
+        return np.where(is_log, np.exp(np.where(is_log, np.clip(t, -_MAX_LOG, _MAX_LOG), 0.0)), t)
 
     def to_dict(self) -> dict:
-        return {"clip": self.clip, "analytes": {c: vars(s).copy() for c, s in self.stats.items()}}
+        out = {"clip": self.clip, "analytes": {c: vars(s).copy() for c, s in self.stats.items()}}
+        if self.soft_limit is not None:  # absent: a scaler saved before compression existed (hard clip)
+            out["soft_limit"] = self.soft_limit
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> AnalyteScaler:
-        return cls({c: AnalyteStats(**s) for c, s in d["analytes"].items()}, clip=d.get("clip", 20.0))
+        return cls({c: AnalyteStats(**s) for c, s in d["analytes"].items()}, clip=d.get("clip", 20.0),
+                   soft_limit=d.get("soft_limit"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +427,7 @@ class ContextRow:
     query_index: np.ndarray  # int64, positions of the queries in the caller's queries frame
     target_value: np.ndarray | None = None  # float32, normalised true value at ``at``
     target_censor: np.ndarray | None = None  # int64 censor flag of the true value
+    target_weight: np.ndarray | None = None  # float32 loss weight of each target (training only)
 
 
 @dataclass
@@ -563,8 +608,8 @@ def collate(rows: Sequence[ContextRow]) -> dict[str, np.ndarray]:
     Returns ``event_analyte, event_value, event_censor, event_time, event_mask`` of shape
     ``(batch, events)``; ``patient_age, patient_sex`` of shape ``(batch,)``;
     ``query_analyte, query_horizon, query_anchor_value, query_anchor_censor, query_mask`` of
-    shape ``(batch, queries)``; ``query_summary`` of shape ``(batch, queries, k)``; and ``target_value, target_censor`` when every row has
-    targets. Masks are int64, 1 = real, 0 = padding. ``events`` and ``queries`` are the
+    shape ``(batch, queries)``; ``query_summary`` of shape ``(batch, queries, k)``; ``target_value,
+    target_censor`` when every row has targets, and ``target_weight`` when every row also has weights. Masks are int64, 1 = real, 0 = padding. ``events`` and ``queries`` are the
     longest row's counts (at least 1).
     """
     if not rows:
@@ -588,9 +633,12 @@ def collate(rows: Sequence[ContextRow]) -> dict[str, np.ndarray]:
         "query_summary": np.zeros((b, nq, len(QUERY_SUMMARY)), dtype=np.float32),
     }
     with_targets = all(r.target_value is not None for r in rows)
+    with_weights = with_targets and all(r.target_weight is not None for r in rows)
     if with_targets:
         out["target_value"] = np.zeros((b, nq), dtype=np.float32)
         out["target_censor"] = np.zeros((b, nq), dtype=np.int64)
+    if with_weights:
+        out["target_weight"] = np.zeros((b, nq), dtype=np.float32)
     for i, r in enumerate(rows):
         n = len(r.event_analyte)
         out["event_analyte"][i, :n] = r.event_analyte
@@ -608,4 +656,6 @@ def collate(rows: Sequence[ContextRow]) -> dict[str, np.ndarray]:
         if with_targets:
             out["target_value"][i, :m] = r.target_value
             out["target_censor"][i, :m] = r.target_censor
+        if with_weights:
+            out["target_weight"][i, :m] = r.target_weight
     return out

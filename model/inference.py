@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model import MIN_HISTORY, QUANTILE_COLUMNS, QUANTILES
+from model import MIN_HISTORY, QUANTILE_COLUMNS, QUANTILES, history_stratum
 from model.conformal import ConformalCalibration, fit_conformal
 from model.features import (
     STATUS_OK,
@@ -199,9 +199,12 @@ class ForecastPipeline:
         interval, calibrated on q05..q95; NaN when the model has no 95 % calibration),
         ``unit``, ``n_history`` (prior results of that analyte),
         ``status`` and ``model_version``, one row per query in the queries' order.
-        ``status`` is 'ok' (quantiles finite), "Not enough measurements to forecast (n;
-        minimum 2)" or "analyte not in model vocabulary" (quantiles NaN: there is no
-        forecast). A patient's forecast does not depend on which other queries are in the call.
+        ``status`` is 'ok' (quantiles finite), "Not enough measurements to forecast (0;
+        minimum 1)" (no prior result of the analyte) or "analyte not in model vocabulary"
+        (quantiles NaN: there is no forecast). A forecast from a single prior result is 'ok':
+        it leans on the population and the patient's other analytes, and its intervals are
+        calibrated on single-result forecasts (``model.history_basis`` words it "based on 1
+        measurement"). A patient's forecast does not depend on which other queries are in the call.
 
         Raises:
             ValueError: a missing column, an unparseable or missing time, a non-finite or
@@ -221,8 +224,9 @@ class ForecastPipeline:
             z_ok = z[ok]
             if self.conformal is not None:
                 raw = z_ok
-                z_ok = self.conformal.apply(codes[ok], raw)
-                ext = self.conformal.extended_bounds(codes[ok], raw, z_ok).get(0.95)
+                strata = history_stratum(enc.n_history[ok])
+                z_ok = self.conformal.apply(codes[ok], raw, strata)
+                ext = self.conformal.extended_bounds(codes[ok], raw, z_ok, strata).get(0.95)
                 if ext is not None:
                     wide[ok, 0] = self.scaler.denormalise(codes[ok], ext[:, 0])
                     wide[ok, 1] = self.scaler.denormalise(codes[ok], ext[:, 1])
@@ -266,6 +270,7 @@ class ForecastPipeline:
         use = (enc.status == STATUS_OK) & (q["censor"].to_numpy() == 0)
         codes = q["analyte_code"].to_numpy(dtype=object)[use]
         y = self.scaler.normalise(codes, q["value"].to_numpy()[use]).astype(np.float64)
-        conformal = fit_conformal(codes, z[use], y, quantile_levels=QUANTILES, min_points=min_points)
+        conformal = fit_conformal(codes, z[use], y, quantile_levels=QUANTILES, min_points=min_points,
+                                  strata=history_stratum(enc.n_history[use]))
         conformal.meta = {"n_points": int(use.sum()), "base_model_version": self.model_version}
         return ForecastPipeline(self.model, self.vocab, self.scaler, conformal)

@@ -58,6 +58,7 @@ def pinball_loss(
     levels: torch.Tensor,
     mask: torch.Tensor,
     censor: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean pinball (quantile) loss over the real entries and all quantile levels.
 
@@ -69,6 +70,8 @@ def pinball_loss(
         censor: ``(...)`` in {-1, 0, +1} or None. For ``-1`` (the true value is at most
             the target) a quantile at or below the target costs nothing; for ``+1`` a
             quantile at or above it costs nothing (censored quantile regression).
+        weight: ``(...)`` non-negative weight of each entry, or None (all 1): the loss is then
+            ``sum(weight * loss) / sum(weight)`` over the real entries.
     """
     diff = target.unsqueeze(-1) - quantiles  # [... x n_quantiles]
     loss = torch.maximum(levels * diff, (levels - 1) * diff)
@@ -77,14 +80,17 @@ def pinball_loss(
         loss = torch.where(((c < 0) & (diff > 0)) | ((c > 0) & (diff < 0)), torch.zeros_like(loss), loss)
     keep = mask.bool().unsqueeze(-1).expand_as(loss)
     loss = torch.where(keep, loss, torch.zeros_like(loss))
-    return loss.sum() / keep.sum().clamp_min(1)
+    if weight is None:
+        return loss.sum() / keep.sum().clamp_min(1)
+    w = torch.where(mask.bool(), weight.float(), torch.zeros_like(weight, dtype=torch.float32))
+    return (loss.mean(-1) * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def _forecast_loss(config, quantiles, target_value, target_censor, query_mask, levels) -> torch.Tensor:
+def _forecast_loss(config, quantiles, target_value, target_censor, query_mask, levels, weight=None) -> torch.Tensor:
     """Pinball loss of query quantiles; padded queries (``query_mask`` 0) are ignored."""
     mask = torch.ones_like(target_value, dtype=torch.bool) if query_mask is None else query_mask.bool()
     censor = target_censor if config.censored_loss else None
-    return pinball_loss(quantiles, target_value.float(), levels, mask, censor)
+    return pinball_loss(quantiles, target_value.float(), levels, mask, censor, weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +132,72 @@ def _censor_one_hot(censor: torch.Tensor) -> torch.Tensor:
     return F.one_hot((censor.long() + 1).clamp(0, 2), num_classes=3).float()
 
 
+N_RANKS = 4  # recency ranks of an event among its analyte's events: 0 (latest), 1, 2, 3 or more
+QUERY_CONTEXT = ("log_n_1d", "log_n_7d", "log_since_any", "log_all_1d", "log_last_gap", "has_last_gap")
+
+
+def event_context(analyte: torch.Tensor, value: torch.Tensor, time: torch.Tensor, real: torch.Tensor,
+                  observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per event: recency rank among its analyte's real events, and [change, log1p gap, has previous].
+
+    Args: ``(batch, events)`` tensors: vocabulary ids, normalised values, days before the
+    forecast time (larger = older), real-event mask and observed-value mask (a hidden value
+    is neither given nor used as a previous value, so masked value prediction cannot read
+    it from a neighbour's change). Order does not matter: "later" is a smaller time, ties
+    broken by position. Returns ``rank`` (long, ``(batch, events)``, clipped to
+    ``N_RANKS - 1``) and ``features`` (``(batch, events, 3)``): value minus the previous
+    observed value of the same analyte, ``log1p`` of the days between them, and 1 where
+    there is such a previous value (both 0 otherwise).
+    """
+    e = analyte.shape[1]
+    idx = torch.arange(e, device=analyte.device)
+    t = time.float()
+    same = (analyte[:, :, None] == analyte[:, None, :]) & real[:, :, None] & real[:, None, :]  # [b x i x j]
+    ti, tj = t[:, :, None], t[:, None, :]
+    after = (tj < ti) | ((tj == ti) & (idx[None, None, :] > idx[None, :, None]))  # j is later than i
+    rank = (same & after).sum(-1).clamp_max(N_RANKS - 1)  # [b x events]
+    before = same & ~after & (idx[None, None, :] != idx[None, :, None]) & observed[:, None, :]
+    closest = torch.where(before, -tj, torch.full_like(tj, -math.inf)).argmax(-1)  # [b x events]
+    has = before.any(-1) & observed
+    prev_value = value.float().gather(1, closest)
+    prev_time = t.gather(1, closest)
+    zero = torch.zeros_like(t)
+    delta = torch.where(has, value.float() - prev_value, zero)
+    gap = torch.where(has, torch.log1p((prev_time - t).clamp_min(0.0)), zero)
+    return rank, torch.stack([delta, gap, has.float()], dim=-1)
+
+
+def query_context(query_analyte: torch.Tensor, analyte: torch.Tensor, time: torch.Tensor,
+                  real: torch.Tensor) -> torch.Tensor:
+    """:data:`QUERY_CONTEXT` of each query, read from the events: ``(batch, queries, 6)``.
+
+    ``query_analyte`` is ``(batch, queries)``; the event tensors are ``(batch, events)`` (days
+    before the forecast time, real mask). Counts are of real events only.
+    """
+    t = time.float()
+    real = real.bool()
+    match = (query_analyte[:, :, None] == analyte[:, None, :]) & real[:, None, :]  # [b x q x e]
+    tq = t[:, None, :].expand_as(match)
+    n_1d = (match & (tq <= 1.0)).sum(-1).float()
+    n_7d = (match & (tq <= 7.0)).sum(-1).float()
+    inf = torch.full_like(t, math.inf)
+    since_any = torch.where(real, t, inf).min(-1).values  # [b]
+    since_any = torch.where(torch.isfinite(since_any), since_any, torch.zeros_like(since_any))
+    all_1d = (real & (t <= 1.0)).sum(-1).float()  # [b]
+    tm = torch.where(match, tq, torch.full_like(tq, math.inf))
+    k = min(2, tm.shape[-1])
+    two = tm.topk(k, dim=-1, largest=False).values  # [b x q x k], the two latest
+    has_gap = torch.isfinite(two[..., -1]) if k == 2 else torch.zeros_like(n_1d, dtype=torch.bool)
+    gap = torch.where(has_gap, (two[..., -1] - two[..., 0]).clamp_min(0.0), torch.zeros_like(n_1d)) if k == 2 \
+        else torch.zeros_like(n_1d)
+    q = query_analyte.shape[1]
+    return torch.stack([
+        torch.log1p(n_1d), torch.log1p(n_7d),
+        torch.log1p(since_any)[:, None].expand(-1, q), (torch.log1p(all_1d) / 2.0)[:, None].expand(-1, q),
+        torch.log1p(gap), has_gap.float(),
+    ], dim=-1)
+
+
 class LabTrendEmbeddings(nn.Module):
     """Input tokens: events, the patient token and queries. The analyte table is shared."""
 
@@ -141,16 +213,34 @@ class LabTrendEmbeddings(nn.Module):
         # summary of the analyte's prior results (model.features.QUERY_SUMMARY); zero at initialisation
         self.query_summary = LabTrendQuerySummary(config.query_summary_features, d) if config.query_summary_features else None
         self.query_horizon = LabTrendTimeEncoding(config)
+        if config.event_context:
+            self.event_rank = nn.Embedding(N_RANKS, d)
+            self.event_change = nn.Linear(3, d)  # [change from the previous, log1p gap, has previous]
+        if config.query_context:
+            self.query_context = nn.Linear(len(QUERY_CONTEXT), d)
         self.event_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.patient_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.query_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
+        self.soft_limit = float(getattr(config, "input_soft_limit", 0.0) or 0.0)
 
-    def events(self, analyte, value, censor, time, observed) -> torch.Tensor:
-        """All ``(batch, events)`` -> ``(batch, events, d_model)``. Unobserved values enter as 0 with observed = 0."""
+    def _level(self, value: torch.Tensor) -> torch.Tensor:
+        """A normalised value as a feature: ``L * tanh(z / L)`` with ``config.input_soft_limit`` L (0: as is)."""
+        z = value.float()
+        return self.soft_limit * torch.tanh(z / self.soft_limit) if self.soft_limit > 0 else z
+
+    def events(self, analyte, value, censor, time, observed, real=None) -> torch.Tensor:
+        """All ``(batch, events)`` -> ``(batch, events, d_model)``. Unobserved values enter as 0 with observed = 0.
+
+        ``real`` (the event mask; default ``observed``) is needed for the event context.
+        """
         obs = observed.float().unsqueeze(-1)  # [batch x events x 1]
-        features = torch.cat([value.float().unsqueeze(-1) * obs, _censor_one_hot(censor) * obs, obs], dim=-1)
+        features = torch.cat([self._level(value).unsqueeze(-1) * obs, _censor_one_hot(censor) * obs, obs], dim=-1)
         x = self.analyte(analyte) + self.event_value(features) + self.event_time(time)
+        if hasattr(self, "event_rank"):
+            rank, change = event_context(analyte, value, time, observed.bool() if real is None else real.bool(),
+                                         observed.bool())
+            x = x + self.event_rank(rank) + self.event_change(change)
         return self.dropout(self.event_norm(x))  # [batch x events x d_model]
 
     def patient(self, age: torch.Tensor, sex: torch.Tensor) -> torch.Tensor:
@@ -160,12 +250,17 @@ class LabTrendEmbeddings(nn.Module):
         x = self.patient_sex(sex.long().clamp(0, 2)) + self.patient_age(torch.stack([age, known.float()], dim=-1))
         return self.dropout(self.patient_norm(x)).unsqueeze(1)  # [batch x 1 x d_model]
 
-    def queries(self, analyte, horizon, anchor_value, anchor_censor, summary=None) -> torch.Tensor:
-        """All ``(batch, queries)`` (``summary``: ``(batch, queries, k)`` or None) -> ``(batch, queries, d_model)``."""
-        anchor = torch.cat([anchor_value.float().unsqueeze(-1), _censor_one_hot(anchor_censor)], dim=-1)
+    def queries(self, analyte, horizon, anchor_value, anchor_censor, summary=None, events=None) -> torch.Tensor:
+        """All ``(batch, queries)`` (``summary``: ``(batch, queries, k)`` or None) -> ``(batch, queries, d_model)``.
+
+        ``events`` = ``(event_analyte, event_time, event_mask)`` for the query context.
+        """
+        anchor = torch.cat([self._level(anchor_value).unsqueeze(-1), _censor_one_hot(anchor_censor)], dim=-1)
         x = self.analyte(analyte) + self.query_anchor(anchor) + self.query_horizon(horizon)
         if self.query_summary is not None and summary is not None:
             x = x + self.query_summary(summary.float())
+        if hasattr(self, "query_context") and events is not None:
+            x = x + self.query_context(query_context(analyte, *events))
         return self.dropout(self.query_norm(x))  # [batch x queries x d_model]
 
 
@@ -436,6 +531,9 @@ class LabTrendModel(LabTrendPreTrainedModel):
         output_hidden_states (`bool`, *optional*): also return every encoder layer's output.
     """
 
+    # the heads of a pretraining or forecasting checkpoint, which the backbone alone does not use
+    _keys_to_ignore_on_load_unexpected = [r"^(masked_value_head|quantile_head)\.", r"^analyte_step_scale$"]
+
     def __init__(self, config: LabTrendConfig):
         super().__init__(config)
         self.embeddings = LabTrendEmbeddings(config)
@@ -472,7 +570,7 @@ class LabTrendModel(LabTrendPreTrainedModel):
         _check_lengths(self.config, event_analyte, query_analyte)
         real = event_mask.bool()  # [batch x events]
         observed = real if value_mask is None else real & ~value_mask.bool()
-        events = self.embeddings.events(event_analyte, event_value, event_censor, event_time, observed)
+        events = self.embeddings.events(event_analyte, event_value, event_censor, event_time, observed, real)
         patient = self.embeddings.patient(patient_age, patient_sex)  # [batch x 1 x d_model]
         hidden = torch.cat([patient, events], dim=1)  # [batch x 1+events x d_model]
         # The patient token is always a real key, so no row is ever all padding.
@@ -488,7 +586,8 @@ class LabTrendModel(LabTrendPreTrainedModel):
         query_hidden = None
         if query_analyte is not None:
             query_hidden = self.embeddings.queries(
-                query_analyte, query_horizon, query_anchor_value, query_anchor_censor, query_summary
+                query_analyte, query_horizon, query_anchor_value, query_anchor_censor, query_summary,
+                events=(event_analyte, event_time, real),
             )  # [batch x queries x d_model]
             for layer in self.decoder_layers:
                 query_hidden = self._run(layer, query_hidden, hidden, key_mask)
@@ -521,6 +620,8 @@ class LabTrendForPretraining(LabTrendPreTrainedModel):
         target_value (`torch.FloatTensor` of shape `(batch, queries)`, *optional*): true values of the
             queries, normalised units.
         target_censor (`torch.LongTensor` of shape `(batch, queries)`, *optional*): their censor flags.
+        target_weight (`torch.FloatTensor` of shape `(batch, queries)`, *optional*): loss weight of each
+            query (``model.training``'s 'nmae' weighting); None weighs every query alike.
     """
 
     def __init__(self, config: LabTrendConfig):
@@ -549,6 +650,7 @@ class LabTrendForPretraining(LabTrendPreTrainedModel):
         target_value: torch.Tensor | None = None,
         target_censor: torch.Tensor | None = None,
         query_summary: torch.Tensor | None = None,
+        target_weight: torch.Tensor | None = None,
     ) -> LabTrendForPretrainingOutput:
         real = event_mask.bool()
         if value_mask is None:
@@ -568,7 +670,8 @@ class LabTrendForPretraining(LabTrendPreTrainedModel):
         if out.query_hidden_state is not None:
             quantiles = self._forecast_quantiles(query_analyte, query_anchor_value, out.query_hidden_state)
             if target_value is not None:
-                forecast_loss = _forecast_loss(self.config, quantiles, target_value, target_censor, query_mask, levels)
+                forecast_loss = _forecast_loss(self.config, quantiles, target_value, target_censor, query_mask, levels,
+                                               target_weight)
         loss = masked_loss
         if forecast_loss is not None:
             loss = loss + self.config.pretrain_forecast_weight * forecast_loss
@@ -609,6 +712,8 @@ class LabTrendForForecasting(LabTrendPreTrainedModel):
         target_value (`torch.FloatTensor` of shape `(batch, queries)`, *optional*): true values,
             normalised units; gives ``loss``.
         target_censor (`torch.LongTensor` of shape `(batch, queries)`, *optional*): their censor flags.
+        target_weight (`torch.FloatTensor` of shape `(batch, queries)`, *optional*): loss weight of each
+            query (``model.training``'s 'nmae' weighting); None weighs every query alike.
     """
 
     # A pretraining checkpoint also holds the masked value head, which forecasting does not use.
@@ -638,6 +743,7 @@ class LabTrendForForecasting(LabTrendPreTrainedModel):
         target_value: torch.Tensor | None = None,
         target_censor: torch.Tensor | None = None,
         query_summary: torch.Tensor | None = None,
+        target_weight: torch.Tensor | None = None,
     ) -> LabTrendForForecastingOutput:
         out = self.model(
             event_analyte, event_value, event_censor, event_time, event_mask, patient_age, patient_sex,
@@ -648,5 +754,27 @@ class LabTrendForForecasting(LabTrendPreTrainedModel):
         loss = None
         if target_value is not None:
             levels = self._quantile_levels(quantiles)
-            loss = _forecast_loss(self.config, quantiles, target_value, target_censor, query_mask, levels)
+            loss = _forecast_loss(self.config, quantiles, target_value, target_censor, query_mask, levels,
+                                  target_weight)
         return LabTrendForForecastingOutput(loss=loss, quantiles=quantiles, query_hidden_state=out.query_hidden_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Auto classes: `AutoModel.from_pretrained(dir)` gives the backbone of any LabTrend checkpoint,
+# `AutoModelForTimeSeriesPrediction` the forecasting model (a pipeline or a pretraining
+# checkpoint), `AutoModelForPreTraining` the pretraining model.
+# ---------------------------------------------------------------------------------------------
+
+
+def _register_auto_models() -> None:
+    from transformers import AutoModel, AutoModelForPreTraining, AutoModelForTimeSeriesPrediction
+
+    for auto, cls in ((AutoModel, LabTrendModel), (AutoModelForPreTraining, LabTrendForPretraining),
+                      (AutoModelForTimeSeriesPrediction, LabTrendForForecasting)):
+        try:
+            auto.register(LabTrendConfig, cls)
+        except ValueError:  # already registered (a module reloaded)
+            pass
+
+
+_register_auto_models()

@@ -14,9 +14,8 @@ specimen, up to ``max_queries`` analytes forecast from the same history. :class:
 sorts a frame once into flat per-patient arrays. For every result it precomputes the
 previous result of the same analyte (the anchor), the number of prior results and the
 horizon. A training step draws row positions at random from these arrays, so no
-(history, target) pair is ever materialised. Training targets need one prior result (the
-anchor). Validation targets need :data:`model.MIN_HISTORY`, because the product makes no
-forecast with fewer.
+(history, target) pair is ever materialised. Training and validation targets need one prior
+result (the anchor; :data:`model.MIN_HISTORY`), as the product forecasts from one.
 Pretraining also draws **masked-value rows**: a window of history with no queries, so that
 single-visit data (NHANES) teach relations between analytes. The pretraining model also
 hides ``mask_prob`` of every row's values.
@@ -107,13 +106,17 @@ are the ones pretraining held out (``pretraining.json`` in the checkpoint).
 Schedule and budget
 -------------------
 AdamW with linear warm-up and cosine decay to ``min_lr_ratio``, and gradient clipping.
-``max_minutes`` bounds the whole call, data preparation included. After ``timing_steps``
-steps, and at every eval, the number of steps that fit in the remaining time is
-re-estimated. The estimate counts eval cost and reserves time for the final scoring. The
-cosine schedule and the curriculum run over that number, so a time-bound run still ends
-with a decayed learning rate. When time runs out the loop evaluates once more, stops, and
-restores the best checkpoint. Seeds are fixed (``seed_everything``). bf16 autocast is used
-only on CUDA.
+``max_minutes`` budgets the **optimisation** (steps and the evaluations between them), not
+the data preparation before it or the final scoring after it: on a busy machine a run that
+spent its budget loading data ended after 13 steps and was saved as if trained. After
+``timing_steps`` steps, and at every eval, the number of steps that fit in the remaining
+time is re-estimated (eval cost included). The cosine schedule and the curriculum run over
+that number, so a time-bound run still ends with a decayed learning rate. When time runs
+out the loop evaluates once more, stops, and restores the best checkpoint. Neither the
+budget nor early stopping ends a run before ``min_steps`` (it overruns the budget and
+says so); a run with fewer ``steps`` than that is marked **undertrained** in the report
+(``warnings``, ``undertrained``), which ``train.py`` repeats in its log, ``run.json`` and
+output. Seeds are fixed (``seed_everything``). bf16 autocast is used only on CUDA.
 """
 
 from __future__ import annotations
@@ -136,10 +139,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from model import MIN_HISTORY, QUANTILES
+from model import MIN_HISTORY, QUANTILES, history_stratum
 from model.configuration import LabTrendConfig, config_preset
-from model.conformal import DEFAULT_LEVELS, fit_conformal, interval_coverage
+from model.conformal import (
+    DEFAULT_LEVELS,
+    ConformalCalibration,
+    _interval_columns,
+    _is_extended,
+    fit_conformal,
+    interval_coverage,
+)
 from model.features import (
+    SOFT_CLIP,
+    SOFT_LIMIT,
     N_SPECIAL,
     PAD_ID,
     SEX_IDS,
@@ -151,7 +163,7 @@ from model.features import (
     summary_from_sums,
     validate_history,
 )
-from model.inference import SCALER_FILE, VOCAB_FILE, ForecastPipeline
+from model.inference import CALIBRATION_FILE, SCALER_FILE, VOCAB_FILE, ForecastPipeline
 from model.modeling import LabTrendForForecasting, LabTrendForPretraining
 
 __all__ = [
@@ -172,6 +184,7 @@ __all__ = [
     "step_scales",
     "configure_mode",
     "save_pretraining_checkpoint",
+    "load_checkpoint_calibration",
     "load_pretraining_checkpoint",
     "pretrain",
     "finetune",
@@ -181,6 +194,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("full", "embeddings", "lora", "scratch")
 SCALER_POLICIES = ("site", "pretrained")
+LOSS_WEIGHTINGS = ("none", "nmae")
 # Peak learning rates when TrainSettings.lr is None. Full fine-tuning moves every pretrained
 # weight, so it takes the smallest step; the partial modes and scratch train fewer or fresh weights.
 MODE_LR = {"full": 3e-4, "embeddings": 1e-3, "lora": 1e-3, "scratch": 1e-3}
@@ -214,13 +228,16 @@ class TrainSettings:
     warmup_steps: int = 50  # linear warm-up steps (at most 10 % of the run), then cosine decay
     min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak learning rate
     grad_clip: float = 1.0  # clip the global gradient norm (transformers are spiky early in fine-tuning)
+    ema_decay: float = 0.0  # exponential moving average of the weights (evaluated and kept); 0 disables
+    loss_weighting: str = "none"  # 'nmae': weigh each target so the pinball loss is in units of its analyte's range
     # --- evaluation, stopping and budget
     eval_every: int = 25  # optimizer steps between validation evals
     eval_rows: int = 256  # validation rows scored at each eval (a fixed subset); the final scoring uses all
     final_eval_rows: int = 20000  # cap on the rows of the final scoring and conformal calibration
     patience: int = 6  # evals without a val pinball improvement of min_delta before early stopping
     min_delta: float = 1e-4  # smallest val pinball decrease that counts as an improvement
-    max_minutes: float | None = None  # wall-clock budget of the whole call, data preparation included
+    max_minutes: float | None = None  # budget of the optimisation (steps and their evals); data preparation and final scoring not counted
+    min_steps: int = 200  # neither the budget nor early stopping ends a run before this; fewer --steps is 'undertrained'
     timing_steps: int = 10  # steps timed before the first estimate of how many steps fit the budget
     # --- validation split
     val_fraction: float = 0.2  # fraction of patients held out for validation and conformal calibration
@@ -243,6 +260,10 @@ class TrainSettings:
     seed: int = 0  # seeds python, numpy and torch; the sampler of rank r uses seed + r
 
     def __post_init__(self):
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay ({self.ema_decay}) must be in [0, 1)")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting {self.loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
         if self.scaler_policy not in SCALER_POLICIES:
             raise ValueError(f"scaler_policy {self.scaler_policy!r} is not one of {SCALER_POLICIES}")
         for name in ("replay", "masked_row_fraction"):
@@ -252,7 +273,7 @@ class TrainSettings:
             raise ValueError(f"curriculum_fraction ({self.curriculum_fraction}) must be in [0, 1]")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction ({self.val_fraction}) must be in (0, 1)")
-        for name in ("steps", "batch_size", "eval_every", "eval_rows", "patience", "timing_steps"):
+        for name in ("steps", "batch_size", "eval_every", "eval_rows", "patience", "timing_steps", "min_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
         if self.l2sp < 0:
@@ -364,6 +385,7 @@ class ExampleBuilder:
         h, aid = h.loc[keep].reset_index(drop=True), aid[keep]
         self.vocab, self.scaler = vocab, scaler
         self.max_events, self.max_queries = int(max_events), int(max_queries)
+        self.loss_w: np.ndarray | None = None  # per result, set by set_loss_weights
         pid, patient_ids = pd.factorize(h["patient_id"], sort=True)
         self.patient_ids = np.asarray(patient_ids, dtype=object)
         t = h["collected_at"].to_numpy().astype("datetime64[us]").astype(np.int64)
@@ -448,6 +470,29 @@ class ExampleBuilder:
             known = pd.DataFrame({"pid": self.pid, "sex": sex}).dropna().groupby("pid", sort=False).first()
             self.sex[known.index.to_numpy()] = known["sex"].to_numpy(np.int64)
 
+    def set_loss_weights(self, groups: np.ndarray, ranges: np.ndarray, clip: float = 10.0) -> None:
+        """Weigh each target's loss so that an error of one normalised unit counts as what it is
+        worth in its analyte's NMAE: ``d value / d z`` at the anchor (canonical units per
+        normalised unit; on a log scale it grows with the value) divided by the analyte's range
+        (``ranges`` per vocabulary id, p99 - p1). The weights depend on the anchor only, never
+        on the target value (a weight that did would bias the quantiles). They are scaled to
+        mean 1 over the targets of ``groups`` and clipped to ``[1 / clip, clip]``; analytes
+        without a range get 1.
+        """
+        w = np.ones(len(self.t), dtype=np.float64)
+        t = self.targets
+        if len(t):
+            r = np.asarray(ranges, dtype=np.float64)[self.aid[t]]
+            jac = self.scaler.unit_per_normalised(self.codes[t], self.z[self.prev[t]])
+            ok = np.isfinite(r) & (r > 0) & np.isfinite(jac)
+            raw = np.where(ok, jac / np.where(ok, r, 1.0), np.nan)
+            in_groups = np.zeros(len(self.g_start), dtype=bool)
+            in_groups[np.asarray(groups, dtype=np.int64)] = True
+            ref = raw[in_groups[self.row_group[t]] & ok]
+            mean = float(np.mean(ref)) if len(ref) else 1.0
+            w[t] = np.where(ok, np.clip(np.nan_to_num(raw / mean, nan=1.0), 1.0 / clip, clip), 1.0)
+        self.loss_w = w.astype(np.float32)
+
     # --- views -------------------------------------------------------------------------------
 
     def renormalised(self, scaler: AnalyteScaler) -> ExampleBuilder:
@@ -472,10 +517,16 @@ class ExampleBuilder:
         """(geometric-mean horizon in days, history events used) of each group's row."""
         return self.g_horizon[groups], self.g_events[groups]
 
-    def nmae_ranges(self) -> np.ndarray:
-        """Per vocabulary id, p99 - p1 of that analyte's target values (canonical units; NaN when none)."""
+    def nmae_ranges(self, groups: np.ndarray | None = None) -> np.ndarray:
+        """Per vocabulary id, p99 - p1 of that analyte's target values (canonical units; NaN when
+        none), over the targets of ``groups`` (default: all)."""
         out = np.full(len(self.vocab), np.nan)
-        tv = pd.DataFrame({"aid": self.aid[self.targets], "v": self.value[self.targets]})
+        t = self.targets
+        if groups is not None:
+            in_groups = np.zeros(len(self.g_start), dtype=bool)
+            in_groups[np.asarray(groups, dtype=np.int64)] = True
+            t = t[in_groups[self.row_group[t]]]
+        tv = pd.DataFrame({"aid": self.aid[t], "v": self.value[t]})
         if len(tv):
             q = tv.groupby("aid")["v"].quantile([0.01, 0.99]).unstack()
             out[q.index.to_numpy()] = (q[0.99] - q[0.01]).to_numpy()
@@ -508,6 +559,7 @@ class ExampleBuilder:
             query_index=queries,
             target_value=self.z[queries],
             target_censor=self.censor[queries],
+            target_weight=self.loss_w[queries] if self.loss_w is not None else None,
         )
 
     def query_summary(self, targets: np.ndarray) -> np.ndarray:
@@ -692,6 +744,7 @@ def _conformal(builder: ExampleBuilder, index: np.ndarray, quantiles: np.ndarray
     exact = builder.censor[index] == 0
     index, quantiles = index[exact], quantiles[exact]
     codes = builder.codes[index]
+    strata = history_stratum(builder.n_prior[index])  # one-result forecasts are calibrated apart
     qn = np.asarray(quantiles, dtype=np.float64)  # the model's normalised units, as ForecastPipeline.calibrate
     yn = builder.z[index].astype(np.float64)  # the builder normalises with the same scaler
     info: dict = {"n_points": int(len(index)), "raw_coverage": interval_coverage(qn, yn) if len(index) else {}}
@@ -700,7 +753,7 @@ def _conformal(builder: ExampleBuilder, index: np.ndarray, quantiles: np.ndarray
     if levels != DEFAULT_LEVELS:
         info["levels_left_out"] = [lv for lv in DEFAULT_LEVELS if lv not in levels]
     try:
-        calibration = fit_conformal(codes, qn, yn, min_points=min_points, levels=levels)
+        calibration = fit_conformal(codes, qn, yn, min_points=min_points, levels=levels, strata=strata)
     except ValueError as exc:  # too few points to certify the intervals
         info["skipped"] = str(exc)
         return None, info
@@ -708,22 +761,37 @@ def _conformal(builder: ExampleBuilder, index: np.ndarray, quantiles: np.ndarray
     pids = builder.pid[index]
     fold = np.random.default_rng(seed).permutation(len(np.unique(pids)))[np.searchsorted(np.unique(pids), pids)] % 2
     covered, counted = {}, 0
+    single = strata == "single"
+    covered_single, counted_single = {}, 0  # the same, for the forecasts from one prior result alone
     for f in (0, 1):
         fit, test = fold != f, fold == f
+        if not fit.any() or not test.any():  # a single validation patient: nothing to cross-fit
+            continue
         try:
-            cal = fit_conformal(codes[fit], qn[fit], yn[fit], min_points=min_points, levels=levels)
+            cal = fit_conformal(codes[fit], qn[fit], yn[fit], min_points=min_points, levels=levels,
+                                strata=strata[fit])
         except ValueError:
             continue
-        adjusted = cal.apply(codes[test], qn[test])
-        cov = interval_coverage(adjusted, yn[test])
-        for level, b in cal.extended_bounds(codes[test], qn[test], adjusted).items():
-            cov[level] = float(np.mean((b[:, 0] <= yn[test]) & (yn[test] <= b[:, 1])))
-        for level, c in cov.items():
-            covered[level] = covered.get(level, 0.0) + c * test.sum()
+        adjusted = cal.apply(codes[test], qn[test], strata[test])
+        inside = {}
+        for level in levels:
+            if not _is_extended(QUANTILES, level):
+                i, j = _interval_columns(QUANTILES, level)
+                inside[level] = (adjusted[:, i] <= yn[test]) & (yn[test] <= adjusted[:, j])
+        for level, b in cal.extended_bounds(codes[test], qn[test], adjusted, strata[test]).items():
+            inside[level] = (b[:, 0] <= yn[test]) & (yn[test] <= b[:, 1])
+        one = single[test]
+        for level, hit in inside.items():
+            covered[level] = covered.get(level, 0.0) + float(hit.sum())
+            covered_single[level] = covered_single.get(level, 0.0) + float(hit[one].sum())
         counted += int(test.sum())
+        counted_single += int(one.sum())
     if counted:
         info["crossfit_coverage"] = {str(k): float(v / counted) for k, v in covered.items()}
         info["crossfit_points"] = counted
+    if counted_single:
+        info["crossfit_coverage_single"] = {str(k): float(v / counted_single) for k, v in covered_single.items()}
+        info["crossfit_points_single"] = counted_single
     info["raw_coverage"] = {str(k): float(v) for k, v in info["raw_coverage"].items()}
     return calibration, info
 
@@ -783,9 +851,19 @@ def step_scales(builder: ExampleBuilder, groups: np.ndarray, *, min_targets: int
     return np.where(np.isfinite(out), out, float(np.median(fitted)) if len(fitted) else 1.0)
 
 
-def _set_step_scales(model: nn.Module, builder: ExampleBuilder, train_ids: Sequence[str]) -> np.ndarray:
-    """Set ``model.analyte_step_scale`` from the training patients (all ranks alike); return it."""
+def _set_step_scales(model: nn.Module, builder: ExampleBuilder, train_ids: Sequence[str],
+                     keep: Sequence[str] = ()) -> np.ndarray:
+    """Set ``model.analyte_step_scale`` from the training patients (all ranks alike); return it.
+
+    The analytes in ``keep`` keep the value the model has (a checkpoint's, valid as long as
+    their normalisation is the checkpoint's too)."""
     step = step_scales(builder, builder.groups_of(train_ids))
+    current = model.analyte_step_scale.detach().cpu().numpy().astype(np.float64)
+    for code in keep:
+        if code in builder.vocab:
+            i = int(builder.vocab.encode([code])[0])
+            if i < len(current):
+                step[i] = current[i]
     with torch.no_grad():
         model.analyte_step_scale.copy_(torch.as_tensor(step, dtype=model.analyte_step_scale.dtype))
     return step
@@ -794,7 +872,7 @@ def _set_step_scales(model: nn.Module, builder: ExampleBuilder, train_ids: Seque
 def _fit_scaler(site_train: pd.DataFrame, site_all: pd.DataFrame, vocab: AnalyteVocab,
                 pretrained: AnalyteScaler | None, policy: str) -> tuple[AnalyteScaler, dict]:
     """Scaler covering every vocabulary code (see the module docstring for the policy)."""
-    fitted = AnalyteScaler.fit(site_train).stats if len(site_train) else {}
+    fitted = AnalyteScaler.fit(site_train).stats if len(site_train) else {}  # stats only: convention below
     base = dict(pretrained.stats) if pretrained is not None else {}
     stats, source = {}, {}
     fallback = None
@@ -808,8 +886,12 @@ def _fit_scaler(site_train: pd.DataFrame, site_all: pd.DataFrame, vocab: Analyte
                 fallback = AnalyteScaler.fit(site_all).stats
             stats[code], source[code] = fallback[code], "site_validation"
     counts = pd.Series(source).value_counts().to_dict() if source else {}
-    clip = pretrained.clip if pretrained is not None else 20.0
-    return AnalyteScaler(stats, clip=clip), {"policy": policy, "sources": {k: int(v) for k, v in counts.items()}}
+    # the checkpoint's convention for extremes (compressed or clipped), else the current default
+    clip = pretrained.clip if pretrained is not None else SOFT_CLIP
+    soft = pretrained.soft_limit if pretrained is not None else SOFT_LIMIT
+    return (AnalyteScaler(stats, clip=clip, soft_limit=soft),
+            {"policy": policy, "sources": {k: int(v) for k, v in counts.items()},
+             "pretrained_codes": sorted(c for c, src in source.items() if src == "pretrained")})
 
 
 def configure_mode(model: LabTrendForForecasting, mode: str, lora_rank: int = 8) -> nn.Module:
@@ -879,14 +961,31 @@ def _param_groups(model: nn.Module, weight_decay: float, exclude: set[int]) -> l
 
 
 def save_pretraining_checkpoint(path: str | os.PathLike, model: LabTrendForPretraining, vocab: AnalyteVocab,
-                                scaler: AnalyteScaler, report: dict | None = None) -> None:
-    """Write ``config.json``, ``model.safetensors``, ``vocab.json``, ``scaler.json`` and ``pretraining.json``."""
+                                scaler: AnalyteScaler, report: dict | None = None,
+                                calibration: ConformalCalibration | None = None) -> None:
+    """Write ``config.json``, ``model.safetensors``, ``vocab.json``, ``scaler.json``, ``pretraining.json``,
+    the checkpoint's model card ``README.md`` (:func:`model.evaluation.write_checkpoint_card`)
+    and, when there is one (default: ``model.calibration``, set by :func:`pretrain`),
+    ``calibration.json``: conformal intervals from the pretraining validation patients, so the
+    checkpoint used as it is (``ForecastPipeline.from_pretrained``) has calibrated 95 % bounds."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     (path / VOCAB_FILE).write_text(json.dumps(vocab.to_dict(), indent=1))
     (path / SCALER_FILE).write_text(json.dumps(scaler.to_dict(), indent=1))
     (path / PRETRAINING_REPORT_FILE).write_text(json.dumps(report or {}, indent=1, default=str))
+    calibration = calibration if calibration is not None else getattr(model, "calibration", None)
+    if calibration is not None:
+        (path / CALIBRATION_FILE).write_text(json.dumps(calibration.to_dict(), indent=1))
+    from model.evaluation import write_checkpoint_card
+
+    write_checkpoint_card(path)
+
+
+def load_checkpoint_calibration(path: str | os.PathLike) -> ConformalCalibration | None:
+    """The conformal calibration saved with a pretraining checkpoint, or None (older checkpoints)."""
+    f = Path(path) / CALIBRATION_FILE
+    return ConformalCalibration.from_dict(json.loads(f.read_text())) if f.is_file() else None
 
 
 def load_pretraining_checkpoint(path: str | os.PathLike) -> tuple[LabTrendForForecasting, AnalyteVocab, AnalyteScaler, dict]:
@@ -918,6 +1017,20 @@ class _FitResult:
     initial_metrics: dict
     stop_reason: str
     planned_steps: int
+    budget_overrun_s: float = 0.0  # past the time budget to reach min_steps
+    fit_seconds: float = 0.0  # the optimisation loop, evaluations included
+
+
+def _training_warnings(result: _FitResult, settings: TrainSettings) -> list[str]:
+    """What a reader of the model must know about how its training ended (empty when nothing)."""
+    out = []
+    if result.steps < settings.min_steps:
+        out.append(f"UNDERTRAINED: training stopped after {result.steps} optimizer steps, below the minimum of "
+                   f"{settings.min_steps} (--steps {settings.steps}); do not use this model for patients")
+    if result.budget_overrun_s > 0:
+        out.append(f"the time budget of {settings.max_minutes:g} min was too short for the minimum of "
+                   f"{settings.min_steps} steps on this machine: training ran {result.budget_overrun_s:.0f} s longer")
+    return out
 
 
 def _lr_factor(step: int, total: int, settings: TrainSettings) -> float:
@@ -928,27 +1041,43 @@ def _lr_factor(step: int, total: int, settings: TrainSettings) -> float:
     return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _fit(model: nn.Module, *, sample: Callable[[float], tuple[dict, dict]], evaluate: Callable[[], dict],
-         metric: str, lr: float, settings: TrainSettings, runtime: Runtime, deadline: float | None,
-         reserve_evals: float, extra_loss: Callable[[], torch.Tensor] | None = None,
+def _fit(model: nn.Module, *, sample: Callable[[float], tuple[dict, dict]], evaluate: Callable[[nn.Module], dict],
+         metric: str, lr: float, settings: TrainSettings, runtime: Runtime,
+         extra_loss: Callable[[], torch.Tensor] | None = None,
          no_decay: set[int] | None = None, t0: float | None = None) -> _FitResult:
-    """Optimise ``model`` on batches from ``sample(progress)``; keep the weights with the best ``evaluate()[metric]``.
+    """Optimise ``model`` on batches from ``sample(progress)``; keep the weights with the best ``evaluate(net)[metric]``.
+
+    With ``settings.ema_decay`` an exponential moving average of the weights (torch's
+    ``AveragedModel``) is what ``evaluate`` scores and what is kept: a cheap ensemble of the
+    last few hundred steps' weights, less noisy than the last step's.
 
     ``evaluate`` runs on rank 0 and its result is broadcast, so every rank takes the same
-    early-stopping decision. ``deadline`` (``time.monotonic()`` seconds) ends the loop so
-    that ``reserve_evals`` more evals' worth of time is left for the caller's final scoring.
-    The step-0 (initial) metrics are logged but are not a candidate: the result is always a
-    trained model.
+    early-stopping decision. ``settings.max_minutes`` budgets this loop (the optimizer steps
+    and the evaluations between them) from its first evaluation on: preparing the data
+    before it and the final scoring after it are not counted, so a slow disk or a busy
+    machine cannot eat the optimisation. Neither the budget nor early stopping ends a run
+    before ``settings.min_steps``; a run that still ends below it (``settings.steps`` smaller)
+    is reported by the caller as undertrained. The step-0 (initial) metrics are logged but
+    are not a candidate: the result is always a trained model.
     """
     t0 = time.monotonic() if t0 is None else t0
+    floor = min(settings.min_steps, settings.steps)  # no time or early stop before this
+    t_fit = time.monotonic()
+    deadline = time.monotonic() + 60.0 * settings.max_minutes if settings.max_minutes else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay, no_decay or set()), lr=lr,
                                   betas=(0.9, 0.98), eps=1e-8)
+    ema = None
+    if settings.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
+    scored = ema.module if ema is not None else model  # the weights that are evaluated and kept
     net = runtime.wrap_model(model)
 
     def run_eval() -> tuple[dict, float]:
         start = time.monotonic()
-        metrics = evaluate() if runtime.is_main else None
+        metrics = evaluate(scored) if runtime.is_main else None
         return runtime.broadcast((metrics, time.monotonic() - start))
 
     def record(step: int, split: str, metrics: dict, lr_now: float) -> None:
@@ -969,8 +1098,8 @@ def _fit(model: nn.Module, *, sample: Callable[[float], tuple[dict, dict]], eval
         if deadline is None:
             return total
         per_step = step_s + eval_s / settings.eval_every
-        left = deadline - reserve_evals * eval_s - time.monotonic()
-        planned = min(settings.steps, max(step + 1, step + int(left / max(per_step, 1e-6))))
+        left = deadline - time.monotonic()
+        planned = min(settings.steps, max(step + 1, floor, step + int(left / max(per_step, 1e-6))))
         return int(runtime.broadcast(planned))
 
     best, best_step, best_metrics, best_state, bad = math.inf, None, None, None, 0
@@ -1004,6 +1133,8 @@ def _fit(model: nn.Module, *, sample: Callable[[float], tuple[dict, dict]], eval
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         step += 1
         window_time += time.monotonic() - ts
         window_steps += 1
@@ -1014,7 +1145,7 @@ def _fit(model: nn.Module, *, sample: Callable[[float], tuple[dict, dict]], eval
         if step == settings.timing_steps:
             total = replan(step, window_time / window_steps)
             pbar.total = total
-        late = deadline is not None and time.monotonic() + eval_s * (1 + reserve_evals) > deadline
+        late = deadline is not None and step >= floor and time.monotonic() + eval_s > deadline
         late = runtime.any_rank(late)
         if step % settings.eval_every == 0 or step >= total or late:
             lr_now = optimizer.param_groups[0]["lr"]
@@ -1026,10 +1157,10 @@ def _fit(model: nn.Module, *, sample: Callable[[float], tuple[dict, dict]], eval
             pbar.set_postfix({metric: f"{value:.4f}"})
             if value < best - settings.min_delta:
                 best, best_step, best_metrics, bad = value, step, metrics, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
             else:
                 bad += 1
-            if bad >= settings.patience:
+            if bad >= settings.patience and step >= floor:
                 stop_reason = "early_stopping"
                 break
             if step < total and window_steps >= settings.timing_steps:
@@ -1047,9 +1178,15 @@ def _fit(model: nn.Module, *, sample: Callable[[float], tuple[dict, dict]], eval
                 total = more
                 pbar.total = total
     pbar.close()
+    if stop_reason == "steps" and step < settings.steps:  # the time plan ended it, not --steps
+        stop_reason = "time"
     if best_state is not None:
         model.load_state_dict(best_state)
-    return _FitResult(step, best_step, best_metrics, initial, stop_reason, total)
+    elif ema is not None:
+        model.load_state_dict(ema.module.state_dict())
+    overrun = max(0.0, time.monotonic() - deadline) if deadline is not None else 0.0
+    return _FitResult(step, best_step, best_metrics, initial, stop_reason, total, round(overrun, 1),
+                      round(time.monotonic() - t_fit, 1))
 
 
 # =============================================================================================
@@ -1100,7 +1237,6 @@ def pretrain(corpus_history: pd.DataFrame, config: str | LabTrendConfig, steps: 
     settings = replace(settings or TrainSettings(), **({"steps": steps} if steps else {}))
     runtime = runtime or Runtime()
     t0 = time.monotonic()
-    deadline = t0 + 60 * settings.max_minutes if settings.max_minutes else None
     seed_everything(settings.seed)
     h = validate_history(corpus_history)
     if validation_patients is None:
@@ -1115,6 +1251,7 @@ def pretrain(corpus_history: pd.DataFrame, config: str | LabTrendConfig, steps: 
                              "patients in the corpus; both must be at least 1")
     vocab = AnalyteVocab.fit(h)
     scaler, scaler_info = _fit_scaler(h[h["patient_id"].isin(train_ids)], h, vocab, None, "site")
+    scaler_info.pop("pretrained_codes")
     config = _resolve_config(config, len(vocab))
     model = LabTrendForPretraining(config).to(runtime.device)
     if runtime.gradient_checkpointing:
@@ -1128,6 +1265,8 @@ def pretrain(corpus_history: pd.DataFrame, config: str | LabTrendConfig, steps: 
     shard = _shard(train_ids, runtime)
     train_groups = builder.groups_of(shard)
     fc_groups = train_groups[builder.target_counts(1)[train_groups] > 0]
+    if settings.loss_weighting == "nmae":
+        builder.set_loss_weights(fc_groups, builder.nmae_ranges(fc_groups))
     horizon, events = builder.group_stats(fc_groups)
     sampler = CurriculumSampler(fc_groups, horizon, events, fraction=settings.curriculum_fraction,
                                 strength=settings.curriculum_strength)
@@ -1153,18 +1292,30 @@ def pretrain(corpus_history: pd.DataFrame, config: str | LabTrendConfig, steps: 
     value_masks = [mask_rng.random(len(r.event_analyte)) < max(config.mask_prob, 0.15) for r in masked_val_rows]
     no_masks = [np.zeros(len(r.event_analyte), dtype=bool) for r in val_rows]  # forecasting sees every value
 
-    def evaluate() -> dict:
-        q, idx, _, _ = _predict(model, val_rows, runtime, value_masks=no_masks)
+    def evaluate(net: nn.Module) -> dict:
+        q, idx, _, _ = _predict(net, val_rows, runtime, value_masks=no_masks)
         metrics = forecast_metrics(builder, idx, q, scaler, ranges=ranges) if len(idx) else {"n_targets": 0}
-        _, _, m_sum, m_n = _predict(model, masked_val_rows, runtime, value_masks=value_masks)
+        _, _, m_sum, m_n = _predict(net, masked_val_rows, runtime, value_masks=value_masks)
         metrics["masked_pinball"] = m_sum / max(m_n, 1)
         metrics["loss"] = metrics["masked_pinball"] + config.pretrain_forecast_weight * metrics.get("pinball", 0.0)
         return metrics
 
     lr = PRETRAIN_LR if settings.lr is None else settings.lr
     result = _fit(model, sample=sample, evaluate=evaluate, metric="loss", lr=lr, settings=settings,
-                  runtime=runtime, deadline=deadline, reserve_evals=0.5, t0=t0)
+                  runtime=runtime, t0=t0)
     model.eval()
+    # Intervals for the checkpoint itself (a zero-shot pipeline, and fine-tuning runs whose own
+    # validation is too small to calibrate): split-conformal on the held-out corpus patients.
+    model.calibration, calibration_info = None, {"skipped": "not the main process"}
+    if runtime.is_main:
+        cal_rows = _fixed_subset(builder.eval_rows(val_groups), settings.final_eval_rows, settings.seed)
+        q, idx, _, _ = _predict(model, cal_rows, runtime, value_masks=[np.zeros(len(r.event_analyte), bool)
+                                                                       for r in cal_rows])
+        model.calibration, calibration_info = _conformal(builder, idx, q, scaler, settings.conformal_min_points,
+                                                         settings.seed)
+        if model.calibration is not None:
+            model.calibration.meta = {"n_points": calibration_info["n_points"], "validation_patients": len(val_ids),
+                                      "source": "pretraining validation patients (held-out corpus patients)"}
     model.training_report = {
         "stage": "pretrain",
         "config": config.to_dict(),
@@ -1172,9 +1323,13 @@ def pretrain(corpus_history: pd.DataFrame, config: str | LabTrendConfig, steps: 
         "analytes": len(vocab.codes), "scaler": scaler_info,
         "steps": result.steps, "planned_steps": result.planned_steps, "best_step": result.best_step,
         "stop_reason": result.stop_reason, "val_initial": result.initial_metrics, "val": result.best_metrics,
+        "fit_seconds": result.fit_seconds, "warnings": _training_warnings(result, settings),
+        "undertrained": result.steps < settings.min_steps, "calibration": calibration_info,
         "lr": lr, "seconds": round(time.monotonic() - t0, 1), "settings": asdict(settings),
         "world_size": runtime.world_size,
     }
+    for w in model.training_report["warnings"]:
+        log.warning(w)
     return model, vocab, scaler
 
 
@@ -1215,7 +1370,6 @@ def finetune(init_dir: str | os.PathLike | None, site_history: pd.DataFrame, mod
     settings = settings or TrainSettings()
     runtime = runtime or Runtime()
     t0 = time.monotonic()
-    deadline = t0 + 60 * settings.max_minutes if settings.max_minutes else None
     seed_everything(settings.seed)
     exclude = {str(p) for p in (exclude_patients or [])}
     site = _drop_patients(validate_history(site_history), exclude)
@@ -1259,10 +1413,14 @@ def finetune(init_dir: str | os.PathLike | None, site_history: pd.DataFrame, mod
     rng = np.random.default_rng(settings.seed + runtime.rank)
     train_groups = builder.groups_of(_shard(train_ids, runtime))
     train_groups = train_groups[builder.target_counts(1)[train_groups] > 0]
+    if settings.loss_weighting == "nmae":
+        builder.set_loss_weights(train_groups, builder.nmae_ranges(train_groups))
     horizon, events = builder.group_stats(train_groups)
     sampler = CurriculumSampler(train_groups, horizon, events, fraction=settings.curriculum_fraction,
                                 strength=settings.curriculum_strength)
-    step = _set_step_scales(base_model, builder, train_ids)
+    # analytes that keep the checkpoint's normalisation keep its step scales: the pretrained head's
+    # units stay what they were, so fine-tuning starts from the checkpoint's own forecasts
+    step = _set_step_scales(base_model, builder, train_ids, keep=scaler_info.pop("pretrained_codes"))
     val_groups = builder.groups_of(val_ids)
     all_val_rows = _fixed_subset(builder.eval_rows(val_groups), settings.final_eval_rows, settings.seed)
     val_rows = _fixed_subset(all_val_rows, settings.eval_rows, settings.seed)
@@ -1296,6 +1454,8 @@ def finetune(init_dir: str | os.PathLike | None, site_history: pd.DataFrame, mod
                                 max_queries=config.max_queries)
             rg = rb.groups_of(_shard(rb.patient_ids, runtime))
             rg = rg[rb.target_counts(1)[rg] > 0]
+            if len(rg) and settings.loss_weighting == "nmae":
+                rb.set_loss_weights(rg, rb.nmae_ranges(rg))
             if len(rg):
                 replay = (rb, rg)
     n_replay = int(round(settings.replay * settings.batch_size)) if replay is not None else 0
@@ -1309,8 +1469,8 @@ def finetune(init_dir: str | os.PathLike | None, site_history: pd.DataFrame, mod
         return collate(rows), {"mean_horizon_days": float(h_.mean()), "mean_events": float(e_.mean()),
                                "curriculum_beta": sampler.beta(progress), "replay_rows": float(n_replay)}
 
-    def evaluate() -> dict:
-        q, idx, _, _ = _predict(model, val_rows, runtime)
+    def evaluate(net: nn.Module) -> dict:
+        q, idx, _, _ = _predict(net, val_rows, runtime)
         return forecast_metrics(builder, idx, q, scaler, ranges=ranges)
 
     def forgetting(net: nn.Module, view: ExampleBuilder, view_scaler: AnalyteScaler) -> dict:
@@ -1326,10 +1486,9 @@ def finetune(init_dir: str | os.PathLike | None, site_history: pd.DataFrame, mod
                       "elapsed": round(time.monotonic() - t0, 3)})
 
     lr = MODE_LR[mode] if settings.lr is None else settings.lr
-    reserve = (len(all_val_rows) + len(corpus_rows)) / max(len(val_rows), 1) + 1.0
     result = _fit(
         model, sample=sample, evaluate=evaluate, metric="pinball", lr=lr, settings=settings, runtime=runtime,
-        deadline=deadline, reserve_evals=reserve, t0=t0,
+        t0=t0,
         extra_loss=(lambda: settings.l2sp * _l2sp_penalty(l2sp_terms)) if l2sp_terms else None,
         no_decay={id(t[0]) for t in l2sp_terms},
     )
@@ -1341,6 +1500,8 @@ def finetune(init_dir: str | os.PathLike | None, site_history: pd.DataFrame, mod
         "stage": "finetune", "mode": mode, "lr": lr,
         "steps": result.steps, "planned_steps": result.planned_steps, "best_step": result.best_step,
         "stop_reason": result.stop_reason, "val_initial": result.initial_metrics, "val_best_eval": result.best_metrics,
+        "fit_seconds": result.fit_seconds, "warnings": _training_warnings(result, settings),
+        "undertrained": result.steps < settings.min_steps,
         "vocabulary": {"pretrained": max(n_pretrained - N_SPECIAL, 0), "added": added, "total": len(vocab.codes)},
         "scaler": scaler_info,
         "step_scale": {str(vocab.codes[i - N_SPECIAL]): round(float(step[i]), 4)
@@ -1377,10 +1538,23 @@ def finetune(init_dir: str | os.PathLike | None, site_history: pd.DataFrame, mod
         if conformal is not None:
             conformal.meta = {"n_points": report["calibration"]["n_points"], "validation_patients": len(val_ids),
                               "base_model_version": ForecastPipeline(model, vocab, scaler).model_version}
+        elif init_dir is not None and (inherited := load_checkpoint_calibration(init_dir)) is not None:
+            # too few validation points to certify intervals: the checkpoint's own calibration, on its held-out
+            # corpus patients, is the best evidence there is (in the pretrained scaler's units: exact for the
+            # analytes that keep them, approximate for refitted ones)
+            conformal = inherited
+            conformal.meta = {**conformal.meta, "inherited_from": "pretrained checkpoint (pretraining validation set)"}
+            report["calibration"]["fallback"] = "pretrained checkpoint's calibration (pretraining validation set)"
+            report["warnings"].append(
+                f"too few validation points to calibrate intervals on this site ({report['calibration']['skipped']}); "
+                "the intervals use the pretrained checkpoint's calibration on its held-out corpus patients")
         initial, final = result.initial_metrics.get("pinball"), report["val"].get("pinball")
         report["worse_than_initial"] = bool(initial is not None and final is not None and final > initial)
         if report["worse_than_initial"]:
-            log.warning("fine-tuned val pinball %.4f is worse than the initial %.4f", final, initial)
+            report["warnings"].append(f"the fine-tuned model's validation pinball loss ({final:.4f}) is worse than "
+                                      f"the checkpoint it started from ({initial:.4f})")
+    for w in report["warnings"]:
+        log.warning(w)
     report["seconds"] = round(time.monotonic() - t0, 1)
     pipeline = ForecastPipeline(model, vocab, scaler, conformal)
     pipeline.training_report = report

@@ -42,7 +42,8 @@ def test_evaluate_writes_a_card_comparing_modes_and_baselines(site, capsys):
     names = set(card["ranking"])
     assert names == {"last value", "historical mean", "full fine-tuning", "embedding-only fine-tuning"}
     assert "full fine-tuning" in card["statement"].lower()
-    assert (out / "model_card.md").read_text().count("|") > 20
+    readme = (out / "README.md").read_text()
+    assert readme.count("|") > 20 and readme.startswith("---\n") and "model-index:" in readme
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["winner"] == card["winner"]
 

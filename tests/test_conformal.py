@@ -144,3 +144,26 @@ def test_95_interval_is_calibrated_on_the_outermost_pair_and_nested():
     only90 = fit_conformal(codes, q, y, levels=(0.5, 0.8, 0.9))
     np.testing.assert_allclose(only90.apply(codes, q), adjusted)
     assert only90.extended_bounds(codes, q) == {}
+
+
+def test_single_result_forecasts_are_calibrated_apart():
+    """Issue 13 (b): forecasts from one prior result miss more; their stratum gets its own (wider)
+    adjustments, per analyte and pooled, and the others keep theirs; a calibration without strata
+    serialises as before (its model_version does not move)."""
+    rng = np.random.default_rng(3)
+    codes, q, y = synthetic(rng, {"A": 3000, "B": 3000}, {"A": 1.0, "B": 1.0})
+    single = rng.random(len(y)) < 0.2
+    y = np.where(single, q[:, 3] + (y - q[:, 3]) * 3.0, y)  # three times the error with one prior result
+    strata = np.where(single, "single", "")
+    cal = fit_conformal(codes, q, y, strata=strata)
+    assert cal.per_analyte["A|single"]["0.8"] > cal.per_analyte["A"]["0.8"] + 1.0
+    assert set(cal.pooled_strata) == {"single"}
+    adjusted = cal.apply(codes, q, strata)
+    for s in (True, False):
+        cov = interval_coverage(adjusted[single == s], y[single == s])
+        assert abs(cov[0.8] - 0.8) < 0.03, (s, cov)
+    # a stratum unseen for an analyte uses the stratum's pooled adjustment
+    assert cal.adjustments(["C"], ["single"])[0, 1] == cal.pooled_strata["single"]["0.8"]
+    round_trip = ConformalCalibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    np.testing.assert_array_equal(round_trip.apply(codes, q, strata), adjusted)
+    assert "pooled_strata" not in fit_conformal(codes, q, y).to_dict()

@@ -39,7 +39,24 @@ def test_demo_model_gets_the_committed_card_with_a_note_and_keeps_its_own(tmp_pa
     assert _demo_model_card(tmp_path)
     card = json.loads((tmp_path / "model_card.json").read_text())
     assert "held-out patients" in card["meta"]["note"] and card["methods"]
-    assert (tmp_path / "model_card.md").is_file()
+    readme = (tmp_path / "README.md").read_text()
+    assert "held-out patients" in readme and "|" in readme
     (tmp_path / "model_card.json").write_text('{"mine": true}')
     assert not _demo_model_card(tmp_path)  # a card of the model's own is never replaced
     assert json.loads((tmp_path / "model_card.json").read_text()) == {"mine": True}
+
+
+def test_demo_card_of_another_architecture_says_its_figures_are_not_this_models(tmp_path):
+    """A committed card measured on a model of another size (an earlier recipe) is copied with a note saying so."""
+    from labtrend.cli import _card_parameters, _demo_model_card, settings
+
+    results = settings.PROJECT_ROOT / "benchmarks" / "results"
+    src = next(p for p in (results / "model_card_mimic" / "model_card.json", results / "model_card_mimic_fold0.json")
+               if p.is_file())
+    measured = _card_parameters(json.loads(src.read_text()))
+    assert measured
+    (tmp_path / "run.json").write_text(json.dumps({"report": {"n_parameters": measured + 1}}))
+    assert _demo_model_card(tmp_path)
+    note = json.loads((tmp_path / "model_card.json").read_text())["meta"]["note"]
+    assert "EARLIER" in note and "not this model's" in note and "labtrend evaluate" in note
+    assert "EARLIER" in (tmp_path / "README.md").read_text()

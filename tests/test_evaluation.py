@@ -238,14 +238,15 @@ def test_baselines_do_not_look_at_or_after_at(synth, make):
 
 def test_not_enough_history_status(synth):
     task, folds = synth
-    f = LastValue()
+    f = LastValue(min_history=2)  # stricter than the product's MIN_HISTORY = 1
     f.fit(task.history)
     t = task.targets[task.targets["n_prior"] == 1].head(3)
     out = f.predict(task.history, t[["patient_id", "analyte_code", "at"]])
-    assert (out["status"] == not_enough_status(1)).all()
-    assert not_enough_status(1) == "Not enough measurements to forecast (1; minimum 2)"
+    assert (out["status"] == not_enough_status(1, 2)).all()
+    assert not_enough_status(1, 2) == "Not enough measurements to forecast (1; minimum 2)"
+    assert not_enough_status(0) == "Not enough measurements to forecast (0; minimum 1)"
     assert out[list(QUANTILE_COLUMNS)].isna().all().all()
-    fb = LastValue(min_history=1)
+    fb = LastValue()  # the default forecasts from one prior result, like the product
     fb.fit(task.history)
     one = fb.predict(task.history, t[["patient_id", "analyte_code", "at"]])
     np.testing.assert_allclose(one["q50"], t["last_value"])  # the median is the last value
@@ -275,12 +276,16 @@ def test_evaluate_is_fair_and_catches_leakage(synth):
     lv, gbm = results["last value"], results["LightGBM"]
     assert lv.info["leakage_checked_queries"] > 0
     assert lv.overall["nmae"] == pytest.approx(lv.overall["last_value_nmae"])
-    # The single-prior rule: those targets get the identical last-value forecast in every method.
+    # Single-prior targets are scored with each method's own forecast (the product forecasts from one result)
     one = lv.predictions["n_prior"] == 1
     assert one.any()
-    pd.testing.assert_frame_equal(lv.predictions.loc[one, list(QUANTILE_COLUMNS)],
-                                  gbm.predictions.loc[one, list(QUANTILE_COLUMNS)])
-    assert (gbm.predictions.loc[one, "source"] == "fallback: fewer than MIN_HISTORY prior").all()
+    assert (gbm.predictions.loc[one, "source"] == "method").all()
+    assert gbm.overall["fallback_fewer_than_min_history"] == 0
+    # a method that declines them (min_history 2) gets the last-value fallback there, counted as failures
+    strict = evaluate(LastValue(min_history=2), task, folds[:1])
+    sone = strict.predictions["n_prior"] == 1
+    assert (strict.predictions.loc[sone, "source"] == "fallback: failed").all()
+    assert strict.overall["failed_forecasts"] == int(sone.sum()) > 0
     assert len(gbm.predictions) == len(task.targets)
     with pytest.raises(LeakageError, match="peeking"):
         evaluate(_Peeking(), task, folds[:1])
@@ -302,9 +307,23 @@ def test_card_states_the_winner_from_the_numbers(tmp_path):
     card = write_model_card(results, tmp_path / "a", {"dataset": "hand-made", "split": "none"})
     assert card["winner"] == "full fine-tuning"
     assert card["statement"].startswith("Full fine-tuning beats last value (0.1000), LightGBM (0.1500)")
-    md = (tmp_path / "a" / "model_card.md").read_text()
+    md = (tmp_path / "a" / "README.md").read_text()
     assert card["statement"] in md and "0.0698" in md and "reference figures from the issue" in md.lower()
     assert json.loads((tmp_path / "a" / "model_card.json").read_text())["winner"] == "full fine-tuning"
+    # the card is a Hugging Face model card: metadata with the measured results of the primary method
+    import yaml
+
+    head = yaml.safe_load(md.split("---")[1])
+    assert head["license"] == "odbl" and head["library_name"] == "transformers" and head["datasets"] == ["hand-made"]
+    metrics = {m["name"]: m["value"] for m in head["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["count-weighted NMAE"] == pytest.approx(results["full fine-tuning"].overall["nmae"], abs=1e-5)
+    assert metrics["LightGBM NMAE (baseline, same targets)"] == pytest.approx(0.15, abs=1e-5)
+    assert "Training warnings" not in md
+    warned = write_model_card(results, tmp_path / "w", {"training_reports": {"full fine-tuning": [
+        {"warnings": ["UNDERTRAINED: training stopped after 13 optimizer steps"]}]}})
+    assert warned["training_warnings"] == ["full fine-tuning, fold 1: UNDERTRAINED: training stopped after 13 "
+                                           "optimizer steps"]
+    assert "⚠ Training warnings" in (tmp_path / "w" / "README.md").read_text()
 
     results["full fine-tuning"] = _result("full fine-tuning", t, task, bad)
     results["LightGBM"] = _result("LightGBM", t, task, good)

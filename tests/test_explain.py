@@ -138,7 +138,8 @@ def test_explainer_failure_is_a_message_not_an_exception(pipeline, history, monk
 
 
 def test_no_forecast_nothing_to_explain(pipeline, history):
-    e = explain_forecast(pipeline, history, "P0020", K, "2024-04-01 12:00")  # one prior value
+    first = history.loc[(history["patient_id"] == "P0020") & (history["analyte_code"] == K), "collected_at"].min()
+    e = explain_forecast(pipeline, history, "P0020", K, first)  # no prior value: no forecast
     assert e.status == "unavailable" and "Not enough measurements" in e.message
     with pytest.raises(ValueError, match="method must be"):
         explain_forecast(pipeline, history, "P0020", K, AT, method="deep")

@@ -19,6 +19,7 @@ from model.features import (
     STATUS_UNKNOWN_ANALYTE,
     UNK_ID,
     AnalyteScaler,
+    AnalyteStats,
     AnalyteVocab,
     collate,
     encode_queries,
@@ -200,18 +201,20 @@ def test_strictly_before_the_query_time():
     assert encode(h, q).n_history.tolist() == [3]
 
 
-def test_too_few_results_gives_status_not_a_row(cases):
+def test_one_result_is_enough_none_gives_status_not_a_row(cases):
+    """FC-12 as reconciled with issue 13: P0014's single HbA1c gets a row (a forecast leaning on the
+    population); a patient with no result of the analyte gets the status and no row."""
     h = fc12_history(cases)
     q = pd.DataFrame({"patient_id": ["P0014", "P0015", "P9999"], "analyte_code": "4548-4", "at": pd.Timestamp("2025")})
     enc = encode(h, q)
-    assert enc.status.tolist() == [
-        "Not enough measurements to forecast (1; minimum 2)",
-        STATUS_OK,
-        "Not enough measurements to forecast (0; minimum 2)",
-    ]
-    assert status_too_few(1) == f"Not enough measurements to forecast (1; minimum {MIN_HISTORY})"
+    assert MIN_HISTORY == 1
+    assert enc.status.tolist() == [STATUS_OK, STATUS_OK, "Not enough measurements to forecast (0; minimum 1)"]
+    assert status_too_few(0) == f"Not enough measurements to forecast (0; minimum {MIN_HISTORY})"
     assert enc.n_history.tolist() == [1, 3, 0]
-    assert [r.patient_id for r in enc.rows] == ["P0015"]
+    assert [r.patient_id for r in enc.rows] == ["P0014", "P0015"]
+    # a stricter minimum still gives the status (the baselines' min_history, for instance)
+    strict = encode_queries(h, q, *fitted(h), max_events=64, max_queries=8, min_history=2)
+    assert strict.status.tolist()[0] == "Not enough measurements to forecast (1; minimum 2)"
 
 
 def test_unknown_analytes_counted_but_not_encoded():
@@ -331,3 +334,24 @@ def test_query_summary_covers_every_prior_result_of_the_analyte_not_only_the_win
     expected = [z.mean() - a, z[-2] - a, z.min() - a, z.max() - a, z.std(), np.log1p(10) / 5]
     assert len(s) == len(QUERY_SUMMARY)
     np.testing.assert_allclose(s, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scaler_compresses_extremes_instead_of_clipping_them():
+    """Issue 13 (a): a site whose WBC spread is narrow (raw scale) read WBC 342 x10^3/uL as z = 223 and
+    clipped it to 20 (37.5 back in the unit). New scalers compress beyond the soft limit and give every
+    real value back; a scaler saved before (no soft_limit) keeps its hard clip."""
+    stats = {"6690-2": AnalyteStats("identity", 7.5, 1.5, 0.0, "10*3/uL", 100)}
+    new = AnalyteScaler(stats, clip=60.0, soft_limit=8.0)
+    x = np.array([2.0, 7.5, 12.0, 240.0, 342.0, 375.0])
+    z = new.normalise(["6690-2"] * 6, x)
+    np.testing.assert_allclose(new.denormalise(["6690-2"] * 6, z), x, rtol=1e-5)
+    assert np.all(np.diff(z) > 0) and abs(z[2] - 3.0) < 0.1  # monotone; nearly the identity within a few units
+    again = AnalyteScaler.from_dict(json.loads(json.dumps(new.to_dict())))
+    assert again.soft_limit == 8.0 and np.array_equal(again.normalise(["6690-2"], x[-2:]), z[-2:])
+    old = AnalyteScaler.from_dict({"clip": 20.0, "analytes": {k: vars(v) for k, v in stats.items()}})
+    assert old.soft_limit is None and old.denormalise(["6690-2"], old.normalise(["6690-2"], x[4:5]))[0] == 37.5
+    fitted = AnalyteScaler.fit(make_history([("P1", i, "A", v) for i, v in enumerate([1.0, 2, 3, 4])]))
+    assert fitted.soft_limit == 8.0  # the default for new fits
+    # one normalised unit is worth more canonical units beyond the soft limit (the loss weights use this)
+    slope = new.unit_per_normalised(["6690-2"] * 2, z[[1, 4]])
+    assert slope[0] == pytest.approx(1.5) and slope[1] > 5 * slope[0]

@@ -182,9 +182,11 @@ def test_forecast_band_traces_are_distinct_and_labelled(case_store):
     # the horizon is written under the chart by the page, not over the chart above (it overprinted its dates)
     assert fig.layout.meta["forecast_notes"] == {"2823-3": "up to 5 d after the last result"}
     assert not [a for a in fig.layout.annotations if a.yanchor == "bottom" and (a.y or 0) >= 1]
-    assert "Decision support" in med.customdata[-1]
+    assert "Decision support" in med.customdata[-1] and "based on 8 measurements" in med.customdata[-1]
     _, hi = yaxis(fig, 1).range
     assert hi >= 5.9 + 2 * 0.6  # the whole band is on the axis
+    one = figures.make_timeline_figure(results(case_store, "P0020"), None, forecasts=_forecast_frame().assign(n_history=1))
+    assert "based on 1 measurement<" in traces(one, "Forecast median")[0].customdata[-1]  # FC-12 / issue 13 (b)
 
 
 def test_forecast_95_band_replaces_90_when_calibrated(case_store):
@@ -205,7 +207,7 @@ def test_forecast_95_band_replaces_90_when_calibrated(case_store):
 
 
 def test_forecast_without_numbers_says_why(case_store):
-    fc = _forecast_frame().head(1).assign(q50=float("nan"), status="Not enough measurements to forecast (1; minimum 2)")
+    fc = _forecast_frame().head(1).assign(q50=float("nan"), status="Not enough measurements to forecast (0; minimum 1)")
     fig = figures.make_timeline_figure(results(case_store, "P0020"), None, forecasts=fc)
     assert not traces(fig, "Forecast median")
     assert any("Not enough measurements" in v for v in fig.layout.meta["forecast_status"].values())

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from model import QUANTILE_COLUMNS, QUANTILES
+from model import QUANTILE_COLUMNS, QUANTILES, history_basis
 from model.configuration import PRESETS, LabTrendConfig, config_preset
 from model.features import AnalyteScaler, AnalyteVocab
 from model.inference import ForecastPipeline
@@ -319,7 +319,8 @@ def test_too_many_events_is_a_value_error():
 
 
 def test_fc12_one_value_and_constant_series(pipeline, history):
-    """P0014 (one value) gets the status message; P0015 (7.0 x 3) a finite forecast near 7.0, no warnings."""
+    """P0014 (one value) gets a forecast from that value (FC-12 as reconciled with issue 13); P0015 (7.0 x 3) a
+    finite forecast near 7.0, no warnings."""
     f = no_warnings(pipeline.forecast, history, fc12_queries())
     assert list(f.columns) == [
         "patient_id", "analyte_code", "at", *QUANTILE_COLUMNS, "lo95", "hi95", "unit", "n_history", "status",
@@ -327,9 +328,9 @@ def test_fc12_one_value_and_constant_series(pipeline, history):
     ]
     assert f[["lo95", "hi95"]].isna().all().all()  # an uncalibrated model has no 95 % interval
     p14, p15, p16 = (f.iloc[i] for i in range(3))
-    assert p14["status"] == "Not enough measurements to forecast (1; minimum 2)" and p14["n_history"] == 1
-    assert p14[list(QUANTILE_COLUMNS)].isna().all()
-    for r in (p15, p16):
+    assert p14["status"] == "ok" and p14["n_history"] == 1
+    assert history_basis(p14["n_history"]) == "based on 1 measurement"
+    for r in (p14, p15, p16):
         assert r["status"] == "ok" and r["unit"] == "%"
         qs = r[list(QUANTILE_COLUMNS)].to_numpy(dtype=float)
         assert np.isfinite(qs).all() and (np.diff(qs) >= 0).all()
@@ -441,3 +442,106 @@ def test_step_scale_is_the_unit_of_each_analytes_forecast_change():
     hit = (batch["query_analyte"] == a).unsqueeze(-1).expand_as(before)
     torch.testing.assert_close(after[hit], 2 * before[hit])
     torch.testing.assert_close(after[~hit], before[~hit])
+
+
+# --- issue 13: what a tabular model reads, computed by the network from its own events ---------
+
+
+def test_event_context_ranks_changes_and_gaps_from_the_events_alone():
+    """Rank among the analyte's results (0 = latest), change from the previous observed result and
+    the gap to it; the order of the events does not matter, padding and hidden values never count."""
+    from model.modeling import event_context, query_context
+
+    a = torch.tensor([[3, 4, 3, 5, 3, 4, 0]])
+    t = torch.tensor([[10.0, 9.0, 5.0, 5.0, 1.0, 0.5, 0.0]])  # days before the forecast time
+    v = torch.tensor([[1.0, 2.0, 1.5, 0.0, 3.0, 2.5, 9.0]])
+    real = a > 0
+    rank, f = event_context(a, v, t, real, real)
+    assert rank.tolist() == [[2, 1, 1, 0, 0, 0, 0]]
+    np.testing.assert_allclose(f[0, :, 0].numpy(), [0, 0, 0.5, 0, 1.5, 0.5, 0], atol=1e-6)  # change
+    np.testing.assert_allclose(f[0, :, 1].numpy(), np.log1p([0, 0, 5, 0, 4, 8.5, 0]), atol=1e-6)  # log1p gap
+    assert f[0, :, 2].tolist() == [0, 0, 1, 0, 1, 1, 0]
+    perm = torch.tensor([4, 0, 6, 2, 5, 1, 3])
+    rank_p, f_p = event_context(a[:, perm], v[:, perm], t[:, perm], real[:, perm], real[:, perm])
+    assert torch.equal(rank_p, rank[:, perm]) and torch.allclose(f_p, f[:, perm])
+    # a hidden value is neither given nor used by the next result of its analyte
+    observed = real.clone()
+    observed[0, 2] = False
+    _, f_h = event_context(a, v, t, real, observed)
+    assert f_h[0, 2].tolist() == [0, 0, 0]
+    assert f_h[0, 4, 0] == pytest.approx(3.0 - 1.0) and f_h[0, 4, 1] == pytest.approx(np.log1p(9.0))
+    v2 = v.clone()
+    v2[0, 2] += 50.0
+    assert torch.equal(event_context(a, v2, t, real, observed)[1], f_h)
+
+    qa = torch.tensor([[3, 4, 7]])
+    qc = query_context(qa, a, t, real)  # [log n_1d, log n_7d, log since any, log all_1d / 2, log gap, has gap]
+    np.testing.assert_allclose(qc[0, 0].numpy(), [np.log1p(1), np.log1p(2), np.log1p(0.5), np.log1p(2) / 2,
+                                                 np.log1p(4), 1], atol=1e-6)
+    np.testing.assert_allclose(qc[0, 2].numpy(), [0, 0, np.log1p(0.5), np.log1p(2) / 2, 0, 0], atol=1e-6)
+
+
+def test_context_features_keep_padding_and_batch_independence():
+    """With the context features on (every preset), a row's forecast is the same padded in a batch or alone."""
+    config = tiny_config()
+    assert config.event_context and config.query_context and config.input_soft_limit > 0
+    model = LabTrendForForecasting(config).eval()
+    randomise_heads(model)
+    batch = random_batch(config, targets=False)
+    with torch.no_grad():
+        full = model(**batch).quantiles
+        for i, (ne, nq) in enumerate(((6, 2), (3, 1), (1, 2))):
+            alone = model(**row(batch, i, ne, nq)).quantiles
+            torch.testing.assert_close(full[i : i + 1, :nq], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_extreme_anchor_is_read_as_very_high_not_extrapolated():
+    """input_soft_limit: the level features saturate, so an anchor 100 normalised units out changes the
+    predicted *change* no more than one at the edge of the training range does; the forecast still
+    starts from the exact anchor."""
+    config = tiny_config()
+    model = LabTrendForForecasting(config).eval()
+    randomise_heads(model, std=0.5)
+    batch = random_batch(config, targets=False)
+
+    def change(anchor):
+        b = {k: v.clone() for k, v in batch.items()}
+        b["query_anchor_value"][0, 0] = anchor
+        b["event_value"][0, :6] = anchor
+        with torch.no_grad():
+            return (model(**b).quantiles[0, 0] - anchor).numpy()
+
+    edge, far = change(50.0), change(100.0)
+    np.testing.assert_allclose(far, edge, atol=1e-3)  # tanh(50 / 8) is already 1 - 1e-5
+    plain = LabTrendForForecasting(tiny_config(input_soft_limit=0.0)).eval()
+    plain.load_state_dict(model.state_dict())
+    b = {k: v.clone() for k, v in batch.items()}
+    b["query_anchor_value"][0, 0] = 100.0
+    with torch.no_grad():
+        assert not np.allclose((plain(**b).quantiles[0, 0] - 100.0).numpy(), far, atol=1e-2)
+
+
+def test_weighted_pinball_loss():
+    levels = torch.tensor(QUANTILES)
+    q = torch.zeros(1, 2, N_Q)
+    y = torch.tensor([[1.0, -2.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    per = pinball_loss(q[:, :1], y[:, :1], levels, mask[:, :1]), pinball_loss(q[:, 1:], y[:, 1:], levels, mask[:, 1:])
+    w = torch.tensor([[3.0, 1.0]])
+    torch.testing.assert_close(pinball_loss(q, y, levels, mask, weight=w), (3 * per[0] + per[1]) / 4)
+    torch.testing.assert_close(pinball_loss(q, y, levels, mask, weight=torch.ones(1, 2)), pinball_loss(q, y, levels, mask))
+
+
+def test_auto_classes_load_labtrend_checkpoints(pipeline, tmp_path):
+    """AutoConfig / AutoModel / AutoModelForTimeSeriesPrediction know model_type 'labtrend'."""
+    from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForTimeSeriesPrediction
+
+    pipeline.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), LabTrendConfig)
+    fc = AutoModelForTimeSeriesPrediction.from_pretrained(tmp_path)
+    assert isinstance(fc, LabTrendForForecasting)
+    for k, v in pipeline.model.state_dict().items():
+        torch.testing.assert_close(fc.state_dict()[k], v)
+    backbone, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(backbone, LabTrendModel) and not info["missing_keys"]
+    assert isinstance(AutoModelForPreTraining.from_config(pipeline.model.config), LabTrendForPretraining)

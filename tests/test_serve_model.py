@@ -37,7 +37,7 @@ from model.inference import ForecastPipeline
 from model.modeling import LabTrendForForecasting
 
 HBA1C = "4548-4"
-TOO_FEW = "Not enough measurements to forecast (1; minimum 2)"
+TOO_FEW = "Not enough measurements to forecast (0; minimum 1)"
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
@@ -171,9 +171,8 @@ def test_remote_forecasts_equal_in_process_bit_for_bit(served, pipeline, mimic_s
     assert served.recording.forecast_calls == calls + 1
     assert_bitwise_equal(remote, local)
     assert (remote["status"] == "ok").sum() >= 12
-    fc12 = remote[(remote["patient_id"] == "P0014")].iloc[0]
-    assert fc12["status"] == TOO_FEW and fc12["n_history"] == 1
-    assert fc12[list(QUANTILE_COLUMNS)].isna().all()
+    fc12 = remote[(remote["patient_id"] == "P0014")].iloc[0]  # one prior result: a forecast (issue 13)
+    assert fc12["status"] == "ok" and fc12["n_history"] == 1
     assert remote[(remote["patient_id"] == "P0015")]["status"].iloc[0] == "ok"
 
     # one patient at a time, as the dashboard asks; the queries' own index and extra columns are kept
@@ -247,9 +246,9 @@ def test_remote_explanation_equals_in_process(served, pipeline, mimic_store, cas
     _same_explanation(served.client.explain(h, pid, code, at, forecast_median=median),
                       explain_forecast(pipeline, h, pid, code, at, forecast_median=median))
 
-    _, _, h14 = patient_inputs(case_store, "P0014")  # FC-12: nothing to explain
-    local14 = explain_forecast(pipeline, h14, "P0014", HBA1C, "2024-12-01")
-    remote14 = served.client.explain(h14, "P0014", HBA1C, "2024-12-01")
+    _, _, h14 = patient_inputs(case_store, "P0014")  # before P0014's only HbA1c: nothing to explain
+    local14 = explain_forecast(pipeline, h14, "P0014", HBA1C, "2024-06-01")
+    remote14 = served.client.explain(h14, "P0014", HBA1C, "2024-06-01")
     assert remote14.status == "unavailable" and remote14.message == f"No forecast to explain: {TOO_FEW}"
     _same_explanation(remote14, local14)
 

@@ -233,7 +233,8 @@ def test_gradient_checkpointing_gives_the_same_training_step(pretrained, site):
 
 def test_early_stopping_triggers_on_a_plateau(pretrained, site):
     """With lr = 0 the validation pinball never improves after the first eval: stop after `patience` more."""
-    pipe = finetune(pretrained, site, "full", settings=fast(steps=50, eval_every=1, patience=2, lr=0.0, replay=0.0),
+    pipe = finetune(pretrained, site, "full", settings=fast(steps=50, eval_every=1, patience=2, lr=0.0, replay=0.0,
+                                                            min_steps=1),
                     runtime=quiet())
     report = pipe.training_report
     assert report["stop_reason"] == "early_stopping"
@@ -248,7 +249,7 @@ def test_time_budget_is_respected_and_the_best_checkpoint_kept(pretrained, site)
     start = time.monotonic()
     pipe = finetune(pretrained, site, "full", runtime=Runtime(progress_bar=False, log=lines.append),
                     settings=fast(steps=100_000, eval_every=5, timing_steps=2, max_minutes=0.1, patience=1000,
-                                  replay=0.0))
+                                  replay=0.0, min_steps=3))
     elapsed = time.monotonic() - start
     report = pipe.training_report
     assert report["steps"] < 100_000
@@ -258,6 +259,39 @@ def test_time_budget_is_respected_and_the_best_checkpoint_kept(pretrained, site)
     val = {x["step"]: x["metrics"]["pinball"] for x in lines if x["split"] == "val" and x["step"] > 0}
     assert report["best_step"] in val
     assert report["val_best_eval"]["pinball"] <= min(val.values()) + TrainSettings().min_delta
+
+
+def test_budget_is_the_optimisation_not_the_data_preparation(pretrained, site, monkeypatch):
+    """Issue 13 (c): a run whose data preparation takes longer than its whole budget still optimises for
+    its budget; a budget too short for min_steps is overrun and said so; fewer steps than min_steps is
+    reported UNDERTRAINED."""
+    original = ExampleBuilder.__init__
+    prep_s = 4.0
+
+    def slow(self, *args, **kwargs):  # a slow disk or a busy machine, simulated
+        original(self, *args, **kwargs)
+        time.sleep(prep_s)
+
+    monkeypatch.setattr(ExampleBuilder, "__init__", slow)
+    budget_min = 0.05  # 3 s, less than the preparation
+    pipe = finetune(pretrained, site, "full", runtime=quiet(),
+                    settings=fast(steps=100_000, eval_every=5, timing_steps=2, max_minutes=budget_min, patience=1000,
+                                  replay=0.0, min_steps=2))
+    report = pipe.training_report
+    assert report["seconds"] > prep_s  # the call took the preparation ...
+    assert report["fit_seconds"] >= 0.5 * 60 * budget_min  # ... and the optimisation still had its budget
+    assert report["stop_reason"] == "time" and report["steps"] >= 2 and not report["undertrained"]
+    monkeypatch.setattr(ExampleBuilder, "__init__", original)
+
+    overrun = finetune(pretrained, site, "full", runtime=quiet(),
+                       settings=fast(steps=1000, eval_every=5, max_minutes=1e-4, min_steps=12, replay=0.0))
+    r = overrun.training_report
+    assert r["steps"] >= 12 and not r["undertrained"]
+    assert any("time budget" in w and "ran" in w for w in r["warnings"])
+
+    short = finetune(pretrained, site, "full", runtime=quiet(), settings=fast(steps=3, replay=0.0, min_steps=10))
+    r = short.training_report
+    assert r["steps"] == 3 and r["undertrained"] and r["warnings"][0].startswith("UNDERTRAINED: training stopped after 3")
 
 
 # --- train.py -------------------------------------------------------------------------------
@@ -323,6 +357,8 @@ def test_cli_end_to_end_writes_a_loadable_pipeline_and_logs(cli_run, site_store)
     pipe = ForecastPipeline.from_pretrained(out)
     assert run["model_version"] == pipe.model_version == (out / "model_version").read_text().strip()
     assert run["report"]["steps"] == 5 and run["wall_seconds"] > 0 and run["world_size"] == 1
+    # --steps 5 is below --min-steps: said loudly in run.json (and on stderr)
+    assert run["undertrained"] and run["warnings"][0].startswith("UNDERTRAINED")
 
 
 def test_excluded_patients_never_reach_training_or_validation(cli_run):
@@ -419,6 +455,24 @@ def test_cli_rejects_unusable_inputs(tmp_path, site_store, cli_pretrained, capsy
                        *CORPUS_FLAGS]) == 2
 
 
+def test_a_size_without_a_checkpoint_trains_from_scratch_and_says_so(tmp_path, site_store, cli_pretrained, capsys,
+                                                                     monkeypatch):
+    """Issue 13 (d): `--config small` when the checkpoint at hand is another size (here tiny) fine-tunes that
+    size from scratch with a warning, instead of stopping; an explicit --init of another size is an error."""
+    monkeypatch.setenv("LABTREND_PRETRAINED", str(cli_pretrained))  # the default checkpoint is tiny
+    out = tmp_path / "small"
+    flags = list(CORPUS_FLAGS)
+    flags[flags.index("--config") + 1] = "small"
+    assert train.main(["--db", str(site_store), "--out", str(out), "--steps", "2", "--eval-every", "2", *flags]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["mode"] == "scratch" and run["init"] is None
+    assert "FROM SCRATCH" in run["warnings"][0] and "FROM SCRATCH" in capsys.readouterr().err
+    assert ForecastPipeline.from_pretrained(out).model.config.d_model == 96  # small
+    assert train.main(["--db", str(site_store), "--init", str(cli_pretrained), "--out", str(tmp_path / "x"),
+                       *flags]) == 2
+    assert "differs from the checkpoint --init" in capsys.readouterr().err
+
+
 def test_parser_defaults_are_the_training_defaults():
     """train.py shows every TrainSettings field as a flag, with the same default."""
     args = train.build_parser().parse_args([])
@@ -501,3 +555,80 @@ def test_finetune_sets_step_scales_from_training_patients_and_saves_them(pretrai
     pipe.save_pretrained(tmp_path / "m")
     again = ForecastPipeline.from_pretrained(tmp_path / "m")
     assert torch.equal(again.model.analyte_step_scale, pipe.model.analyte_step_scale)
+
+
+# --- issue 13 -------------------------------------------------------------------------------------
+
+
+def test_pretraining_checkpoint_carries_a_calibration_for_its_own_intervals(pretrained, site, monkeypatch):
+    """Issue 13 (e): the checkpoint is calibrated on its pretraining validation patients, so a pipeline
+    made from it as it is has finite 95 % bounds; a fine-tuning run too small to calibrate on its own
+    validation patients inherits that calibration and says so."""
+    from model.training import load_checkpoint_calibration
+
+    cal = load_checkpoint_calibration(pretrained)
+    assert cal is not None and "pretraining validation" in cal.meta["source"]
+    zero_shot = ForecastPipeline.from_pretrained(pretrained)
+    patient = sorted(site["patient_id"].unique())[0]
+    h = site[site["patient_id"] == patient]
+    q = h.groupby("analyte_code").tail(1)[["patient_id", "analyte_code"]].assign(
+        at=h["collected_at"].max() + pd.Timedelta(days=2))
+    q = q[q["analyte_code"].isin(zero_shot.vocab.codes)]
+    f = zero_shot.forecast(h, q)
+    ok = f["status"] == "ok"
+    assert ok.any() and np.isfinite(f.loc[ok, ["lo95", "hi95"]].to_numpy()).all()
+    assert (f.loc[ok, "lo95"] <= f.loc[ok, "q05"]).all() and (f.loc[ok, "q95"] <= f.loc[ok, "hi95"]).all()
+
+    import model.training as training
+
+    def too_few(*args, **kwargs):  # what a site with a handful of validation results gets
+        raise ValueError("7 calibration points cannot certify a 95% interval; need at least 19")
+
+    monkeypatch.setattr(training, "fit_conformal", too_few)
+    small = finetune(pretrained, site, "full", runtime=quiet(), settings=fast(steps=2, eval_every=2, replay=0.0))
+    r = small.training_report
+    assert "fallback" in r["calibration"] and small.conformal is not None
+    assert small.conformal.meta["inherited_from"].startswith("pretrained checkpoint")
+    assert any("pretrained checkpoint's calibration" in w for w in r["warnings"])
+
+
+def test_ema_weights_are_what_is_evaluated_and_kept(pretrained, site):
+    """ema_decay: the saved weights are the moving average (not the last step's), and they were scored."""
+    from model.training import Runtime
+
+    lines: list[dict] = []
+    pipe = finetune(pretrained, site, "full", runtime=Runtime(progress_bar=False, log=lines.append),
+                    settings=fast(steps=6, eval_every=3, replay=0.0, ema_decay=0.5, min_steps=1, lr=3e-3))
+    report = pipe.training_report
+    val = {x["step"]: x["metrics"]["pinball"] for x in lines if x["split"] == "val" and x["step"] > 0}
+    assert report["best_step"] in val
+    # the kept model scores what the log says its best eval scored
+    assert report["val_best_eval"]["pinball"] == pytest.approx(val[report["best_step"]])
+    start = initial_state(pretrained, site)
+    assert any(not torch.equal(start[k], v) for k, v in pipe.model.state_dict().items() if k in start)
+
+
+def test_nmae_loss_weights_follow_the_anchor_and_the_analytes_range(site):
+    """loss_weighting='nmae': weight = (canonical units per normalised unit at the anchor) / range,
+    mean 1 over the training targets, never a function of the target itself."""
+    vocab, scaler = AnalyteVocab.fit(site), AnalyteScaler.fit(site)
+    b = ExampleBuilder(site, vocab, scaler, max_events=64, max_queries=8)
+    groups = np.arange(len(b.g_start))
+    ranges = b.nmae_ranges(groups)
+    b.set_loss_weights(groups, ranges)
+    t = b.targets
+    w = b.loss_w[t].astype(np.float64)
+    assert w.mean() == pytest.approx(1.0, rel=0.05) and (w > 0).all()
+    raw = scaler.unit_per_normalised(b.codes[t], b.z[b.prev[t]]) / ranges[b.aid[t]]
+    ok = (w > 0.11) & (w < 9.9)  # inside the clip
+    np.testing.assert_allclose(w[ok] / raw[ok], np.median(w[ok] / raw[ok]), rtol=1e-4)
+    row = b.sample_rows(groups[b.target_counts(1) > 0][:4], np.random.default_rng(0))
+    batch = __import__("model.features", fromlist=["collate"]).collate(row)
+    assert "target_weight" in batch and batch["target_weight"].shape == batch["target_value"].shape
+    # the last result of each series is a target and never an anchor: moving it changes no weight
+    last = np.setdiff1d(t, b.prev[t])
+    before = b.loss_w.copy()
+    b.z = b.z.copy()
+    b.z[last] += 3.0
+    b.set_loss_weights(groups, ranges)
+    np.testing.assert_array_equal(b.loss_w, before)
