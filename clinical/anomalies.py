@@ -417,7 +417,10 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
         sexkey = t["sex"].fillna("unknown")
         base = pd.DataFrame({"_i": np.flatnonzero(need), "code": t.loc[need, "analyte_code"].to_numpy(),
                              "sexkey": sexkey[need].to_numpy(), "age": t.loc[need, "x_age"].to_numpy()})
-        cand = base.merge(iv, on=["code", "sexkey"])
+        # the catalogue rows by position: each result's citation is then a reference to the row's one string,
+        # not a copy per result (105,120 results of one analyte: 35 MB of copies)
+        cite = iv["source"].to_numpy(dtype=object)
+        cand = base.merge(iv.drop(columns="source").assign(_iv=np.arange(len(iv))), on=["code", "sexkey"])
         a = cand["age"]
         in_age = np.where(a.isna(), cand["adult"],
                           (cand["age_low"].isna() | (a >= cand["age_low"])) & (cand["age_high"].isna() | (a < cand["age_high"])))
@@ -426,7 +429,7 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
         t.loc[idx, "x_lo"] = cand["low"].to_numpy()
         t.loc[idx, "x_hi"] = cand["high"].to_numpy()
         t.loc[idx, "x_src"] = "catalogue"
-        t.loc[idx, "x_cite"] = cand["source"].to_numpy()
+        t.loc[idx, "x_cite"] = cite[cand["_iv"].to_numpy()]
         t.loc[idx[cand["age"].isna().to_numpy()], "x_agenote"] = "age unknown: adult interval used"
 
     # critical limits and the result's flag (clinical.flags: one rule for chart, table, counts and rules)
@@ -1274,12 +1277,13 @@ def _run_ids(out: pd.DataFrame, t: pd.DataFrame, max_gap: pd.Timedelta, episodes
     return result
 
 
-def _peak_index(g: pd.DataFrame) -> int:
-    """Position of the run's peak: the highest critical high / lowest critical low, the value farthest
-    from a delta check's baseline, the largest excess beyond a model interval, else the largest |score|."""
-    rule, flag = g["rule"].iloc[0], g["flag"].iloc[0]
-    v = g["value"].to_numpy(float)
-    ev0 = g["evidence"].iloc[0] if isinstance(g["evidence"].iloc[0], dict) else {}
+def _peak_index(g: list[dict]) -> int:
+    """Position of the run's peak in ``g`` (the run's rows as records, oldest first): the highest critical
+    high / lowest critical low, the value farthest from a delta check's baseline, the largest excess
+    beyond a model interval, else the largest |score|."""
+    rule, flag = g[0]["rule"], g[0]["flag"]
+    v = np.array([r["value"] for r in g], dtype=float)
+    ev0 = g[0]["evidence"] if isinstance(g[0]["evidence"], dict) else {}
     if rule == "critical_value" and flag == "HH" and np.isfinite(v).any():
         return int(np.nanargmax(v))
     if rule == "critical_value" and flag == "LL" and np.isfinite(v).any():
@@ -1287,16 +1291,17 @@ def _peak_index(g: pd.DataFrame) -> int:
     if rule == "delta_check" and ev0.get("previous_value") is not None and np.isfinite(v).any():
         return int(np.nanargmax(np.abs(v - float(ev0["previous_value"]))))
     if rule in ("model_surprise", "multivariate_inconsistency"):
-        ex = np.array([abs(e.get("excess_in_interval_widths") or 0.0) if isinstance(e, dict) else 0.0
-                       for e in g["evidence"]], dtype=float)
+        ex = np.array([abs(r["evidence"].get("excess_in_interval_widths") or 0.0) if isinstance(r["evidence"], dict)
+                       else 0.0 for r in g], dtype=float)
         return int(np.argmax(ex))
-    sc = np.abs(g["score"].to_numpy(float))
+    sc = np.abs(np.array([r["score"] for r in g], dtype=float))
     return int(np.nanargmax(sc)) if np.isfinite(sc).any() else 0
 
 
-def _run_text(g: pd.DataFrame, ref: ClinicalReference) -> str:
-    first, last = g.iloc[0], g.iloc[-1]
-    peak = g.iloc[_peak_index(g)]
+def _run_text(g: list[dict], ref: ClinicalReference, k: int | None = None) -> str:
+    """The text of a run: ``g`` its rows as records (oldest first), ``k`` the peak's position (:func:`_peak_index`)."""
+    first, last = g[0], g[-1]
+    peak = g[_peak_index(g) if k is None else k]
     code, unit, name, rule, flag = first["analyte_code"], first["unit"], first["analyte_name"], first["rule"], first["flag"]
     n = len(g)
     t0, t1 = pd.Timestamp(first["collected_at"]), pd.Timestamp(last["collected_at"])
@@ -1316,7 +1321,7 @@ def _run_text(g: pd.DataFrame, ref: ClinicalReference) -> str:
     if rule == "delta_check":
         base, base_at = ev.get("previous_value"), ev.get("previous_at")
         days = (t1 - pd.Timestamp(base_at)).total_seconds() / 86400.0 if base_at else float("nan")
-        flags = set(g["flag"])
+        flags = {r["flag"] for r in g}
         word = "rose" if flags == {"UP"} else "fell" if flags == {"DOWN"} else "changed"
         change = _change_text(code, float(last["value"]), float(base), unit) if base else "?"
         m = ev.get("min_abs_change")
@@ -1328,7 +1333,7 @@ def _run_text(g: pd.DataFrame, ref: ClinicalReference) -> str:
     if rule in ("model_surprise", "multivariate_inconsistency"):
         lev = ev.get("interval_level")
         where = f"the {100 * lev:.0f} % interval" if lev else "the model's interval"
-        flags = set(g["flag"])
+        flags = {r["flag"] for r in g}
         side = "above" if flags == {"ABOVE"} else "below" if flags == {"BELOW"} else "outside"
         return (f"{name} {side} {where} on {n} consecutive results {span}: "
                 f"{values}{_SEP}consider reviewing these results (model {first['model_version']})")
@@ -1365,26 +1370,33 @@ def group_runs(anomalies: pd.DataFrame, timeline: pd.DataFrame, reference: Clini
     a["collected_at"] = pd.to_datetime(a["collected_at"]).astype("datetime64[us]")
     a["_run"] = _run_ids(a, t, pd.Timedelta(hours=hours), episodes)
     bound = ("admission" if episodes is not None and len(episodes) else f"consecutive flags no more than {hours:g} h apart")
+    # one pass over plain records (a year of 5-minute glucose has thousands of runs: a DataFrame per run
+    # cost seconds and hundreds of MB of short-lived objects)
+    a = a.sort_values(["_run", "collected_at", "result_id"], kind="stable")
+    recs = a.to_dict("records")
+    run = a["_run"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]]) if len(run) else np.array([], dtype=np.int64)
     rows = []
-    for _, g in a.sort_values(["_run", "collected_at", "result_id"], kind="stable").groupby("_run", sort=False):
-        first = g.iloc[0].to_dict()
-        if len(g) == 1:
+    for b, e in zip(starts.tolist(), [*starts[1:].tolist(), len(recs)]):
+        first = recs[b]
+        if e - b == 1:
             rows.append(first)
             continue
+        g = recs[b:e]
         k = _peak_index(g)
-        peak, last = g.iloc[k], g.iloc[-1]
+        peak, last = g[k], g[-1]
         pick = lambda r: {"result_id": _clean(r["result_id"]), "collected_at": _clean(r["collected_at"]),  # noqa: E731
                           "value": _clean(r["value"])}
         ev = dict(first["evidence"]) if isinstance(first["evidence"], dict) else {}
-        members = [e.get("result_ids") for e in g["evidence"] if isinstance(e, dict) and e.get("result_ids")]
+        members = [r["evidence"].get("result_ids") for r in g
+                   if isinstance(r["evidence"], dict) and r["evidence"].get("result_ids")]
         if members:  # pattern rows: every involved result of every specimen of the run
             ev["result_ids"] = sorted({int(i) for ids in members for i in ids})
-        ev["run"] = {"n": len(g), "result_ids": [_clean(x) for x in g["result_id"]],
-                     "collected_at": [_clean(x) for x in g["collected_at"]], "values": [_clean(x) for x in g["value"]],
-                     "scores": [_clean(x) for x in g["score"]],
+        ev["run"] = {"n": len(g), "result_ids": [_clean(r["result_id"]) for r in g],
+                     "collected_at": [_clean(r["collected_at"]) for r in g], "values": [_clean(r["value"]) for r in g],
+                     "scores": [_clean(r["score"]) for r in g],
                      "first": pick(first), "peak": pick(peak), "last": pick(last), "episode": bound}
-        row = dict(first, value=peak["value"], score=peak["score"], evidence=ev, text=_run_text(g, ref))
-        rows.append(row)
+        rows.append(dict(first, value=peak["value"], score=peak["score"], evidence=ev, text=_run_text(g, ref, k)))
     out = pd.DataFrame(rows).drop(columns=["_run"])
     out["model_version"] = pd.Series([v if isinstance(v, str) else None for v in out["model_version"]], dtype=object,
                                      index=out.index)  # rule-based rows: None, never NaN
