@@ -350,6 +350,16 @@ def specimen_keys(frame: pd.DataFrame) -> pd.Series:
     return by_time.where(~has, frame["patient_id"].astype(str) + "|s" + sid.astype(str))
 
 
+def _objects(s: pd.Series) -> np.ndarray:
+    """``s`` as an object array, None where missing, with one object per distinct value that every row
+    holding it shares (a year of 5-minute results of one analyte: a few strings, not 105,120 copies)."""
+    codes, uniques = pd.factorize(s, use_na_sentinel=True)
+    table = np.empty(len(uniques) + 1, dtype=object)
+    table[:-1] = np.asarray(uniques, dtype=object)
+    table[-1] = None  # code -1: missing
+    return table[codes]
+
+
 def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.DataFrame:
     missing = [c for c in _REQUIRED if c not in timeline.columns]
     if missing:
@@ -358,10 +368,10 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     t = timeline[keep].reset_index(drop=True).copy()
     # object (numpy) strings: takes, sorts and merges on pyarrow strings are several times slower here
     for col in ("patient_id", "analyte_code"):
-        t[col] = t[col].astype(str).to_numpy(dtype=object)
+        t[col] = _objects(t[col].astype(str))
     for col in ("specimen_id", "comparator", "value_text", "comment", "unit_canonical", "analyte_name", "flag"):
         if col in t:
-            t[col] = t[col].astype(object).where(t[col].notna(), None).to_numpy(dtype=object)
+            t[col] = _objects(t[col])
     t["collected_at"] = pd.to_datetime(t["collected_at"]).astype("datetime64[us]")
     for col in ("reported_at",):
         t[col] = pd.to_datetime(t[col]).astype("datetime64[us]") if col in t else t["collected_at"]
@@ -380,7 +390,7 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     t["x_num"] = usable & (kind == "numeric")
     t["x_cens"] = usable & (kind == "censored") & comp.isin(_LOWER_COMPARATORS + _UPPER_COMPARATORS).to_numpy()
     keys = specimen_keys(t)
-    codes, _ = pd.factorize(keys.to_numpy(dtype=object))
+    codes, _ = pd.factorize(keys)  # on the keys as they are (no Python string per result)
     t["x_spec"] = codes.astype(np.int64)  # integer specimen ids: joins on them are fast
 
     # demographics at collection
@@ -400,7 +410,9 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     # names from the catalogue, else as given
     cat = load_catalogue()
     names = {a.code: a.name for a in cat}
-    t["x_name"] = [names.get(c) or n or c for c, n in zip(t["analyte_code"], t["analyte_name"])]
+    pairs, uniq = pd.factorize(pd.MultiIndex.from_arrays([t["analyte_code"], t["analyte_name"]]))
+    t["x_name"] = np.array([names.get(c) or (n if isinstance(n, str) else None) or c for c, n in uniq],  # once per pair
+                           dtype=object)[pairs]
     t["x_unit"] = t["unit_canonical"].astype(object).where(t["unit_canonical"].notna(), None)
 
     # effective reference interval: the laboratory's own, else the catalogue's
@@ -671,6 +683,10 @@ def _with_previous(t: pd.DataFrame) -> pd.DataFrame:
     return num.merge(prev, on=["patient_id", "analyte_code", "collected_at"], how="left")
 
 
+_DELTA_COLUMNS = ["result_id", "patient_id", "analyte_code", "x_name", "collected_at", "value_canonical", "x_unit",
+                  "time_unknown", "x_prev", "x_prev_at", "x_prev_id", "x_prev_time_unknown"]
+
+
 def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame) -> pd.DataFrame:
     """Rule 2: change from the previous valid result beyond the RCV **and** at least the analyte's
     cited minimum absolute change (``delta_min``); analytes without both get no delta check."""
@@ -681,7 +697,8 @@ def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame
     has = withprev["analyte_code"].isin(usable).to_numpy()
     window = pd.Timedelta(days=float(ref.rules["delta_check"]["max_interval_days"]))
     recent = (withprev["collected_at"] - withprev["x_prev_at"]).le(window).to_numpy()
-    w = withprev[has & recent & (withprev["x_prev"].to_numpy(float) > 0)]
+    # only the columns the rule reads: the rows with a recent previous result are nearly all of a long series
+    w = withprev.loc[has & recent & (withprev["x_prev"].to_numpy(float) > 0), _DELTA_COLUMNS]
     if w.empty:
         return _empty()
     codes = w["analyte_code"].to_numpy(dtype=object)
@@ -699,7 +716,7 @@ def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame
     ch, lim = change[sel_mask], np.where(fire_up, up, down)[sel_mask]
     flags = np.where(fire_up[sel_mask], "UP", "DOWN")
     score = ch / np.abs(lim)
-    ev, src, txt = [], [], []
+    ev, src, txt, sources = [], [], [], {}
     for r, c, l_, f, m in zip(sel.itertuples(index=False), ch, lim, flags, minimum[sel_mask]):
         days = (pd.Timestamp(r.collected_at) - pd.Timestamp(r.x_prev_at)).total_seconds() / 86400.0
         cvi, cva, bv_source = ref.variation[r.analyte_code]
@@ -709,7 +726,8 @@ def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame
                             previous_result_id=r.x_prev_id, days_since_previous=days, change_pct=100 * c,
                             change_abs=r.value_canonical - r.x_prev, rcv_pct=100 * l_, min_abs_change=m,
                             min_abs_change_source=min_source, z=z, cvi_pct=cvi, cva_pct=cva, log_normal=skewed))
-        src.append(f"{settings_source}; CVI/CVA: {bv_source}; minimum change: {min_source}")
+        source = f"{settings_source}; CVI/CVA: {bv_source}; minimum change: {min_source}"
+        src.append(sources.setdefault(source, source))  # one string per analyte, shared by its rows
         word = "rose" if f == "UP" else "fell"
         code, unit = r.analyte_code, r.x_unit
         prev_unknown = isinstance(r.x_prev_time_unknown, (bool, np.bool_)) and bool(r.x_prev_time_unknown)
