@@ -288,9 +288,11 @@ def with_reference_limits(results: pd.DataFrame, sex: str | None = None, age_yea
     canonical unit; NaN where the reference files have nothing for the analyte.
 
     The figures use a result's own reported interval first and fall back to these. The
-    limits are worked out once per (analyte, sex, age) and then looked up.
+    limits are worked out once per (analyte, sex, age) and then looked up. The result shares
+    ``results``' columns (pandas copy-on-write: neither frame sees the other's changes), so a
+    patient's cached timeline and its frame with limits are not two full copies in memory.
     """
-    out = results.copy()
+    out = results.copy(deep=False)
     columns = ("ref_low_catalogue", "ref_high_catalogue", "critical_low", "critical_high")
     if out.empty:
         for c in columns:
