@@ -315,7 +315,7 @@ def _model_key() -> tuple[str, float]:
 
 @st.cache_resource(ttl=QUERY_TTL_S, max_entries=32, show_spinner=False)
 def _timeline_figure(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,
-                     analytes: tuple[str, ...], date_range: tuple | None, model_key: tuple[str, float],
+                     analytes: tuple[str, ...], date_range: tuple | None, model_key: tuple[str, float], rings: bool,
                      _results: pd.DataFrame, _forecasts: pd.DataFrame, _anomalies: pd.DataFrame, _decimals: dict):
     # cache_resource: the figure object itself comes back, where cache_data would unpickle a copy
     # (a Figure rebuilds and revalidates itself: 0.2 s on a busy 2-core machine)
@@ -330,15 +330,18 @@ def timeline_figure(path: str, version: str, patient_id: str, sex: str | None, a
                     forecasts: services.ServiceResult, anomalies: services.ServiceResult, decimals: dict | None = None):
     """:func:`dashboard.figures.make_timeline_figure` of ``results_with_limits(path, version, patient_id, sex,
     age_years)`` with this patient's :func:`forecasts` of ``analytes``, :func:`anomalies` and
-    :func:`reporting_decimals` (the cache key names all of them)."""
+    :func:`reporting_decimals` (the cache key names all of them). ``anomalies`` with ``extra['pending']``:
+    the values drawn before the anomalies are computed (cached apart from the figure with rings)."""
     decimals = reporting_decimals(path, version, patient_id) if decimals is None else decimals
     if forecasts.extra.get("retry") or anomalies.extra.get("retry"):
         from dashboard import figures
 
         return figures.make_timeline_figure(results, list(analytes), forecasts=forecasts.frame,
                                             anomalies=anomalies.frame, date_range=date_range, decimals=decimals)
+    # ``rings`` is in the key: the values-only figure a long series is drawn with first (anomalies
+    # marked ``pending``) is another figure than the one with its anomaly rings
     return _timeline_figure(path, version, patient_id, sex, age_years, analytes, date_range, _model_key(),
-                            results, forecasts.frame, anomalies.frame, decimals)
+                            not anomalies.extra.get("pending"), results, forecasts.frame, anomalies.frame, decimals)
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
