@@ -101,6 +101,7 @@ __all__ = [
     "detect_anomalies",
     "group_runs",
     "history_from_timeline",
+    "prepare_timeline",
     "timeline_from_history",
     "specimen_keys",
     "pattern_detections",
@@ -318,7 +319,7 @@ def rcv_limits(code: str, z: float, reference: ClinicalReference | None = None) 
 _REQUIRED = ("result_id", "patient_id", "collected_at", "analyte_code", "value_canonical", "result_kind")
 _KEEP = (
     "result_id", "patient_id", "specimen_id", "collected_at", "reported_at", "analyte_code", "analyte_name",
-    "value_text", "comparator", "value_canonical", "unit_canonical", "ref_low_canonical", "ref_high_canonical",
+    "value_text", "comparator", "value_num", "value_canonical", "unit_canonical", "ref_low_canonical", "ref_high_canonical",
     "comment", "result_kind", "implausible", "unit_missing", "conflicting", "flag", "time_unknown",
 )
 
@@ -450,6 +451,32 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     t["x_chi"] = np.array([ref.critical.get(c, (np.nan, np.nan, ""))[1] for c in codes], dtype=float)
     t["x_flag"], t["x_flag_basis"] = classify(t, t["x_clo"].to_numpy(), t["x_chi"].to_numpy())
     return t
+
+
+def prepare_timeline(timeline: pd.DataFrame, patients=None, reference: ClinicalReference | None = None
+                     ) -> pd.DataFrame:
+    """The timeline rows as the rules read them, to pass to :func:`detect_anomalies`,
+    :func:`clinical.recommendations.evaluate_rules` and :func:`history_from_timeline` instead of the
+    timeline: one preparation serves all three (a year of 5-minute results takes about 1 s and
+    100 MB to prepare).
+
+    Args:
+        timeline: :data:`data.queries.TIMELINE_COLUMNS` rows (canonical values), one or many patients.
+        patients: a :func:`data.queries.patient_info` dict, a frame of them, or None (sex and age unknown).
+        reference: default :func:`default_reference`.
+    Returns:
+        one row per timeline row (index reset), the timeline's columns the rules read plus the
+        derived ``x_*`` columns (validity, specimen, age in years, effective reference interval and
+        its citation, critical limits, the result's flag from :mod:`clinical.flags`).
+    Raises:
+        ValueError: a required column is missing.
+    """
+    return _prepare(timeline, patients, reference or default_reference())
+
+
+def _prepared(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.DataFrame:
+    """``timeline`` when :func:`prepare_timeline` made it, else its preparation."""
+    return timeline if "x_num" in timeline.columns else _prepare(timeline, patients, ref)
 
 
 def history_from_timeline(timeline: pd.DataFrame, patients=None) -> pd.DataFrame:
@@ -1445,7 +1472,8 @@ def detect_anomalies(
     results (:func:`group_runs`).
 
     Args:
-        timeline: rows as :func:`data.queries.timeline` returns them (canonical values).
+        timeline: rows as :func:`data.queries.timeline` returns them (canonical values), or
+            :func:`prepare_timeline` of them (then ``patients`` and ``reference`` were applied there).
         patients: a :func:`data.queries.patient_info` dict, a frame of them, or None (sex and
             age unknown).
         forecaster: for ``model_surprise``: an object with ``forecast(history, queries)``
@@ -1479,7 +1507,7 @@ def detect_anomalies(
 
 def _detect(timeline, patients, forecaster, masked_predictor, ref, rules, wanted, model_rules_since, episodes,
             group) -> pd.DataFrame:
-    t = _prepare(timeline, patients, ref)
+    t = _prepared(timeline, patients, ref)
     notes: list[str] = []
     parts = []
     if "critical_value" in wanted:

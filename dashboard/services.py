@@ -66,6 +66,7 @@ __all__ = [
     "patient_history",
     "with_reference_limits",
     "load_forecasts",
+    "prepare_results",
     "load_anomalies",
     "load_recommendations",
     "load_explanation",
@@ -414,6 +415,13 @@ def flag_rules() -> tuple[str, ...] | None:
     if mod is None:
         return None
     return tuple(r for r in mod.RULES if r != "reference_interval") + ("preanalytical",)
+
+
+def prepare_results(results: pd.DataFrame, patient: dict | None) -> pd.DataFrame:
+    """One patient's timeline rows prepared once for :func:`load_anomalies` and :func:`load_recommendations`
+    (``clinical.anomalies.prepare_timeline``); ``results`` itself when that module is older."""
+    mod = _optional("clinical.anomalies", "prepare_timeline")
+    return mod.prepare_timeline(results, patient) if mod is not None else results
 
 
 def load_anomalies(results: pd.DataFrame, patient: dict | None, forecaster=None,
