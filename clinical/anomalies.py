@@ -714,9 +714,14 @@ _DELTA_COLUMNS = ["result_id", "patient_id", "analyte_code", "x_name", "collecte
                   "time_unknown", "x_prev", "x_prev_at", "x_prev_id", "x_prev_time_unknown"]
 
 
-def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame) -> pd.DataFrame:
+def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame, lazy: bool = False):
     """Rule 2: change from the previous valid result beyond the RCV **and** at least the analyte's
-    cited minimum absolute change (``delta_min``); analytes without both get no delta check."""
+    cited minimum absolute change (``delta_min``); analytes without both get no delta check.
+
+    ``lazy``: returns ``(rows, fill)``: the rows without ``evidence`` and ``text`` (None) and a
+    ``fill(positions, evidence=, text=)`` that gives them for those rows only (a year of 5-minute
+    glucose has some 12,000 delta checks, most of them members of a run whose own evidence and
+    text are never read: :func:`group_runs`)."""
     z = float(ref.rules["delta_check"].get("review_z", ref.rules["delta_check"]["z"]))
     settings_source = " ".join(str(ref.rules["delta_check"]["source"]).split())
     limits = {c: rcv_limits(c, z, ref) for c in withprev["analyte_code"].unique()}
@@ -727,7 +732,7 @@ def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame
     # only the columns the rule reads: the rows with a recent previous result are nearly all of a long series
     w = withprev.loc[has & recent & (withprev["x_prev"].to_numpy(float) > 0), _DELTA_COLUMNS]
     if w.empty:
-        return _empty()
+        return (_empty(), None) if lazy else _empty()
     codes = w["analyte_code"].to_numpy(dtype=object)
     down = np.array([limits[c][0] for c in codes], dtype=float)
     up = np.array([limits[c][1] for c in codes], dtype=float)
@@ -739,36 +744,66 @@ def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame
     sel_mask = fire_up | fire_down
     sel = w[sel_mask]
     if sel.empty:
-        return _empty()
+        return (_empty(), None) if lazy else _empty()
     ch, lim = change[sel_mask], np.where(fire_up, up, down)[sel_mask]
     flags = np.where(fire_up[sel_mask], "UP", "DOWN")
     score = ch / np.abs(lim)
-    ev, src, txt, sources = [], [], [], {}
-    for r, c, l_, f, m in zip(sel.itertuples(index=False), ch, lim, flags, minimum[sel_mask]):
-        days = (pd.Timestamp(r.collected_at) - pd.Timestamp(r.x_prev_at)).total_seconds() / 86400.0
-        cvi, cva, bv_source = ref.variation[r.analyte_code]
-        min_source = ref.delta_min[r.analyte_code][1]
-        skewed = bool(getattr(load_catalogue().get(r.analyte_code), "skewed", False))
-        ev.append(_evidence(baseline="previous result", previous_value=r.x_prev, previous_at=r.x_prev_at,
-                            previous_result_id=r.x_prev_id, days_since_previous=days, change_pct=100 * c,
-                            change_abs=r.value_canonical - r.x_prev, rcv_pct=100 * l_, min_abs_change=m,
-                            min_abs_change_source=min_source, z=z, cvi_pct=cvi, cva_pct=cva, log_normal=skewed))
-        source = f"{settings_source}; CVI/CVA: {bv_source}; minimum change: {min_source}"
-        src.append(sources.setdefault(source, source))  # one string per analyte, shared by its rows
-        word = "rose" if f == "UP" else "fell"
-        code, unit = r.analyte_code, r.x_unit
-        prev_unknown = isinstance(r.x_prev_time_unknown, (bool, np.bool_)) and bool(r.x_prev_time_unknown)
-        if r.time_unknown or prev_unknown:  # a date without a time: no hours to count
-            whole = round(days)
-            when = (f"{whole} day{'s' if whole != 1 else ''} earlier" if whole else "the same day") + ", time not given"
-        else:
-            when = f"{_when(days)} earlier"
-        txt.append(f"{r.x_name} {_fmt(r.value_canonical, code)}{_u(unit)} {word} "
-                   f"{_change_text(code, r.value_canonical, r.x_prev, unit)} from {_fmt(r.x_prev, code)}{_u(unit)} "
-                   f"{when} (the previous result), beyond its reference change value "
-                   f"({100 * l_:+.0f} %) and the minimum change of {_fmt(m, code)}{_u(unit)}{_SEP}consider whether "
-                   f"this is a true clinical change or a specimen problem (RCV{', log-normal' if skewed else ''}: "
-                   f"Fraser 2011; minimum: {short_citation(min_source)})")
+    mins = minimum[sel_mask]
+    sel_codes = sel["analyte_code"].to_numpy(dtype=object)
+    days_all = (sel["collected_at"] - sel["x_prev_at"]).dt.total_seconds().to_numpy(float) / 86400.0
+    per_code = {}  # the analyte's sources and settings: once per analyte, one string object shared by its rows
+    for c in pd.unique(sel_codes):
+        cvi, cva, bv_source = ref.variation[c]
+        min_source = ref.delta_min[c][1]
+        per_code[c] = (_clean(cvi), _clean(cva), min_source, bool(getattr(load_catalogue().get(c), "skewed", False)),
+                       f"{settings_source}; CVI/CVA: {bv_source}; minimum change: {min_source}")
+    src = [per_code[c][4] for c in sel_codes]
+
+    def _floats(a: np.ndarray) -> list:  # JSON-safe as _clean: NaN -> None
+        return [x if math.isfinite(x) else None for x in a.astype(float).tolist()]
+
+    def fill(positions, evidence: bool = True, text: bool = True) -> tuple[list, list]:
+        ev, txt = [], []
+        part = sel.iloc[positions] if positions is not None else sel
+        pos = np.arange(len(sel)) if positions is None else np.asarray(positions, dtype=np.int64)
+        if evidence:  # the numbers as columns, each converted once (as _evidence would, value by value)
+            p_val, p_id = _floats(part["x_prev"].to_numpy(float)), _floats(part["x_prev_id"].to_numpy(float))
+            p_at = [None if pd.isna(x) else x.isoformat() for x in pd.DatetimeIndex(part["x_prev_at"])]
+            d_, c_ = _floats(days_all[pos]), _floats(100 * ch[pos])
+            a_ = _floats(part["value_canonical"].to_numpy(float) - part["x_prev"].to_numpy(float))
+            l_s, m_s = _floats(100 * lim[pos]), _floats(mins[pos])
+            for i, code in enumerate(part["analyte_code"].to_numpy(dtype=object).tolist()):
+                cvi, cva, min_source, skewed, _ = per_code[code]
+                ev.append({"baseline": "previous result", "previous_value": p_val[i], "previous_at": p_at[i],
+                           "previous_result_id": p_id[i], "days_since_previous": d_[i], "change_pct": c_[i],
+                           "change_abs": a_[i], "rcv_pct": l_s[i], "min_abs_change": m_s[i],
+                           "min_abs_change_source": min_source, "z": z, "cvi_pct": cvi, "cva_pct": cva,
+                           "log_normal": skewed})
+        if not text:
+            return ev, txt
+        for r, k in zip(part.itertuples(index=False), pos.tolist()):
+            l_, f, m, days = lim[k], flags[k], mins[k], days_all[k]
+            _, _, min_source, skewed, _ = per_code[r.analyte_code]
+            word = "rose" if f == "UP" else "fell"
+            code, unit = r.analyte_code, r.x_unit
+            prev_unknown = isinstance(r.x_prev_time_unknown, (bool, np.bool_)) and bool(r.x_prev_time_unknown)
+            if r.time_unknown or prev_unknown:  # a date without a time: no hours to count
+                whole = round(days)
+                when = (f"{whole} day{'s' if whole != 1 else ''} earlier" if whole else "the same day") + ", time not given"
+            else:
+                when = f"{_when(days)} earlier"
+            txt.append(f"{r.x_name} {_fmt(r.value_canonical, code)}{_u(unit)} {word} "
+                       f"{_change_text(code, r.value_canonical, r.x_prev, unit)} from {_fmt(r.x_prev, code)}{_u(unit)} "
+                       f"{when} (the previous result), beyond its reference change value "
+                       f"({100 * l_:+.0f} %) and the minimum change of {_fmt(m, code)}{_u(unit)}{_SEP}consider whether "
+                       f"this is a true clinical change or a specimen problem (RCV{', log-normal' if skewed else ''}: "
+                       f"Fraser 2011; minimum: {short_citation(min_source)})")
+        return ev, txt
+
+    if lazy:
+        none = [None] * len(sel)
+        return _rows(sel, "delta_check", flags, score, none, src, none), fill
+    ev, txt = fill(None)
     return _rows(sel, "delta_check", flags, score, ev, src, txt)
 
 
@@ -1390,8 +1425,28 @@ def _run_text(g: list[dict], ref: ClinicalReference, k: int | None = None) -> st
     return f"{first['text']} (and {n - 1} more consecutive results {span})"
 
 
+def _delta_filler(fill):
+    """For :func:`group_runs`: gives the delta checks (records with ``_delta``, their position in
+    :func:`_delta_check`'s lazy rows) their evidence where they open a run and their text where they
+    are a run of one; the other members' are never read."""
+
+    def apply(recs: list[dict], first: np.ndarray, single: np.ndarray) -> None:
+        d = np.array([r.get("_delta") for r in recs], dtype=float)
+        lazy = np.isfinite(d)
+        for mask, kind in ((lazy & first, "evidence"), (lazy & single, "text")):
+            at = np.flatnonzero(mask)
+            if not len(at):
+                continue
+            ev, txt = fill(d[at].astype(np.int64), evidence=kind == "evidence", text=kind == "text")
+            for i, v in zip(at.tolist(), ev if kind == "evidence" else txt):
+                recs[i][kind] = v
+
+    return apply
+
+
 def group_runs(anomalies: pd.DataFrame, timeline: pd.DataFrame, reference: ClinicalReference | None = None, *,
-               episodes: pd.DataFrame | None = None, max_gap_hours: float | None = None) -> pd.DataFrame:
+               episodes: pd.DataFrame | None = None, max_gap_hours: float | None = None,
+               _fill=None) -> pd.DataFrame:
     """One row per run of consecutive flags (:data:`ANOMALY_COLUMNS`): see :func:`detect_anomalies`.
 
     ``anomalies``: per-result rows of one or many patients; ``timeline``: those patients' timeline
@@ -1418,9 +1473,14 @@ def group_runs(anomalies: pd.DataFrame, timeline: pd.DataFrame, reference: Clini
     # one pass over plain records (a year of 5-minute glucose has thousands of runs: a DataFrame per run
     # cost seconds and hundreds of MB of short-lived objects)
     a = a.sort_values(["_run", "collected_at", "result_id"], kind="stable")
-    recs = a.to_dict("records")
     run = a["_run"].to_numpy()
     starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]]) if len(run) else np.array([], dtype=np.int64)
+    recs = a.to_dict("records")
+    if _fill is not None:  # rows whose evidence and text were left to build: only where the run reads them
+        first, single = np.zeros(len(a), dtype=bool), np.zeros(len(a), dtype=bool)
+        first[starts] = True
+        single[starts[np.diff(np.r_[starts, len(a)]) == 1]] = True
+        _fill(recs, first, single)
     rows = []
     for b, e in zip(starts.tolist(), [*starts[1:].tolist(), len(recs)]):
         first = recs[b]
@@ -1513,8 +1573,13 @@ def _detect(timeline, patients, forecaster, masked_predictor, ref, rules, wanted
     if "critical_value" in wanted:
         parts.append(_critical_value(t, ref))
     withprev = _with_previous(t) if {"delta_check", "preanalytical"} & wanted else None
+    fill = None
     if "delta_check" in wanted:
-        parts.append(_delta_check(t, ref, withprev))
+        # grouped: the evidence and text of a delta check are built only where its run reads them
+        delta, fill = _delta_check(t, ref, withprev, lazy=True) if group else (_delta_check(t, ref, withprev), None)
+        if fill is not None:
+            delta["_delta"] = np.arange(len(delta))
+        parts.append(delta)
     if "preanalytical" in wanted:
         for pat in ref.rules["patterns"]:
             parts.append(_text_pattern(t, pat) if "text_match" in pat else _numeric_pattern(t, withprev, pat, ref))
@@ -1532,7 +1597,7 @@ def _detect(timeline, patients, forecaster, masked_predictor, ref, rules, wanted
     parts = [p for p in parts if len(p)]
     out = pd.concat(parts, ignore_index=True) if parts else _empty()
     if len(out) and group:
-        out = group_runs(out, t, ref, episodes=episodes)
+        out = group_runs(out, t, ref, episodes=episodes, _fill=_delta_filler(fill) if fill is not None else None)
     elif len(out):
         out = out.sort_values(["patient_id", "collected_at", "analyte_code", "rule"], kind="stable").reset_index(drop=True)
     out.attrs["notes"] = notes
