@@ -147,8 +147,12 @@ def patient_info(path: str, version: str, patient_id: str) -> dict | None:
 @st.cache_resource(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
 def results_with_limits(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None
                         ) -> pd.DataFrame:
-    """One patient's timeline with the catalogue's reference and critical limits for this sex and age."""
-    return services.with_reference_limits(timeline(path, version, patient_id), sex, age_years)
+    """One patient's timeline with the catalogue's reference and critical limits for this sex and age, and each
+    result's flag label and drawing category (:func:`dashboard.figures.with_display_columns`: once per patient)."""
+    from dashboard import figures
+
+    return figures.with_display_columns(services.with_reference_limits(timeline(path, version, patient_id), sex,
+                                                                       age_years))
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner=False)
