@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import streamlit as st
 
 from dashboard import services
@@ -34,6 +35,14 @@ __all__ = [
     "torch_threads", "get_pipeline", "forecasts", "prepared", "anomalies", "explanation", "timeline_figure",
     "recommendations", "reporting_decimals", "admissions",
 ]
+
+# pandas keeps text columns in Arrow. Arrow's default allocator (mimalloc) keeps what it frees for reuse, so
+# each long series analysed left the server larger (a year of 5-minute results: about 70 MB after the anomaly
+# check alone); the C allocator hands large buffers back when they are freed (benchmarks/long_series.py).
+# An explicit ARROW_DEFAULT_MEMORY_POOL is left as it is.
+if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+    pa.set_memory_pool(pa.system_memory_pool())
+
 
 VERSION_TTL_S = 5
 QUERY_TTL_S = 15 * 60
@@ -259,8 +268,9 @@ def forecasts(path: str, version: str, model_path: str, stamp: float, patient_id
 
 
 # The rows the clinical rules read, prepared once for the anomalies and the recommendations (a year of
-# 5-minute results: about 1 s and 100 MB each time); two patients kept, as they are shared objects.
-@st.cache_resource(ttl=QUERY_TTL_S, max_entries=2, show_spinner=False)
+# 5-minute results: about 1 s and 100 MB each time). One patient kept: both are cached per patient for longer,
+# so the rows are needed again only when a new model or another choice of analytes asks for them.
+@st.cache_resource(ttl=QUERY_TTL_S, max_entries=1, show_spinner=False)
 def prepared(path: str, version: str, patient_id: str) -> pd.DataFrame:
     return services.prepare_results(timeline(path, version, patient_id), patient_info(path, version, patient_id))
 
