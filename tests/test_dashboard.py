@@ -862,8 +862,8 @@ def test_upload_says_what_happened_to_every_row_with_reasons_and_the_rejected_ro
 
 
 def test_cached_patient_frames_are_not_changed_by_a_page_run(env, monkeypatch):
-    """state.timeline / results_with_limits / anomalies are shared objects (cache_resource): after the timeline
-    and review pages ran on them, they still equal a fresh computation."""
+    """state.timeline / results_with_limits (with its flag labels and drawing categories) / anomalies are shared
+    objects (cache_resource): after the timeline and review pages ran on them, they still equal a fresh computation."""
     from dashboard import services, state
     from data import queries
 
@@ -882,8 +882,11 @@ def test_cached_patient_frames_are_not_changed_by_a_page_run(env, monkeypatch):
     monkeypatch.setattr(state.queries, "timeline", fresh_timeline)
     pd.testing.assert_frame_equal(raw, queries.timeline(env.store, "P0020"))
     age = services.age_years(info, raw["collected_at"].max())
+    from dashboard import figures
+
     pd.testing.assert_frame_equal(state.results_with_limits(db, version, "P0020", info.get("sex"), age),
-                                  services.with_reference_limits(queries.timeline(env.store, "P0020"), info.get("sex"), age))
+                                  figures.with_display_columns(services.with_reference_limits(
+                                      queries.timeline(env.store, "P0020"), info.get("sex"), age)))
     fresh = services.load_anomalies(queries.timeline(env.store, "P0020"), info, rules=services.flag_rules()).frame
     pd.testing.assert_frame_equal(state.anomalies(db, version, "P0020").frame.reset_index(drop=True),
                                   fresh.reset_index(drop=True))
