@@ -176,7 +176,7 @@ def main(argv=None) -> int:
 
     from playwright.sync_api import sync_playwright
 
-    from dashboard import access
+    from data import users
     from data.db import open_store
     from data.importers import run_import
 
@@ -192,12 +192,11 @@ def main(argv=None) -> int:
         run_import(store, work / "long.csv")
         import_s = time.perf_counter() - t0
         run_import(store, work / "base.csv")
+        users.add_user(store, USER, "Long series benchmark", "clinician", PASSWORD, by=users.Actor.cli())
         del store
-        users = work / "users.yaml"
-        access.add_user(USER, "Long series benchmark", "clinician", PASSWORD, users)
         model = Path(args.model) if args.model else work / "no-model"
         load_before = _load()
-        proc, url = _serve(work / "long.duckdb", model, users, work / "streamlit.log", None)
+        proc, url = _serve(work / "long.duckdb", model, work / "streamlit.log", None)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=os.environ.get("LABTREND_CHROMIUM", "/usr/bin/chromium"),
                                          headless=True, args=["--no-sandbox", "--disable-background-networking",

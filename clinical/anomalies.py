@@ -101,6 +101,7 @@ __all__ = [
     "detect_anomalies",
     "group_runs",
     "history_from_timeline",
+    "prepare_timeline",
     "timeline_from_history",
     "specimen_keys",
     "pattern_detections",
@@ -318,7 +319,7 @@ def rcv_limits(code: str, z: float, reference: ClinicalReference | None = None) 
 _REQUIRED = ("result_id", "patient_id", "collected_at", "analyte_code", "value_canonical", "result_kind")
 _KEEP = (
     "result_id", "patient_id", "specimen_id", "collected_at", "reported_at", "analyte_code", "analyte_name",
-    "value_text", "comparator", "value_canonical", "unit_canonical", "ref_low_canonical", "ref_high_canonical",
+    "value_text", "comparator", "value_num", "value_canonical", "unit_canonical", "ref_low_canonical", "ref_high_canonical",
     "comment", "result_kind", "implausible", "unit_missing", "conflicting", "flag", "time_unknown",
 )
 
@@ -350,6 +351,16 @@ def specimen_keys(frame: pd.DataFrame) -> pd.Series:
     return by_time.where(~has, frame["patient_id"].astype(str) + "|s" + sid.astype(str))
 
 
+def _objects(s: pd.Series) -> np.ndarray:
+    """``s`` as an object array, None where missing, with one object per distinct value that every row
+    holding it shares (a year of 5-minute results of one analyte: a few strings, not 105,120 copies)."""
+    codes, uniques = pd.factorize(s, use_na_sentinel=True)
+    table = np.empty(len(uniques) + 1, dtype=object)
+    table[:-1] = np.asarray(uniques, dtype=object)
+    table[-1] = None  # code -1: missing
+    return table[codes]
+
+
 def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.DataFrame:
     missing = [c for c in _REQUIRED if c not in timeline.columns]
     if missing:
@@ -358,10 +369,10 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     t = timeline[keep].reset_index(drop=True).copy()
     # object (numpy) strings: takes, sorts and merges on pyarrow strings are several times slower here
     for col in ("patient_id", "analyte_code"):
-        t[col] = t[col].astype(str).to_numpy(dtype=object)
+        t[col] = _objects(t[col].astype(str))
     for col in ("specimen_id", "comparator", "value_text", "comment", "unit_canonical", "analyte_name", "flag"):
         if col in t:
-            t[col] = t[col].astype(object).where(t[col].notna(), None).to_numpy(dtype=object)
+            t[col] = _objects(t[col])
     t["collected_at"] = pd.to_datetime(t["collected_at"]).astype("datetime64[us]")
     for col in ("reported_at",):
         t[col] = pd.to_datetime(t[col]).astype("datetime64[us]") if col in t else t["collected_at"]
@@ -380,7 +391,7 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     t["x_num"] = usable & (kind == "numeric")
     t["x_cens"] = usable & (kind == "censored") & comp.isin(_LOWER_COMPARATORS + _UPPER_COMPARATORS).to_numpy()
     keys = specimen_keys(t)
-    codes, _ = pd.factorize(keys.to_numpy(dtype=object))
+    codes, _ = pd.factorize(keys)  # on the keys as they are (no Python string per result)
     t["x_spec"] = codes.astype(np.int64)  # integer specimen ids: joins on them are fast
 
     # demographics at collection
@@ -400,7 +411,9 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     # names from the catalogue, else as given
     cat = load_catalogue()
     names = {a.code: a.name for a in cat}
-    t["x_name"] = [names.get(c) or n or c for c, n in zip(t["analyte_code"], t["analyte_name"])]
+    pairs, uniq = pd.factorize(pd.MultiIndex.from_arrays([t["analyte_code"], t["analyte_name"]]))
+    t["x_name"] = np.array([names.get(c) or (n if isinstance(n, str) else None) or c for c, n in uniq],  # once per pair
+                           dtype=object)[pairs]
     t["x_unit"] = t["unit_canonical"].astype(object).where(t["unit_canonical"].notna(), None)
 
     # effective reference interval: the laboratory's own, else the catalogue's
@@ -417,7 +430,10 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
         sexkey = t["sex"].fillna("unknown")
         base = pd.DataFrame({"_i": np.flatnonzero(need), "code": t.loc[need, "analyte_code"].to_numpy(),
                              "sexkey": sexkey[need].to_numpy(), "age": t.loc[need, "x_age"].to_numpy()})
-        cand = base.merge(iv, on=["code", "sexkey"])
+        # the catalogue rows by position: each result's citation is then a reference to the row's one string,
+        # not a copy per result (105,120 results of one analyte: 35 MB of copies)
+        cite = iv["source"].to_numpy(dtype=object)
+        cand = base.merge(iv.drop(columns="source").assign(_iv=np.arange(len(iv))), on=["code", "sexkey"])
         a = cand["age"]
         in_age = np.where(a.isna(), cand["adult"],
                           (cand["age_low"].isna() | (a >= cand["age_low"])) & (cand["age_high"].isna() | (a < cand["age_high"])))
@@ -426,7 +442,7 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
         t.loc[idx, "x_lo"] = cand["low"].to_numpy()
         t.loc[idx, "x_hi"] = cand["high"].to_numpy()
         t.loc[idx, "x_src"] = "catalogue"
-        t.loc[idx, "x_cite"] = cand["source"].to_numpy()
+        t.loc[idx, "x_cite"] = cite[cand["_iv"].to_numpy()]
         t.loc[idx[cand["age"].isna().to_numpy()], "x_agenote"] = "age unknown: adult interval used"
 
     # critical limits and the result's flag (clinical.flags: one rule for chart, table, counts and rules)
@@ -435,6 +451,32 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     t["x_chi"] = np.array([ref.critical.get(c, (np.nan, np.nan, ""))[1] for c in codes], dtype=float)
     t["x_flag"], t["x_flag_basis"] = classify(t, t["x_clo"].to_numpy(), t["x_chi"].to_numpy())
     return t
+
+
+def prepare_timeline(timeline: pd.DataFrame, patients=None, reference: ClinicalReference | None = None
+                     ) -> pd.DataFrame:
+    """The timeline rows as the rules read them, to pass to :func:`detect_anomalies`,
+    :func:`clinical.recommendations.evaluate_rules` and :func:`history_from_timeline` instead of the
+    timeline: one preparation serves all three (a year of 5-minute results takes about 1 s and
+    100 MB to prepare).
+
+    Args:
+        timeline: :data:`data.queries.TIMELINE_COLUMNS` rows (canonical values), one or many patients.
+        patients: a :func:`data.queries.patient_info` dict, a frame of them, or None (sex and age unknown).
+        reference: default :func:`default_reference`.
+    Returns:
+        one row per timeline row (index reset), the timeline's columns the rules read plus the
+        derived ``x_*`` columns (validity, specimen, age in years, effective reference interval and
+        its citation, critical limits, the result's flag from :mod:`clinical.flags`).
+    Raises:
+        ValueError: a required column is missing.
+    """
+    return _prepare(timeline, patients, reference or default_reference())
+
+
+def _prepared(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.DataFrame:
+    """``timeline`` when :func:`prepare_timeline` made it, else its preparation."""
+    return timeline if "x_num" in timeline.columns else _prepare(timeline, patients, ref)
 
 
 def history_from_timeline(timeline: pd.DataFrame, patients=None) -> pd.DataFrame:
@@ -668,9 +710,18 @@ def _with_previous(t: pd.DataFrame) -> pd.DataFrame:
     return num.merge(prev, on=["patient_id", "analyte_code", "collected_at"], how="left")
 
 
-def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame) -> pd.DataFrame:
+_DELTA_COLUMNS = ["result_id", "patient_id", "analyte_code", "x_name", "collected_at", "value_canonical", "x_unit",
+                  "time_unknown", "x_prev", "x_prev_at", "x_prev_id", "x_prev_time_unknown"]
+
+
+def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame, lazy: bool = False):
     """Rule 2: change from the previous valid result beyond the RCV **and** at least the analyte's
-    cited minimum absolute change (``delta_min``); analytes without both get no delta check."""
+    cited minimum absolute change (``delta_min``); analytes without both get no delta check.
+
+    ``lazy``: returns ``(rows, fill)``: the rows without ``evidence`` and ``text`` (None) and a
+    ``fill(positions, evidence=, text=)`` that gives them for those rows only (a year of 5-minute
+    glucose has some 12,000 delta checks, most of them members of a run whose own evidence and
+    text are never read: :func:`group_runs`)."""
     z = float(ref.rules["delta_check"].get("review_z", ref.rules["delta_check"]["z"]))
     settings_source = " ".join(str(ref.rules["delta_check"]["source"]).split())
     limits = {c: rcv_limits(c, z, ref) for c in withprev["analyte_code"].unique()}
@@ -678,9 +729,10 @@ def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame
     has = withprev["analyte_code"].isin(usable).to_numpy()
     window = pd.Timedelta(days=float(ref.rules["delta_check"]["max_interval_days"]))
     recent = (withprev["collected_at"] - withprev["x_prev_at"]).le(window).to_numpy()
-    w = withprev[has & recent & (withprev["x_prev"].to_numpy(float) > 0)]
+    # only the columns the rule reads: the rows with a recent previous result are nearly all of a long series
+    w = withprev.loc[has & recent & (withprev["x_prev"].to_numpy(float) > 0), _DELTA_COLUMNS]
     if w.empty:
-        return _empty()
+        return (_empty(), None) if lazy else _empty()
     codes = w["analyte_code"].to_numpy(dtype=object)
     down = np.array([limits[c][0] for c in codes], dtype=float)
     up = np.array([limits[c][1] for c in codes], dtype=float)
@@ -692,35 +744,66 @@ def _delta_check(t: pd.DataFrame, ref: ClinicalReference, withprev: pd.DataFrame
     sel_mask = fire_up | fire_down
     sel = w[sel_mask]
     if sel.empty:
-        return _empty()
+        return (_empty(), None) if lazy else _empty()
     ch, lim = change[sel_mask], np.where(fire_up, up, down)[sel_mask]
     flags = np.where(fire_up[sel_mask], "UP", "DOWN")
     score = ch / np.abs(lim)
-    ev, src, txt = [], [], []
-    for r, c, l_, f, m in zip(sel.itertuples(index=False), ch, lim, flags, minimum[sel_mask]):
-        days = (pd.Timestamp(r.collected_at) - pd.Timestamp(r.x_prev_at)).total_seconds() / 86400.0
-        cvi, cva, bv_source = ref.variation[r.analyte_code]
-        min_source = ref.delta_min[r.analyte_code][1]
-        skewed = bool(getattr(load_catalogue().get(r.analyte_code), "skewed", False))
-        ev.append(_evidence(baseline="previous result", previous_value=r.x_prev, previous_at=r.x_prev_at,
-                            previous_result_id=r.x_prev_id, days_since_previous=days, change_pct=100 * c,
-                            change_abs=r.value_canonical - r.x_prev, rcv_pct=100 * l_, min_abs_change=m,
-                            min_abs_change_source=min_source, z=z, cvi_pct=cvi, cva_pct=cva, log_normal=skewed))
-        src.append(f"{settings_source}; CVI/CVA: {bv_source}; minimum change: {min_source}")
-        word = "rose" if f == "UP" else "fell"
-        code, unit = r.analyte_code, r.x_unit
-        prev_unknown = isinstance(r.x_prev_time_unknown, (bool, np.bool_)) and bool(r.x_prev_time_unknown)
-        if r.time_unknown or prev_unknown:  # a date without a time: no hours to count
-            whole = round(days)
-            when = (f"{whole} day{'s' if whole != 1 else ''} earlier" if whole else "the same day") + ", time not given"
-        else:
-            when = f"{_when(days)} earlier"
-        txt.append(f"{r.x_name} {_fmt(r.value_canonical, code)}{_u(unit)} {word} "
-                   f"{_change_text(code, r.value_canonical, r.x_prev, unit)} from {_fmt(r.x_prev, code)}{_u(unit)} "
-                   f"{when} (the previous result), beyond its reference change value "
-                   f"({100 * l_:+.0f} %) and the minimum change of {_fmt(m, code)}{_u(unit)}{_SEP}consider whether "
-                   f"this is a true clinical change or a specimen problem (RCV{', log-normal' if skewed else ''}: "
-                   f"Fraser 2011; minimum: {short_citation(min_source)})")
+    mins = minimum[sel_mask]
+    sel_codes = sel["analyte_code"].to_numpy(dtype=object)
+    days_all = (sel["collected_at"] - sel["x_prev_at"]).dt.total_seconds().to_numpy(float) / 86400.0
+    per_code = {}  # the analyte's sources and settings: once per analyte, one string object shared by its rows
+    for c in pd.unique(sel_codes):
+        cvi, cva, bv_source = ref.variation[c]
+        min_source = ref.delta_min[c][1]
+        per_code[c] = (_clean(cvi), _clean(cva), min_source, bool(getattr(load_catalogue().get(c), "skewed", False)),
+                       f"{settings_source}; CVI/CVA: {bv_source}; minimum change: {min_source}")
+    src = [per_code[c][4] for c in sel_codes]
+
+    def _floats(a: np.ndarray) -> list:  # JSON-safe as _clean: NaN -> None
+        return [x if math.isfinite(x) else None for x in a.astype(float).tolist()]
+
+    def fill(positions, evidence: bool = True, text: bool = True) -> tuple[list, list]:
+        ev, txt = [], []
+        part = sel.iloc[positions] if positions is not None else sel
+        pos = np.arange(len(sel)) if positions is None else np.asarray(positions, dtype=np.int64)
+        if evidence:  # the numbers as columns, each converted once (as _evidence would, value by value)
+            p_val, p_id = _floats(part["x_prev"].to_numpy(float)), _floats(part["x_prev_id"].to_numpy(float))
+            p_at = [None if pd.isna(x) else x.isoformat() for x in pd.DatetimeIndex(part["x_prev_at"])]
+            d_, c_ = _floats(days_all[pos]), _floats(100 * ch[pos])
+            a_ = _floats(part["value_canonical"].to_numpy(float) - part["x_prev"].to_numpy(float))
+            l_s, m_s = _floats(100 * lim[pos]), _floats(mins[pos])
+            for i, code in enumerate(part["analyte_code"].to_numpy(dtype=object).tolist()):
+                cvi, cva, min_source, skewed, _ = per_code[code]
+                ev.append({"baseline": "previous result", "previous_value": p_val[i], "previous_at": p_at[i],
+                           "previous_result_id": p_id[i], "days_since_previous": d_[i], "change_pct": c_[i],
+                           "change_abs": a_[i], "rcv_pct": l_s[i], "min_abs_change": m_s[i],
+                           "min_abs_change_source": min_source, "z": z, "cvi_pct": cvi, "cva_pct": cva,
+                           "log_normal": skewed})
+        if not text:
+            return ev, txt
+        for r, k in zip(part.itertuples(index=False), pos.tolist()):
+            l_, f, m, days = lim[k], flags[k], mins[k], days_all[k]
+            _, _, min_source, skewed, _ = per_code[r.analyte_code]
+            word = "rose" if f == "UP" else "fell"
+            code, unit = r.analyte_code, r.x_unit
+            prev_unknown = isinstance(r.x_prev_time_unknown, (bool, np.bool_)) and bool(r.x_prev_time_unknown)
+            if r.time_unknown or prev_unknown:  # a date without a time: no hours to count
+                whole = round(days)
+                when = (f"{whole} day{'s' if whole != 1 else ''} earlier" if whole else "the same day") + ", time not given"
+            else:
+                when = f"{_when(days)} earlier"
+            txt.append(f"{r.x_name} {_fmt(r.value_canonical, code)}{_u(unit)} {word} "
+                       f"{_change_text(code, r.value_canonical, r.x_prev, unit)} from {_fmt(r.x_prev, code)}{_u(unit)} "
+                       f"{when} (the previous result), beyond its reference change value "
+                       f"({100 * l_:+.0f} %) and the minimum change of {_fmt(m, code)}{_u(unit)}{_SEP}consider whether "
+                       f"this is a true clinical change or a specimen problem (RCV{', log-normal' if skewed else ''}: "
+                       f"Fraser 2011; minimum: {short_citation(min_source)})")
+        return ev, txt
+
+    if lazy:
+        none = [None] * len(sel)
+        return _rows(sel, "delta_check", flags, score, none, src, none), fill
+    ev, txt = fill(None)
     return _rows(sel, "delta_check", flags, score, ev, src, txt)
 
 
@@ -1274,12 +1357,13 @@ def _run_ids(out: pd.DataFrame, t: pd.DataFrame, max_gap: pd.Timedelta, episodes
     return result
 
 
-def _peak_index(g: pd.DataFrame) -> int:
-    """Position of the run's peak: the highest critical high / lowest critical low, the value farthest
-    from a delta check's baseline, the largest excess beyond a model interval, else the largest |score|."""
-    rule, flag = g["rule"].iloc[0], g["flag"].iloc[0]
-    v = g["value"].to_numpy(float)
-    ev0 = g["evidence"].iloc[0] if isinstance(g["evidence"].iloc[0], dict) else {}
+def _peak_index(g: list[dict]) -> int:
+    """Position of the run's peak in ``g`` (the run's rows as records, oldest first): the highest critical
+    high / lowest critical low, the value farthest from a delta check's baseline, the largest excess
+    beyond a model interval, else the largest |score|."""
+    rule, flag = g[0]["rule"], g[0]["flag"]
+    v = np.array([r["value"] for r in g], dtype=float)
+    ev0 = g[0]["evidence"] if isinstance(g[0]["evidence"], dict) else {}
     if rule == "critical_value" and flag == "HH" and np.isfinite(v).any():
         return int(np.nanargmax(v))
     if rule == "critical_value" and flag == "LL" and np.isfinite(v).any():
@@ -1287,16 +1371,17 @@ def _peak_index(g: pd.DataFrame) -> int:
     if rule == "delta_check" and ev0.get("previous_value") is not None and np.isfinite(v).any():
         return int(np.nanargmax(np.abs(v - float(ev0["previous_value"]))))
     if rule in ("model_surprise", "multivariate_inconsistency"):
-        ex = np.array([abs(e.get("excess_in_interval_widths") or 0.0) if isinstance(e, dict) else 0.0
-                       for e in g["evidence"]], dtype=float)
+        ex = np.array([abs(r["evidence"].get("excess_in_interval_widths") or 0.0) if isinstance(r["evidence"], dict)
+                       else 0.0 for r in g], dtype=float)
         return int(np.argmax(ex))
-    sc = np.abs(g["score"].to_numpy(float))
+    sc = np.abs(np.array([r["score"] for r in g], dtype=float))
     return int(np.nanargmax(sc)) if np.isfinite(sc).any() else 0
 
 
-def _run_text(g: pd.DataFrame, ref: ClinicalReference) -> str:
-    first, last = g.iloc[0], g.iloc[-1]
-    peak = g.iloc[_peak_index(g)]
+def _run_text(g: list[dict], ref: ClinicalReference, k: int | None = None) -> str:
+    """The text of a run: ``g`` its rows as records (oldest first), ``k`` the peak's position (:func:`_peak_index`)."""
+    first, last = g[0], g[-1]
+    peak = g[_peak_index(g) if k is None else k]
     code, unit, name, rule, flag = first["analyte_code"], first["unit"], first["analyte_name"], first["rule"], first["flag"]
     n = len(g)
     t0, t1 = pd.Timestamp(first["collected_at"]), pd.Timestamp(last["collected_at"])
@@ -1316,7 +1401,7 @@ def _run_text(g: pd.DataFrame, ref: ClinicalReference) -> str:
     if rule == "delta_check":
         base, base_at = ev.get("previous_value"), ev.get("previous_at")
         days = (t1 - pd.Timestamp(base_at)).total_seconds() / 86400.0 if base_at else float("nan")
-        flags = set(g["flag"])
+        flags = {r["flag"] for r in g}
         word = "rose" if flags == {"UP"} else "fell" if flags == {"DOWN"} else "changed"
         change = _change_text(code, float(last["value"]), float(base), unit) if base else "?"
         m = ev.get("min_abs_change")
@@ -1328,7 +1413,7 @@ def _run_text(g: pd.DataFrame, ref: ClinicalReference) -> str:
     if rule in ("model_surprise", "multivariate_inconsistency"):
         lev = ev.get("interval_level")
         where = f"the {100 * lev:.0f} % interval" if lev else "the model's interval"
-        flags = set(g["flag"])
+        flags = {r["flag"] for r in g}
         side = "above" if flags == {"ABOVE"} else "below" if flags == {"BELOW"} else "outside"
         return (f"{name} {side} {where} on {n} consecutive results {span}: "
                 f"{values}{_SEP}consider reviewing these results (model {first['model_version']})")
@@ -1340,8 +1425,28 @@ def _run_text(g: pd.DataFrame, ref: ClinicalReference) -> str:
     return f"{first['text']} (and {n - 1} more consecutive results {span})"
 
 
+def _delta_filler(fill):
+    """For :func:`group_runs`: gives the delta checks (records with ``_delta``, their position in
+    :func:`_delta_check`'s lazy rows) their evidence where they open a run and their text where they
+    are a run of one; the other members' are never read."""
+
+    def apply(recs: list[dict], first: np.ndarray, single: np.ndarray) -> None:
+        d = np.array([r.get("_delta") for r in recs], dtype=float)
+        lazy = np.isfinite(d)
+        for mask, kind in ((lazy & first, "evidence"), (lazy & single, "text")):
+            at = np.flatnonzero(mask)
+            if not len(at):
+                continue
+            ev, txt = fill(d[at].astype(np.int64), evidence=kind == "evidence", text=kind == "text")
+            for i, v in zip(at.tolist(), ev if kind == "evidence" else txt):
+                recs[i][kind] = v
+
+    return apply
+
+
 def group_runs(anomalies: pd.DataFrame, timeline: pd.DataFrame, reference: ClinicalReference | None = None, *,
-               episodes: pd.DataFrame | None = None, max_gap_hours: float | None = None) -> pd.DataFrame:
+               episodes: pd.DataFrame | None = None, max_gap_hours: float | None = None,
+               _fill=None) -> pd.DataFrame:
     """One row per run of consecutive flags (:data:`ANOMALY_COLUMNS`): see :func:`detect_anomalies`.
 
     ``anomalies``: per-result rows of one or many patients; ``timeline``: those patients' timeline
@@ -1365,26 +1470,38 @@ def group_runs(anomalies: pd.DataFrame, timeline: pd.DataFrame, reference: Clini
     a["collected_at"] = pd.to_datetime(a["collected_at"]).astype("datetime64[us]")
     a["_run"] = _run_ids(a, t, pd.Timedelta(hours=hours), episodes)
     bound = ("admission" if episodes is not None and len(episodes) else f"consecutive flags no more than {hours:g} h apart")
+    # one pass over plain records (a year of 5-minute glucose has thousands of runs: a DataFrame per run
+    # cost seconds and hundreds of MB of short-lived objects)
+    a = a.sort_values(["_run", "collected_at", "result_id"], kind="stable")
+    run = a["_run"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]]) if len(run) else np.array([], dtype=np.int64)
+    recs = a.to_dict("records")
+    if _fill is not None:  # rows whose evidence and text were left to build: only where the run reads them
+        first, single = np.zeros(len(a), dtype=bool), np.zeros(len(a), dtype=bool)
+        first[starts] = True
+        single[starts[np.diff(np.r_[starts, len(a)]) == 1]] = True
+        _fill(recs, first, single)
     rows = []
-    for _, g in a.sort_values(["_run", "collected_at", "result_id"], kind="stable").groupby("_run", sort=False):
-        first = g.iloc[0].to_dict()
-        if len(g) == 1:
+    for b, e in zip(starts.tolist(), [*starts[1:].tolist(), len(recs)]):
+        first = recs[b]
+        if e - b == 1:
             rows.append(first)
             continue
+        g = recs[b:e]
         k = _peak_index(g)
-        peak, last = g.iloc[k], g.iloc[-1]
+        peak, last = g[k], g[-1]
         pick = lambda r: {"result_id": _clean(r["result_id"]), "collected_at": _clean(r["collected_at"]),  # noqa: E731
                           "value": _clean(r["value"])}
         ev = dict(first["evidence"]) if isinstance(first["evidence"], dict) else {}
-        members = [e.get("result_ids") for e in g["evidence"] if isinstance(e, dict) and e.get("result_ids")]
+        members = [r["evidence"].get("result_ids") for r in g
+                   if isinstance(r["evidence"], dict) and r["evidence"].get("result_ids")]
         if members:  # pattern rows: every involved result of every specimen of the run
             ev["result_ids"] = sorted({int(i) for ids in members for i in ids})
-        ev["run"] = {"n": len(g), "result_ids": [_clean(x) for x in g["result_id"]],
-                     "collected_at": [_clean(x) for x in g["collected_at"]], "values": [_clean(x) for x in g["value"]],
-                     "scores": [_clean(x) for x in g["score"]],
+        ev["run"] = {"n": len(g), "result_ids": [_clean(r["result_id"]) for r in g],
+                     "collected_at": [_clean(r["collected_at"]) for r in g], "values": [_clean(r["value"]) for r in g],
+                     "scores": [_clean(r["score"]) for r in g],
                      "first": pick(first), "peak": pick(peak), "last": pick(last), "episode": bound}
-        row = dict(first, value=peak["value"], score=peak["score"], evidence=ev, text=_run_text(g, ref))
-        rows.append(row)
+        rows.append(dict(first, value=peak["value"], score=peak["score"], evidence=ev, text=_run_text(g, ref, k)))
     out = pd.DataFrame(rows).drop(columns=["_run"])
     out["model_version"] = pd.Series([v if isinstance(v, str) else None for v in out["model_version"]], dtype=object,
                                      index=out.index)  # rule-based rows: None, never NaN
@@ -1415,7 +1532,8 @@ def detect_anomalies(
     results (:func:`group_runs`).
 
     Args:
-        timeline: rows as :func:`data.queries.timeline` returns them (canonical values).
+        timeline: rows as :func:`data.queries.timeline` returns them (canonical values), or
+            :func:`prepare_timeline` of them (then ``patients`` and ``reference`` were applied there).
         patients: a :func:`data.queries.patient_info` dict, a frame of them, or None (sex and
             age unknown).
         forecaster: for ``model_surprise``: an object with ``forecast(history, queries)``
@@ -1449,14 +1567,19 @@ def detect_anomalies(
 
 def _detect(timeline, patients, forecaster, masked_predictor, ref, rules, wanted, model_rules_since, episodes,
             group) -> pd.DataFrame:
-    t = _prepare(timeline, patients, ref)
+    t = _prepared(timeline, patients, ref)
     notes: list[str] = []
     parts = []
     if "critical_value" in wanted:
         parts.append(_critical_value(t, ref))
     withprev = _with_previous(t) if {"delta_check", "preanalytical"} & wanted else None
+    fill = None
     if "delta_check" in wanted:
-        parts.append(_delta_check(t, ref, withprev))
+        # grouped: the evidence and text of a delta check are built only where its run reads them
+        delta, fill = _delta_check(t, ref, withprev, lazy=True) if group else (_delta_check(t, ref, withprev), None)
+        if fill is not None:
+            delta["_delta"] = np.arange(len(delta))
+        parts.append(delta)
     if "preanalytical" in wanted:
         for pat in ref.rules["patterns"]:
             parts.append(_text_pattern(t, pat) if "text_match" in pat else _numeric_pattern(t, withprev, pat, ref))
@@ -1474,7 +1597,7 @@ def _detect(timeline, patients, forecaster, masked_predictor, ref, rules, wanted
     parts = [p for p in parts if len(p)]
     out = pd.concat(parts, ignore_index=True) if parts else _empty()
     if len(out) and group:
-        out = group_runs(out, t, ref, episodes=episodes)
+        out = group_runs(out, t, ref, episodes=episodes, _fill=_delta_filler(fill) if fill is not None else None)
     elif len(out):
         out = out.sort_values(["patient_id", "collected_at", "analyte_code", "rule"], kind="stable").reset_index(drop=True)
     out.attrs["notes"] = notes

@@ -159,6 +159,11 @@ def _beyond(v, comp, num, cens, low, high):
     return below & np.isfinite(low), above & np.isfinite(high)
 
 
+# 0-d object arrays: np.where over them fills its result with references to these two strings
+_LAB_BASIS = np.array("laboratory reference interval", dtype=object)
+_CATALOGUE_BASIS = np.array("catalogue reference interval", dtype=object)
+
+
 def classify(t: pd.DataFrame, critical_low: np.ndarray, critical_high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(flag, basis) arrays for rows prepared by :func:`clinical.anomalies._prepare`.
 
@@ -178,8 +183,7 @@ def classify(t: pd.DataFrame, critical_low: np.ndarray, critical_high: np.ndarra
     below, above = _beyond(v, comp, num, cens, lo, hi)
     reported = (np.array([normalise_flag(f) for f in t["flag"]], dtype=object) if "flag" in t
                 else np.full(n, None, dtype=object))
-    limits_basis = np.where(t["x_src"].to_numpy(dtype=object) == "row", "laboratory reference interval",
-                            "catalogue reference interval").astype(object)
+    limits_basis = np.where(t["x_src"].to_numpy(dtype=object) == "row", _LAB_BASIS, _CATALOGUE_BASIS)  # shared str
     has_limit = np.isfinite(lo) | np.isfinite(hi)
     flag = np.full(n, None, dtype=object)
     basis = np.full(n, None, dtype=object)

@@ -48,7 +48,7 @@ from clinical.anomalies import (
     ClinicalReference,
     _change_text,
     _fmt,
-    _prepare,
+    _prepared,
     _u,
     _when,
     default_reference,
@@ -398,6 +398,8 @@ def evaluate_rules(
     ``forecasts`` (the forecasts contract) and ``anomalies`` (:func:`clinical.anomalies.detect_anomalies`)
     should carry an ``output_id`` column so each recommendation can list what triggered it;
     ``at`` defaults to just after the last result. Only results collected before ``at`` count.
+    ``timeline`` may be :func:`clinical.anomalies.prepare_timeline` rows (prepared once for the anomalies
+    and the recommendations; ``patient`` and ``reference`` were applied there).
     """
     with reported_precision(decimals_by_code(timeline)):
         return _evaluate(timeline, patient, at, forecasts, anomalies, rules, reference)
@@ -406,9 +408,10 @@ def evaluate_rules(
 def _evaluate(timeline, patient, at, forecasts, anomalies, rules, reference) -> pd.DataFrame:
     rs = rules or load_rules()
     ref = reference or default_reference()
-    t = _prepare(timeline, patient, ref)
+    t = _prepared(timeline, patient, ref)
     at = pd.Timestamp(at) if at is not None else (t["collected_at"].max() + pd.Timedelta(seconds=1) if len(t) else pd.Timestamp.now())
-    t = t[t["collected_at"] < at]
+    if len(t) and not (t["collected_at"] < at).all():  # no copy of every row when all count
+        t = t[t["collected_at"] < at]
     valid = t[t["x_num"]].sort_values(["analyte_code", "collected_at", "reported_at", "result_id"])
     pid = str(t["patient_id"].iloc[0]) if len(t) else str((patient or {}).get("patient_id", ""))
     ctx = _Context(pid, at, valid, forecasts if forecasts is not None else pd.DataFrame(),

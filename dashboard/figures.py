@@ -69,6 +69,7 @@ __all__ = [
     "make_shap_bar",
     "make_calibration_plot",
     "flag_labels",
+    "with_display_columns",
     "thin",
     "make_results_list",
     "agreement_table",
@@ -268,7 +269,10 @@ def date_bounds(date_range) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
 # Timeline
 # =============================================================================================
 def _classify(df: pd.DataFrame) -> pd.Series:
-    """One drawing category per result (see the module docstring)."""
+    """One drawing category per result (see the module docstring); read from ``draw_category`` when
+    :func:`with_display_columns` computed it for the whole patient."""
+    if "draw_category" in df:
+        return df["draw_category"]
     kind = df["result_kind"].astype(str)
     cat = pd.Series("numeric", index=df.index, dtype=object)
     cat[df["conflicting"].astype(bool)] = "conflicting"
@@ -452,6 +456,8 @@ def flag_labels(df: pd.DataFrame) -> pd.Series:
 
     if df.empty:
         return pd.Series([], index=df.index, dtype=object)
+    if "flag_label" in df:  # computed once for the patient (with_display_columns)
+        return df["flag_label"]
     lo, hi = _intervals(df)
     f = flags_of(df["value_canonical"], df["comparator"].astype(object), df["result_kind"].astype(object),
                  reported=df["flag"].astype(object) if "flag" in df else [None] * len(df), low=lo, high=hi,
@@ -460,6 +466,18 @@ def flag_labels(df: pd.DataFrame) -> pd.Series:
                  unit_missing=df["unit_missing"].fillna(False).astype(bool))
     out = np.array(["" if x in (None, "N") else x for x in f], dtype=object)
     return pd.Series(out, index=df.index, dtype=object)
+
+
+def with_display_columns(results: pd.DataFrame) -> pd.DataFrame:
+    """``results`` (with its limits: :func:`dashboard.services.with_reference_limits`) plus ``flag_label``
+    (:func:`flag_labels`) and ``draw_category`` (numeric, censored, gap, ...), computed once for the patient:
+    the chart, the results list and the cumulative table of every period then read them instead of
+    working them out again over every row (a year of 5-minute results: about 0.4 s a view). The result
+    shares ``results``' other columns (copy-on-write)."""
+    out = results.copy(deep=False)
+    out["flag_label"] = pd.Series(flag_labels(results).to_numpy(dtype=object), index=results.index, dtype=object)
+    out["draw_category"] = pd.Series(_classify(results).to_numpy(dtype=object), index=results.index, dtype=object)
+    return out
 
 
 def _col(df: pd.DataFrame, name: str) -> np.ndarray:
@@ -884,13 +902,14 @@ def _add_anomalies(fig, an: pd.DataFrame, rows: pd.DataFrame, rc: pd.Series, i: 
     an = an[np.isfinite(an["_y"])]
     for group, g in an.groupby(an["rule"].astype(str).map(_rule_group), sort=False):
         g = thin(g.sort_values("collected_at", kind="stable"), max_points, "_y")
-        hover = []
+        hover, wrapped = [], {}  # the members of a run share its text: wrapped once
         for a in g.to_dict("records"):
             rule, flag = _s(a.get("rule")) or "anomaly", _s(a.get("flag"))
             detail = _s(a.get("text")) or _s(a.get("detail"))
+            if detail and detail not in wrapped:
+                wrapped[detail] = "<br>" + "<br>".join(textwrap.wrap(readable_units(detail), 70)[:5])
             hover.append(f"<b>Anomaly flag</b>: {rule_label(rule)}{' (' + flag + ')' if flag else ''}<br>{name} at "
-                         f"{pd.Timestamp(a['collected_at']).strftime(TIME_FMT)}"
-                         + ("<br>" + "<br>".join(textwrap.wrap(readable_units(detail), 70)[:5]) if detail else ""))
+                         f"{pd.Timestamp(a['collected_at']).strftime(TIME_FMT)}" + (wrapped[detail] if detail else ""))
         label, symbol = _ANOMALY_STYLE.get(group, _ANOMALY_STYLE["other"])
         fig.add_trace(_scatter(
             x=g["collected_at"], y=list(g["_y"]), mode="markers", name=f"Anomaly: {label}",
@@ -902,16 +921,28 @@ def _add_anomalies(fig, an: pd.DataFrame, rows: pd.DataFrame, rc: pd.Series, i: 
 
 def _run_members(an: pd.DataFrame) -> pd.DataFrame:
     """One row per result an anomaly stands for: a run of consecutive flags (``evidence['run']``,
-    :func:`clinical.anomalies.group_runs`) rings every result of the run, each with the run's text."""
-    rows = []
-    for a in an.to_dict("records"):
-        run = (a.get("evidence") or {}).get("run") if isinstance(a.get("evidence"), dict) else None
+    :func:`clinical.anomalies.group_runs`) rings every result of the run, each with the run's text.
+
+    Built by position (the run's row repeated, its members' ids and times put in): a long series has
+    thousands of runs, and a dict per member cost seconds."""
+    if "evidence" not in an:  # per-result rows only
+        return an
+    pos, rids, ats = [], [], []
+    own_ids, own_ats = an["result_id"].to_numpy(object), an["collected_at"].to_numpy(object)
+    for k, ev in enumerate(an["evidence"].to_numpy(object)):
+        run = ev.get("run") if isinstance(ev, dict) else None
         if not run or not run.get("result_ids"):
-            rows.append(a)
+            pos.append(k)
+            rids.append(own_ids[k])
+            ats.append(own_ats[k])
             continue
-        for rid, at in zip(run["result_ids"], run.get("collected_at") or []):
-            rows.append(dict(a, result_id=rid, collected_at=pd.Timestamp(at)))
-    return pd.DataFrame(rows, columns=an.columns)
+        members = list(zip(run["result_ids"], run.get("collected_at") or []))
+        pos += [k] * len(members)
+        rids += [m[0] for m in members]
+        ats += [m[1] for m in members]
+    out = an.iloc[pos].reset_index(drop=True)
+    return out.assign(result_id=pd.Series(rids, dtype=object),
+                      collected_at=pd.to_datetime(pd.Series(ats, dtype=object), format="ISO8601"))
 
 
 # rule -> (legend label, open marker symbol): the legend names the rule behind each ring
@@ -1117,18 +1148,31 @@ def make_results_list(results_df: pd.DataFrame, decimals: dict | None = None) ->
     comp = df["comparator"].astype(object).where(df["comparator"].isin(["<", "<=", ">", ">="]), "").to_numpy(object)
     text = df["value_text"].astype(object).where(df["value_text"].notna(), "").to_numpy(object)
     lo, hi = _intervals(df)
+    # each distinct (analyte, value) and (analyte, interval) is written once and shared by its rows: a long
+    # series repeats a few hundred values, and formatting 105,120 of them one by one took seconds
+    shown_of: dict = {}
     result = []
-    for k, (code, v, c, t, cat) in enumerate(zip(codes, value, comp, text, cats.to_numpy(object))):
-        dec = decimals.get(str(code))
+    for code, v, c, t, cat in zip(codes, value, comp, text, cats.to_numpy(object)):
         if cat == "gap":
             result.append(t or "(no value)")
         elif cat == "unit_missing":
             result.append(f"{t} (no unit)")
         else:
-            shown = c + fmt_value(v, dec)
-            result.append(shown + " (implausible?)" if cat == "implausible" else shown)
-    refs = [_ref_text(a, b, decimals.get(str(code))) if (math.isfinite(a) or math.isfinite(b)) else ""
-            for code, a, b in zip(codes, lo, hi)]
+            key = (code, c, v, cat == "implausible")
+            shown = shown_of.get(key)
+            if shown is None:
+                shown = c + fmt_value(v, decimals.get(str(code)))
+                shown = shown_of[key] = shown + " (implausible?)" if cat == "implausible" else shown
+            result.append(shown)
+    ref_of: dict = {}
+    refs = []
+    for code, a, b in zip(codes, lo, hi):
+        key = (code, a, b)
+        ref = ref_of.get(key)
+        if ref is None:
+            ref = ref_of[key] = (_ref_text(a, b, decimals.get(str(code))) if (math.isfinite(a) or math.isfinite(b))
+                                 else "")
+        refs.append(ref)
     reported = (df["value_text"].fillna("").astype(str) + " " + df["unit"].fillna("").astype(str)).str.strip()
     return pd.DataFrame({
         "Collected": local_times(df).to_numpy(), "Analyte": [names[c][0] for c in codes], "Result": result,

@@ -66,6 +66,7 @@ __all__ = [
     "patient_history",
     "with_reference_limits",
     "load_forecasts",
+    "prepare_results",
     "load_anomalies",
     "load_recommendations",
     "load_explanation",
@@ -288,9 +289,11 @@ def with_reference_limits(results: pd.DataFrame, sex: str | None = None, age_yea
     canonical unit; NaN where the reference files have nothing for the analyte.
 
     The figures use a result's own reported interval first and fall back to these. The
-    limits are worked out once per (analyte, sex, age) and then looked up.
+    limits are worked out once per (analyte, sex, age) and then looked up. The result shares
+    ``results``' columns (pandas copy-on-write: neither frame sees the other's changes), so a
+    patient's cached timeline and its frame with limits are not two full copies in memory.
     """
-    out = results.copy()
+    out = results.copy(deep=False)
     columns = ("ref_low_catalogue", "ref_high_catalogue", "critical_low", "critical_high")
     if out.empty:
         for c in columns:
@@ -412,6 +415,13 @@ def flag_rules() -> tuple[str, ...] | None:
     if mod is None:
         return None
     return tuple(r for r in mod.RULES if r != "reference_interval") + ("preanalytical",)
+
+
+def prepare_results(results: pd.DataFrame, patient: dict | None) -> pd.DataFrame:
+    """One patient's timeline rows prepared once for :func:`load_anomalies` and :func:`load_recommendations`
+    (``clinical.anomalies.prepare_timeline``); ``results`` itself when that module is older."""
+    mod = _optional("clinical.anomalies", "prepare_timeline")
+    return mod.prepare_timeline(results, patient) if mod is not None else results
 
 
 def load_anomalies(results: pd.DataFrame, patient: dict | None, forecaster=None,

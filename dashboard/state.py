@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import streamlit as st
 
 from dashboard import services
@@ -31,9 +32,17 @@ from data import settings
 __all__ = [
     "db_path", "model_dir", "get_store", "data_version", "set_busy_slot", "clear_busy_slot",
     "patients", "timeline", "patient_info", "results_with_limits", "batches", "model_url", "model_status",
-    "torch_threads", "get_pipeline", "forecasts", "anomalies", "explanation", "timeline_figure", "recommendations",
-    "reporting_decimals", "admissions",
+    "torch_threads", "get_pipeline", "forecasts", "prepared", "anomalies", "explanation", "timeline_figure",
+    "recommendations", "reporting_decimals", "admissions",
 ]
+
+# pandas keeps text columns in Arrow. Arrow's default allocator (mimalloc) keeps what it frees for reuse, so
+# each long series analysed left the server larger (a year of 5-minute results: about 70 MB after the anomaly
+# check alone); the C allocator hands large buffers back when they are freed (benchmarks/long_series.py).
+# An explicit ARROW_DEFAULT_MEMORY_POOL is left as it is.
+if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+    pa.set_memory_pool(pa.system_memory_pool())
+
 
 VERSION_TTL_S = 5
 QUERY_TTL_S = 15 * 60
@@ -147,8 +156,12 @@ def patient_info(path: str, version: str, patient_id: str) -> dict | None:
 @st.cache_resource(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
 def results_with_limits(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None
                         ) -> pd.DataFrame:
-    """One patient's timeline with the catalogue's reference and critical limits for this sex and age."""
-    return services.with_reference_limits(timeline(path, version, patient_id), sex, age_years)
+    """One patient's timeline with the catalogue's reference and critical limits for this sex and age, and each
+    result's flag label and drawing category (:func:`dashboard.figures.with_display_columns`: once per patient)."""
+    from dashboard import figures
+
+    return figures.with_display_columns(services.with_reference_limits(timeline(path, version, patient_id), sex,
+                                                                       age_years))
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=256, show_spinner=False)
@@ -254,11 +267,19 @@ def forecasts(path: str, version: str, model_path: str, stamp: float, patient_id
         return exc.result
 
 
+# The rows the clinical rules read, prepared once for the anomalies and the recommendations (a year of
+# 5-minute results: about 1 s and 100 MB each time). One patient kept: both are cached per patient for longer,
+# so the rows are needed again only when a new model or another choice of analytes asks for them.
+@st.cache_resource(ttl=QUERY_TTL_S, max_entries=1, show_spinner=False)
+def prepared(path: str, version: str, patient_id: str) -> pd.DataFrame:
+    return services.prepare_results(timeline(path, version, patient_id), patient_info(path, version, patient_id))
+
+
 @st.cache_resource(ttl=QUERY_TTL_S, max_entries=64, show_spinner="Checking for anomalies…")
 def _anomalies(path: str, version: str, patient_id: str, model_path: str | None, stamp: float
                ) -> services.ServiceResult:
     pipe = get_pipeline(model_path, stamp) if model_path else None
-    results = timeline(path, version, patient_id)
+    results = prepared(path, version, patient_id)
     since = None
     if pipe is not None and len(results):
         since = pd.Timestamp(results["collected_at"].max()) - pd.Timedelta(days=MODEL_RULES_WINDOW_DAYS)
@@ -315,7 +336,7 @@ def _model_key() -> tuple[str, float]:
 
 @st.cache_resource(ttl=QUERY_TTL_S, max_entries=32, show_spinner=False)
 def _timeline_figure(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,
-                     analytes: tuple[str, ...], date_range: tuple | None, model_key: tuple[str, float],
+                     analytes: tuple[str, ...], date_range: tuple | None, model_key: tuple[str, float], rings: bool,
                      _results: pd.DataFrame, _forecasts: pd.DataFrame, _anomalies: pd.DataFrame, _decimals: dict):
     # cache_resource: the figure object itself comes back, where cache_data would unpickle a copy
     # (a Figure rebuilds and revalidates itself: 0.2 s on a busy 2-core machine)
@@ -330,15 +351,18 @@ def timeline_figure(path: str, version: str, patient_id: str, sex: str | None, a
                     forecasts: services.ServiceResult, anomalies: services.ServiceResult, decimals: dict | None = None):
     """:func:`dashboard.figures.make_timeline_figure` of ``results_with_limits(path, version, patient_id, sex,
     age_years)`` with this patient's :func:`forecasts` of ``analytes``, :func:`anomalies` and
-    :func:`reporting_decimals` (the cache key names all of them)."""
+    :func:`reporting_decimals` (the cache key names all of them). ``anomalies`` with ``extra['pending']``:
+    the values drawn before the anomalies are computed (cached apart from the figure with rings)."""
     decimals = reporting_decimals(path, version, patient_id) if decimals is None else decimals
     if forecasts.extra.get("retry") or anomalies.extra.get("retry"):
         from dashboard import figures
 
         return figures.make_timeline_figure(results, list(analytes), forecasts=forecasts.frame,
                                             anomalies=anomalies.frame, date_range=date_range, decimals=decimals)
+    # ``rings`` is in the key: the values-only figure a long series is drawn with first (anomalies
+    # marked ``pending``) is another figure than the one with its anomaly rings
     return _timeline_figure(path, version, patient_id, sex, age_years, analytes, date_range, _model_key(),
-                            results, forecasts.frame, anomalies.frame, decimals)
+                            not anomalies.extra.get("pending"), results, forecasts.frame, anomalies.frame, decimals)
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
@@ -346,7 +370,8 @@ def _recommendations(path: str, version: str, patient_id: str, sex: str | None, 
                      analytes: tuple[str, ...], model_key: tuple[str, float], _results: pd.DataFrame,
                      _forecasts: pd.DataFrame, _anomalies: pd.DataFrame, _patient: dict | None
                      ) -> services.ServiceResult:
-    return services.load_recommendations(_results, _forecasts, _anomalies, _patient)
+    # the rows the anomalies were found in, prepared once (``_results`` names the same patient's results)
+    return services.load_recommendations(prepared(path, version, patient_id), _forecasts, _anomalies, _patient)
 
 
 def recommendations(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,

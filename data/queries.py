@@ -114,9 +114,10 @@ def timeline(
         params.append(end)
     sql = f"SELECT {_RESULT_COLUMNS} FROM results WHERE {' AND '.join(where)}"
     with store.read_with_memo() as (cur, memo):
-        raw = cur.execute(sql, params).fetchnumpy()
-        has_comparator = ~np.ma.getmaskarray(raw["comparator"])
-        r = {k: _unmask(v) for k, v in raw.items()}
+        raw = cur.sql(sql, params=params).to_arrow_table()
+        has_comparator = raw.column("comparator").is_valid().to_numpy(zero_copy_only=False)
+        r = {k: _from_arrow(raw.column(k)) for k in raw.column_names}
+        del raw
         keys = memo.get("result_keys")
         if keys is None or not keys.covers(r["key_id"]):
             keys = memo["result_keys"] = _ResultKeys.load(cur)
@@ -178,6 +179,29 @@ class _ResultKeys:
     def covers(self, key_ids: np.ndarray) -> bool:
         """True when every id in ``key_ids`` is loaded (ids are never reused or changed)."""
         return not len(key_ids) or (int(key_ids.max()) < len(self.known) and bool(self.known[key_ids].all()))
+
+
+def _from_arrow(col) -> np.ndarray:
+    """An Arrow column as :func:`_unmask` gives DuckDB's numpy column: NaN / NaT / NaN-in-object where NULL.
+
+    Text comes back with one Python string per distinct value, shared by the rows holding it (a year
+    of 5-minute results of one analyte: a few hundred strings, not a string object per row and column).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        enc = pc.dictionary_encode(col)
+        table = np.empty(len(enc.dictionary) + 1, dtype=object)
+        table[:-1] = enc.dictionary.to_numpy(zero_copy_only=False)
+        table[-1] = np.nan  # NULL
+        return table[enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)]
+    if not col.null_count or pa.types.is_floating(col.type) or pa.types.is_timestamp(col.type):
+        return col.to_numpy(zero_copy_only=False)  # floats: NaN, timestamps: NaT where NULL
+    out = np.array(col.to_pylist(), dtype=object)  # other types with NULLs: objects, as _unmask
+    out[~col.is_valid().to_numpy(zero_copy_only=False)] = np.nan
+    return out
 
 
 def _unmask(a: np.ndarray) -> np.ndarray:

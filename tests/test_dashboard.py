@@ -862,8 +862,8 @@ def test_upload_says_what_happened_to_every_row_with_reasons_and_the_rejected_ro
 
 
 def test_cached_patient_frames_are_not_changed_by_a_page_run(env, monkeypatch):
-    """state.timeline / results_with_limits / anomalies are shared objects (cache_resource): after the timeline
-    and review pages ran on them, they still equal a fresh computation."""
+    """state.timeline / results_with_limits (with its flag labels and drawing categories) / anomalies are shared
+    objects (cache_resource): after the timeline and review pages ran on them, they still equal a fresh computation."""
     from dashboard import services, state
     from data import queries
 
@@ -882,8 +882,11 @@ def test_cached_patient_frames_are_not_changed_by_a_page_run(env, monkeypatch):
     monkeypatch.setattr(state.queries, "timeline", fresh_timeline)
     pd.testing.assert_frame_equal(raw, queries.timeline(env.store, "P0020"))
     age = services.age_years(info, raw["collected_at"].max())
+    from dashboard import figures
+
     pd.testing.assert_frame_equal(state.results_with_limits(db, version, "P0020", info.get("sex"), age),
-                                  services.with_reference_limits(queries.timeline(env.store, "P0020"), info.get("sex"), age))
+                                  figures.with_display_columns(services.with_reference_limits(
+                                      queries.timeline(env.store, "P0020"), info.get("sex"), age)))
     fresh = services.load_anomalies(queries.timeline(env.store, "P0020"), info, rules=services.flag_rules()).frame
     pd.testing.assert_frame_equal(state.anomalies(db, version, "P0020").frame.reset_index(drop=True),
                                   fresh.reset_index(drop=True))
@@ -941,3 +944,50 @@ def test_review_page_shows_the_batch_job_and_starts_it(env, tmp_path, monkeypatc
     assert "0 patient(s) with results newer than their stored outputs" in texts(at)
     assert f"{n} of {n} patients scored" in texts(at)
     assert at.session_state["review_current"] is not None  # the queue has the job's outputs
+
+
+def test_long_series_is_drawn_thinned_with_its_rings_and_every_raw_value_in_the_table(tmp_path, monkeypatch):
+    """A long series (above the page's LONG_SERIES, 5-minute glucose) on the timeline, shown whole: the chart
+    draws a bounded number of points (thinned), rings its delta checks (the values-first figure and the one
+    with rings are not confused by the figure cache), and every result is a row of the table, with the
+    value as reported of each drawn point."""
+    import re
+
+    import numpy as np
+    import pandas as pd
+
+    from dashboard import figures
+
+    n = 21_000  # LONG_SERIES (dashboard/app_pages/timeline.py) is 20,000
+    rng = np.random.default_rng(7)
+    t = pd.Timestamp("2024-01-01") + pd.to_timedelta(np.arange(n) * 5, unit="min")
+    v = np.clip(140 + 40 * np.sin(np.arange(n) * 5 / 1440 * 2 * np.pi) + rng.normal(0, 12, n), 40, 450).round()
+    csv = tmp_path / "poc.csv"
+    pd.DataFrame({"patient_id": "POC-T", "collected_at": t.strftime("%Y-%m-%d %H:%M"), "loinc": "2345-7",
+                  "test_name": "Glucose (POC)", "value": v.astype(int).astype(str), "unit": "mg/dL"}).to_csv(csv, index=False)
+    store = open_store(tmp_path / "lab.duckdb")
+    run_import(store, csv)
+    monkeypatch.setenv("LABTREND_DB", str(tmp_path / "lab.duckdb"))
+    monkeypatch.setenv("LABTREND_MODEL", str(tmp_path / "no-model"))
+    at = app_helpers.signed_in("lena", "clinician", TIMEOUT)
+    at.switch_page("app_pages/timeline.py")
+    at.session_state["timeline_patient"] = "POC-T"
+    at.run()
+    opened = plotly_specs(at)[-1]  # the latest episode (the last 90 days: every result here), drawn twice
+    assert any(str(tr.get("name")).startswith("Anomaly: delta check") for tr in opened["data"])
+    at.session_state["timeline_period"] = "All"
+    at.run()
+    assert not at.exception
+    fig = plotly_specs(at)[-1]
+    traces = {tr.get("name"): tr for tr in fig["data"]}
+    drawn = sum(len(tr.get("x") or []) for tr in fig["data"])
+    assert drawn <= 4 * figures.MAX_POINTS + figures.MAX_TREND_POINTS + 100, drawn
+    assert fig["layout"]["meta"]["thinned"]["2345-7"][1] == n  # every result counted, a few of them drawn
+    assert any(name.startswith("Anomaly: delta check") for name in traces), list(traces)
+    listing = next(d.value for d in at.dataframe if "As reported" in d.value.columns)
+    assert len(listing) == n
+    reported = dict(zip(pd.to_datetime(listing["Collected"]).dt.strftime("%Y-%m-%d %H:%M"), listing["As reported"]))
+    points = traces["Result"]
+    for x, hover in list(zip(points["x"], points["customdata"]))[:: max(1, len(points["x"]) // 20)]:
+        as_reported = re.search(r"As reported: ([^<]+)", hover).group(1)
+        assert reported[pd.Timestamp(x).strftime("%Y-%m-%d %H:%M")] == as_reported

@@ -204,9 +204,14 @@ def _draw(flags: services.ServiceResult, key: str = "timeline_figure"):
     return figure
 
 
-if chosen and len(results) > LONG_SERIES:  # the values first; the anomaly rings follow when they are computed
-    fig = _draw(services.ServiceResult(pd.DataFrame(columns=services.ANOMALY_COLUMNS), True, ""), "timeline_values")
+# a long series: the values first, the anomaly rings when they are computed (once per patient; a rerun that
+# finds them computed, e.g. the switch to All, draws the chart once, with its rings)
+rings_of = (db, version, pid, mstatus.path, mstatus.stamp)
+if chosen and len(results) > LONG_SERIES and st.session_state.get("_timeline_rings_of") != rings_of:
+    fig = _draw(services.ServiceResult(pd.DataFrame(columns=services.ANOMALY_COLUMNS), True, "",
+                                       extra={"pending": True}), "timeline_values")
 anomalies = state.anomalies(db, version, pid)
+st.session_state["_timeline_rings_of"] = rings_of
 if chosen:
     rings = anomalies.frame
     rings = rings[rings["analyte_code"].isin(chosen) & (rings["rule"].astype(str) != "reference_interval")]
