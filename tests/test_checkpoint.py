@@ -51,6 +51,22 @@ def test_shipped_checkpoint_card_has_hugging_face_metadata_with_measured_results
     assert metrics["NMAE"] < metrics["last value NMAE (same rows)"]
 
 
+def test_shipped_checkpoint_card_reports_zero_shot_sources_it_never_saw():
+    """Issue 13 (leave-source-out): the card's zero-shot table is the benchmark's output for sources that were
+    not in the checkpoint's corpus, and each beats the last value."""
+    report = json.loads((SHIPPED / "pretraining.json").read_text())
+    head = yaml.safe_load((SHIPPED / "README.md").read_text().split("---")[1])
+    card = {r["dataset"]["name"].split(" ")[0]: {m["name"]: m["value"] for m in r["metrics"]}
+            for r in head["model-index"][0]["results"] if r["dataset"].get("split") == "zero-shot"}
+    assert report["zero_shot"] and set(card) == {z["source"] for z in report["zero_shot"]}
+    for z in report["zero_shot"]:
+        assert z["source"] not in report["corpus"]
+        bench = json.loads((ROOT / "benchmarks" / "results" / f"zero_shot_{z['source']}_{SHIPPED.name}.json").read_text())
+        assert bench["pretraining_overlap"]["overlapping_sources"] == []
+        assert z["nmae"] == pytest.approx(bench["nmae"]) and card[z["source"]]["NMAE"] == pytest.approx(z["nmae"], abs=1e-5)
+        assert z["nmae"] < z["last_value_nmae"]
+
+
 def test_shipped_checkpoint_forecasts_zero_shot_with_calibrated_95_bounds(cases):
     """Issue 13 (e): used as it is, the checkpoint gives finite 95 % bounds (its own calibration)."""
     from model.inference import ForecastPipeline
