@@ -268,8 +268,9 @@ def forecasts(path: str, version: str, model_path: str, stamp: float, patient_id
 
 
 # The rows the clinical rules read, prepared once for the anomalies and the recommendations (a year of
-# 5-minute results: about 1 s and 100 MB each time). One patient kept: both are cached per patient for longer,
-# so the rows are needed again only when a new model or another choice of analytes asks for them.
+# 5-minute results: about 1 s and 100 MB each time). One patient kept, until its recommendations are cached
+# (:func:`_recommendations` frees them): both are cached per patient for longer, so the rows are needed again
+# only when a new model or another choice of analytes asks for them.
 @st.cache_resource(ttl=QUERY_TTL_S, max_entries=1, show_spinner=False)
 def prepared(path: str, version: str, patient_id: str) -> pd.DataFrame:
     return services.prepare_results(timeline(path, version, patient_id), patient_info(path, version, patient_id))
@@ -371,7 +372,11 @@ def _recommendations(path: str, version: str, patient_id: str, sex: str | None, 
                      _forecasts: pd.DataFrame, _anomalies: pd.DataFrame, _patient: dict | None
                      ) -> services.ServiceResult:
     # the rows the anomalies were found in, prepared once (``_results`` names the same patient's results)
-    return services.load_recommendations(prepared(path, version, patient_id), _forecasts, _anomalies, _patient)
+    out = services.load_recommendations(prepared(path, version, patient_id), _forecasts, _anomalies, _patient)
+    # the anomalies and these are cached now: the prepared rows (a year of 5-minute results: some 70 MB) are not
+    # kept for the rest of the page's life; another model or choice of analytes prepares them again (about 1 s)
+    prepared.clear()
+    return out
 
 
 def recommendations(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,
