@@ -44,6 +44,29 @@ if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
     pa.set_memory_pool(pa.system_memory_pool())
 
 
+def _tune_c_allocator() -> None:
+    """glibc malloc (Linux): large blocks (>= 128 KiB: array buffers) always from mmap, so a freed one goes back to
+    the system at once, and at most 2 arenas (Streamlit runs each script run on a new thread; each arena keeps
+    what its threads freed). glibc raises its mmap threshold after each large free, so the buffers of a long
+    series analysed once stayed in the heap. Nothing is changed where ``MALLOC_MMAP_THRESHOLD_`` or
+    ``MALLOC_ARENA_MAX`` is set, or where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    mallopt(-8, 2)  # M_ARENA_MAX
+
+
+_tune_c_allocator()
+
+
 VERSION_TTL_S = 5
 QUERY_TTL_S = 15 * 60
 MODEL_RULES_WINDOW_DAYS = 30.0  # model surprise runs on the last 30 days of results (as `labtrend predict`)
