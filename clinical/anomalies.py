@@ -366,7 +366,9 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     if missing:
         raise ValueError(f"timeline is missing column(s) {missing}; expected data.queries.TIMELINE_COLUMNS")
     keep = [c for c in _KEEP if c in timeline.columns]
-    t = timeline[keep].reset_index(drop=True).copy()
+    # no copy: every column the rules change is replaced below, never written into (copy-on-write), so the
+    # timeline's own columns are shared until then (a year of 5-minute results: some 40 MB not copied)
+    t = timeline[keep].reset_index(drop=True)
     # object (numpy) strings: takes, sorts and merges on pyarrow strings are several times slower here
     for col in ("patient_id", "analyte_code"):
         t[col] = _objects(t[col].astype(str))
@@ -395,8 +397,11 @@ def _prepare(timeline: pd.DataFrame, patients, ref: ClinicalReference) -> pd.Dat
     t["x_spec"] = codes.astype(np.int64)  # integer specimen ids: joins on them are fast
 
     # demographics at collection
-    p = _patients_frame(patients, t["patient_id"])
-    t = t.merge(p, on="patient_id", how="left")
+    # one patient row per result by position (a left merge would copy every column of every row)
+    p = _patients_frame(patients, t["patient_id"]).set_index("patient_id")
+    at = p.reindex(pd.Index(t["patient_id"].to_numpy(dtype=object), name="patient_id"))
+    for col in p.columns:
+        t[col] = at[col].to_numpy()
     t["sex"] = t["sex"].where(t["sex"].isin(["F", "M"]), None)
     days = lambda a, b: (pd.to_datetime(a) - pd.to_datetime(b)).dt.total_seconds() / 86400.0  # noqa: E731
     age = pd.Series(np.nan, index=t.index)
@@ -698,16 +703,22 @@ def _with_previous(t: pd.DataFrame) -> pd.DataFrame:
     row at a time is compared with the representative of the previous distinct time, so
     conflicting results at one time are never compared with each other (LAB-05).
     """
-    num = t[t["x_num"]]
-    rep = num.sort_values(["patient_id", "analyte_code", "collected_at", "reported_at", "result_id"])
-    rep = rep.drop_duplicates(["patient_id", "analyte_code", "collected_at"], keep="last")
+    num = t[t["x_num"]].reset_index(drop=True)
+    time_key = ["patient_id", "analyte_code", "collected_at"]
+    # sorted and shifted on the few columns read, then taken back by time (a merge would copy every column)
+    rep = num[[*time_key, "reported_at", "result_id", "value_canonical", "time_unknown"]]
+    rep = rep.sort_values([*time_key, "reported_at", "result_id"]).drop_duplicates(time_key, keep="last")
     g = rep.groupby(["patient_id", "analyte_code"], sort=False)
     prev = pd.DataFrame({
-        "patient_id": rep["patient_id"], "analyte_code": rep["analyte_code"], "collected_at": rep["collected_at"],
         "x_prev": g["value_canonical"].shift(1), "x_prev_at": g["collected_at"].shift(1), "x_prev_id": g["result_id"].shift(1),
         "x_prev_time_unknown": g["time_unknown"].shift(1),
     })
-    return num.merge(prev, on=["patient_id", "analyte_code", "collected_at"], how="left")
+    at = num.groupby(time_key, sort=False, dropna=False).ngroup().to_numpy()  # each row's time
+    prev.index = at[rep.index.to_numpy()]  # one representative per time
+    prev = prev.reindex(at)
+    for col in prev.columns:
+        num[col] = prev[col].to_numpy()
+    return num
 
 
 _DELTA_COLUMNS = ["result_id", "patient_id", "analyte_code", "x_name", "collected_at", "value_canonical", "x_unit",

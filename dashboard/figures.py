@@ -907,7 +907,7 @@ def _add_anomalies(fig, an: pd.DataFrame, rows: pd.DataFrame, rc: pd.Series, i: 
             rule, flag = _s(a.get("rule")) or "anomaly", _s(a.get("flag"))
             detail = _s(a.get("text")) or _s(a.get("detail"))
             if detail and detail not in wrapped:
-                wrapped[detail] = "<br>" + "<br>".join(textwrap.wrap(readable_units(detail), 70)[:5])
+                wrapped[detail] = "<br>" + "<br>".join(_first_lines(readable_units(detail), 70, 5))
             hover.append(f"<b>Anomaly flag</b>: {rule_label(rule)}{' (' + flag + ')' if flag else ''}<br>{name} at "
                          f"{pd.Timestamp(a['collected_at']).strftime(TIME_FMT)}" + (wrapped[detail] if detail else ""))
         label, symbol = _ANOMALY_STYLE.get(group, _ANOMALY_STYLE["other"])
@@ -917,6 +917,19 @@ def _add_anomalies(fig, an: pd.DataFrame, rows: pd.DataFrame, rc: pd.Series, i: 
             marker=dict(symbol=symbol, size=20, color=COLORS["anomaly"], line=dict(width=2.5, color=COLORS["anomaly"])),
             customdata=hover, hovertemplate="%{customdata}<extra></extra>", cliponaxis=False,
         ), row=i, col=1)
+
+
+def _first_lines(text: str, width: int, n: int) -> list[str]:
+    """``textwrap.wrap(text, width)[:n]``, wrapping only as much of a long text as those lines can hold: the
+    text up to a space past ``(n + 1) * width`` characters, kept when it already wraps to more than ``n`` lines
+    (the first ``n`` lines then end where they would in the whole text: every word before the cut is whole).
+    An anomaly text can be a few thousand characters; a long series' chart shows some 1,400 of them."""
+    cut = text.find(" ", (n + 1) * width)
+    if cut > 0:
+        lines = textwrap.wrap(text[:cut], width)
+        if len(lines) > n:
+            return lines[:n]
+    return textwrap.wrap(text, width)[:n]
 
 
 def _run_members(an: pd.DataFrame) -> pd.DataFrame:

@@ -44,6 +44,29 @@ if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
     pa.set_memory_pool(pa.system_memory_pool())
 
 
+def _tune_c_allocator() -> None:
+    """glibc malloc (Linux): large blocks (>= 128 KiB: array buffers) always from mmap, so a freed one goes back to
+    the system at once, and at most 2 arenas (Streamlit runs each script run on a new thread; each arena keeps
+    what its threads freed). glibc raises its mmap threshold after each large free, so the buffers of a long
+    series analysed once stayed in the heap. Nothing is changed where ``MALLOC_MMAP_THRESHOLD_`` or
+    ``MALLOC_ARENA_MAX`` is set, or where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    mallopt(-8, 2)  # M_ARENA_MAX
+
+
+_tune_c_allocator()
+
+
 VERSION_TTL_S = 5
 QUERY_TTL_S = 15 * 60
 MODEL_RULES_WINDOW_DAYS = 30.0  # model surprise runs on the last 30 days of results (as `labtrend predict`)
@@ -268,8 +291,9 @@ def forecasts(path: str, version: str, model_path: str, stamp: float, patient_id
 
 
 # The rows the clinical rules read, prepared once for the anomalies and the recommendations (a year of
-# 5-minute results: about 1 s and 100 MB each time). One patient kept: both are cached per patient for longer,
-# so the rows are needed again only when a new model or another choice of analytes asks for them.
+# 5-minute results: about 1 s and 100 MB each time). One patient kept, until its recommendations are cached
+# (:func:`_recommendations` frees them): both are cached per patient for longer, so the rows are needed again
+# only when a new model or another choice of analytes asks for them.
 @st.cache_resource(ttl=QUERY_TTL_S, max_entries=1, show_spinner=False)
 def prepared(path: str, version: str, patient_id: str) -> pd.DataFrame:
     return services.prepare_results(timeline(path, version, patient_id), patient_info(path, version, patient_id))
@@ -371,7 +395,11 @@ def _recommendations(path: str, version: str, patient_id: str, sex: str | None, 
                      _forecasts: pd.DataFrame, _anomalies: pd.DataFrame, _patient: dict | None
                      ) -> services.ServiceResult:
     # the rows the anomalies were found in, prepared once (``_results`` names the same patient's results)
-    return services.load_recommendations(prepared(path, version, patient_id), _forecasts, _anomalies, _patient)
+    out = services.load_recommendations(prepared(path, version, patient_id), _forecasts, _anomalies, _patient)
+    # the anomalies and these are cached now: the prepared rows (a year of 5-minute results: some 70 MB) are not
+    # kept for the rest of the page's life; another model or choice of analytes prepares them again (about 1 s)
+    prepared.clear()
+    return out
 
 
 def recommendations(path: str, version: str, patient_id: str, sex: str | None, age_years: float | None,

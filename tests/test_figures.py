@@ -321,3 +321,16 @@ def test_calibration_plot_from_model_card():
     names = [t.name for t in fig.data]
     assert names == ["Perfect calibration", "full fine-tuning", "last value"]
     assert len(fig.data[1].x) == 7 and fig.layout.xaxis.title.text == "Nominal quantile level"
+
+
+def test_anomaly_hover_lines_are_the_first_lines_of_the_whole_text():
+    """The hover wraps only a long text's head: its 5 lines must be those of the whole text, whatever the spacing
+    and word lengths around the cut (words longer than the width, runs of spaces, short texts)."""
+    import random
+    import textwrap
+
+    rng = random.Random(7)
+    words = ["a", "mg/dL", "glucose", "x" * 75, "delta" * 16, "", "RCV", "(Fraser 2011);"]
+    for _ in range(2000):
+        text = "".join(rng.choice(words) + rng.choice([" ", "  ", "\n", "   "]) for _ in range(rng.randint(0, 160)))
+        assert figures._first_lines(text, 70, 5) == textwrap.wrap(text, 70)[:5]
