@@ -11,11 +11,15 @@ from clinical.predict import replay_forecasts
 from data import queries
 from data.db import open_store
 from data.importers import run_import
+from model import MIN_HISTORY
+
+N_REPLAYED = 8 - MIN_HISTORY  # XAI-15 has 8 potassium results for P0020
 
 
 @pytest.fixture(scope="module")
 def monitored(tmp_path_factory, cases):
-    """P0020's potassium (XAI-15): forecasts at the times of its 3rd..8th results, stored; two verdicts."""
+    """P0020's potassium (XAI-15, 8 results): forecasts at the time of every result after the first MIN_HISTORY
+    (a forecast needs MIN_HISTORY prior results), stored; two verdicts."""
     torch = pytest.importorskip("torch")
     from model.configuration import config_preset
     from model.features import AnalyteScaler, AnalyteVocab
@@ -32,7 +36,7 @@ def monitored(tmp_path_factory, cases):
                             AnalyteScaler.fit(history))
     pipe.save_pretrained(root / "model")
     recs = replay_forecasts(store, pipe, "P0020")
-    times = history["collected_at"].sort_values().iloc[2:]
+    times = history["collected_at"].sort_values().iloc[MIN_HISTORY:]
     fc = pipe.forecast(history, pd.DataFrame({"patient_id": "P0020", "analyte_code": "2823-3", "at": times.to_numpy()}))
     out_mod.record_verdict(store, recs[0]["output_id"], "ed", "expert", "valid")
     out_mod.record_verdict(store, recs[1]["output_id"], "ed", "expert", "invalid", comment="too low")
@@ -48,9 +52,11 @@ def test_replayed_forecasts_are_made_at_past_collection_times_from_earlier_resul
     """Each replayed forecast's time is a potassium collection time; its history ends strictly before it."""
     fc, history = monitored
     stored = out_mod.load_outputs(_store(), kind="forecast")
-    assert len(stored) == 6 and all(p["retrospective"] for p in stored["payload"])
+    assert len(stored) == N_REPLAYED and all(p["retrospective"] for p in stored["payload"])
     k_times = sorted(history.loc[history["analyte_code"] == "2823-3", "collected_at"])
-    for (at, p), prev in zip(zip(stored["output_time"], stored["payload"]), k_times[1:-1]):
+    assert len(k_times) == 8
+    stored = stored.sort_values("output_time")
+    for (at, p), prev in zip(zip(stored["output_time"], stored["payload"]), k_times[MIN_HISTORY - 1:-1], strict=True):
         assert at in k_times
         assert pd.Timestamp(p["based_on"]["last_result_at"]) == prev < at
         assert p["median"] == pytest.approx(float(fc.loc[fc["at"] == at, "q50"].iloc[0]), rel=1e-6)
@@ -68,14 +74,14 @@ def test_model_page_scores_arrived_forecasts_against_last_value(monitored):
     at.switch_page("app_pages/model.py").run()
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Forecasts scored"] == "6 of 6"
+    assert metrics["Forecasts scored"] == f"{N_REPLAYED} of {N_REPLAYED}"
     # the page's skill is the one computed by hand from the same forecasts and results
     k = history[history["analyte_code"] == "2823-3"].sort_values("collected_at")["value"].to_numpy()
-    err_model = abs(k[2:] - fc["q50"].to_numpy()).sum()
-    err_last = abs(k[2:] - k[1:-1]).sum()
+    err_model = abs(k[MIN_HISTORY:] - fc["q50"].to_numpy()).sum()
+    err_last = abs(k[MIN_HISTORY:] - k[MIN_HISTORY - 1:-1]).sum()
     assert metrics["Skill vs last value"] == f"{1 - err_model / err_last:+.2f}"
     errors = next(d.value for d in at.dataframe if "mae_last_value" in d.value.columns)
-    assert errors["n"].sum() == 6 and errors["analyte"].iloc[0].startswith("Potassium")
+    assert errors["n"].sum() == N_REPLAYED and errors["analyte"].iloc[0].startswith("Potassium")
     verdicts = next(d.value for d in at.dataframe if "valid_rate" in d.value.columns)
     row = verdicts.set_index("kind").loc["forecast"]
     assert row["n"] == 2 and row["valid_rate"] == 0.5 and row["invalid_rate"] == 0.5
