@@ -1,4 +1,4 @@
--- 006: state of the batch job that computes and stores every patient's outputs (labtrend score).
+-- 010: state of the batch job that computes and stores every patient's outputs (labtrend score).
 --
 -- scoring_state: one row per patient and scoring key (a hash of the model version and of every
 -- setting that changes the outputs: see labtrend.scoring). A patient needs scoring when it has no
