@@ -179,7 +179,7 @@ def run_mimic(args) -> dict:
             "split": f"{len(folds)} of 5 patient-grouped folds (seed {args.seed})", "task": task.describe(),
             "analyte_names": {a: names.get(a, "") for a in task.analytes}, "primary_method": ft.name,
             "command": "python benchmarks/forecast_quality.py " + " ".join(sys.argv[1:]),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "pretrained_checkpoint": str(args.init),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "pretrained_checkpoint": _relative(args.init),
             "finetune_steps": args.steps, "seeds": args.seeds, "training_reports": {ft.name: ft.reports},
             "datasets": ["mimic-iv-demo", "physionet-challenge-2012", "eicu-crd-demo", "nhanes"]}
     if args.card:
@@ -242,6 +242,12 @@ def run_extreme(args) -> dict:
     out["last_in_80"] = bool(f["q10"] <= 342 <= f["q90"])
     print(json.dumps(out))
     return out
+
+
+def _relative(path) -> str:
+    """``path`` relative to the project root when it is inside it (results name no machine's folders)."""
+    p = Path(path).resolve()
+    return p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else p.name
 
 
 def _corpus(args):

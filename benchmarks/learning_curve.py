@@ -43,20 +43,27 @@ def _name(corpus: str, config: str) -> str:
 
 def pretrain(work: Path, corpus: str, config: str, steps: int) -> dict:
     out = work / _name(corpus, config)
-    cmd = [sys.executable, str(ROOT / "train.py"), "--stage", "pretrain", "--config", config, "--sources",
+    cmd = [sys.executable, "train.py", "--stage", "pretrain", "--config", config, "--sources",
            CORPORA[corpus], "--steps", str(steps), "--min-steps", str(steps), "--max-minutes", "100000",
-           "--eval-every", str(max(steps // 2, 1)), "--final-eval-rows", "6000", "--init", str(out)]
+           "--eval-every", str(max(steps // 2, 1)), "--final-eval-rows", "6000", "--init", _arg(out)]
     t = time.monotonic()
     subprocess.run(cmd, check=True, cwd=ROOT)
     return {"command": " ".join(cmd[1:]), "wall_s": round(time.monotonic() - t, 1)}
+
+
+def _arg(path: Path) -> str:
+    """A path as passed to the scripts (run from the project root): relative when inside it, so the saved
+    commands name no machine's folders."""
+    p = Path(path).resolve()
+    return p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else str(path)
 
 
 def score(checkpoint: Path, source: str, validation_of: Path, max_patients: int, reuse: bool = False) -> dict:
     saved = RESULTS / f"zero_shot_{source}-validation_{checkpoint.name}.json"
     if reuse and saved.is_file():  # --aggregate-only: a score saved by an earlier run of this command
         return json.loads(saved.read_text())
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "heldout_sources.py"), "zero-shot", "--checkpoint",
-           str(checkpoint), "--source", source, "--validation-of", str(validation_of), "--max-patients",
+    cmd = [sys.executable, "benchmarks/heldout_sources.py", "zero-shot", "--checkpoint",
+           _arg(checkpoint), "--source", source, "--validation-of", _arg(validation_of), "--max-patients",
            str(max_patients)]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads(saved.read_text())
