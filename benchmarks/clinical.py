@@ -43,7 +43,6 @@ The 1-minute load average is recorded at the start of each section (the machine 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -54,14 +53,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import median, mimic_store, percentile, save  # noqa: E402
-
-
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
+from benchmarks.common import load_average, median, mimic_store, percentile, save  # noqa: E402
 
 
 def _random_pipeline(cohort: pd.DataFrame, preset: str):
@@ -88,7 +80,7 @@ def shap_latency(store, pipelines: dict, n_patients: int, per_patient: int) -> d
     import torch
 
     default = torch.get_num_threads()
-    out = {"load_average_1min": _load()}
+    out = {"load_average_1min": load_average()}
     for threads in sorted({1, default}):
         torch.set_num_threads(threads)
         out[f"threads_{threads}"] = _shap_latency(store, pipelines, n_patients, per_patient)
@@ -111,7 +103,7 @@ def _shap_latency(store, pipelines: dict, n_patients: int, per_patient: int) -> 
     for pid in chosen:
         t = queries.timeline(store, pid)
         cases.append((pid, history_from_timeline(t, queries.patient_info(store, pid)), default_at(t)))
-    out = {"torch_threads": torch.get_num_threads(), "load_average_1min": _load(), "models": {}}
+    out = {"torch_threads": torch.get_num_threads(), "load_average_1min": load_average(), "models": {}}
     for name, pipe in pipelines.items():
         cold = None
         runs = []
@@ -151,7 +143,7 @@ def pattern_metrics(seeds: list[int], n_patients: int) -> dict:
 
     oversample = {"edta_contamination": 0.01, "drip_arm": 0.02}
     out = {"seeds": seeds, "patients_per_seed": n_patients, "event_rates": oversample,
-           "load_average_1min": _load()}
+           "load_average_1min": load_average()}
     cohorts = {seed: generate_cohort(n_patients, seed=seed, event_rates=oversample) for seed in seeds}
     for name, keep in (("with_haemolysis_index", lambda h: h),
                        ("without_haemolysis_index", lambda h: h[h["analyte_code"] != HAEMOLYSIS_INDEX])):
@@ -278,7 +270,7 @@ def outputs_per_patient(store, pipeline, explain: bool, limit: int | None) -> di
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster for single forecasts
-    load = _load()
+    load = load_average()
     pids = queries.patients(store)["patient_id"].tolist()[:limit]
     rows, ats, notes = [], {}, set()
     t_all = time.perf_counter()

@@ -23,6 +23,15 @@ def machine() -> dict:
     }
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (rounded to 0.01), or None where the platform has none: every benchmark
+    records it beside its timings, since the machines they run on are shared."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)

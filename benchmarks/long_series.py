@@ -50,8 +50,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import median, save  # noqa: E402
-from benchmarks.page_load import _load, _serve  # noqa: E402
+from benchmarks.common import load_average, median, save  # noqa: E402
+from benchmarks.page_load import _serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 USER, PASSWORD = "bench", "long series benchmark password"
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         users.add_user(store, USER, "Long series benchmark", "clinician", PASSWORD, by=users.Actor.cli())
         del store
         model = Path(args.model) if args.model else work / "no-model"
-        load_before = _load()
+        load_before = load_average()
         proc, url = _serve(work / "long.duckdb", model, work / "streamlit.log", None)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=os.environ.get("LABTREND_CHROMIUM", "/usr/bin/chromium"),
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
                 return el.data.reduce((n, t) => n + (t.x ? t.x.length : 0), 0);
             }""")
             browser.close()
-        load_after = _load()
+        load_after = load_average()
     finally:
         if proc is not None:
             proc.terminate()

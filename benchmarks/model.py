@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmarks.common import median, mimic_store, percentile, save  # noqa: E402
+from benchmarks.common import load_average, median, mimic_store, percentile, save  # noqa: E402
 from data import settings  # noqa: E402
 
 
@@ -106,7 +106,7 @@ def latency_by_threads(pipe, history: pd.DataFrame, analytes: list[str], repeats
             out[f"threads_{n}"] = latency(pipe, history, analytes, repeats)
     finally:
         torch.set_num_threads(default)
-    out["load_average_1min"] = round(__import__("os").getloadavg()[0], 2)
+    out["load_average_1min"] = load_average()
     return out
 
 

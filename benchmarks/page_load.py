@@ -56,7 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import median, percentile, save  # noqa: E402
+from benchmarks.common import load_average, median, percentile, save  # noqa: E402
 from labtrend.cli import dashboard_command  # noqa: E402  (as 'labtrend dashboard' serves it)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,13 +83,6 @@ PATIENTS_DRAWN = """() => {
     return app && app.dataset.testScriptState === 'notRunning' && !document.querySelector('[data-stale="true"]')
         && !!document.querySelector('.st-key-patients_table table[role="grid"] tbody tr');
 }"""
-
-
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def _free_port() -> int:
@@ -228,7 +221,7 @@ def main(argv=None) -> int:
         store = open_store(db)  # a copy (or built here): the benchmark's account never reaches the original
         if users.get_user(store, USER) is None:
             users.add_user(store, USER, "Page load benchmark", "clinician", PASSWORD, by=users.Actor.cli())
-        load_before = _load()
+        load_before = load_average()
         proc, url = _serve(db, model, work / "streamlit.log", args.torch_threads)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
@@ -253,7 +246,7 @@ def main(argv=None) -> int:
                 _to_patients_page(page)
                 again.append(_select(page, pid))
             browser.close()
-        load_after = _load()
+        load_after = load_average()
     finally:
         if proc is not None:
             proc.terminate()

@@ -18,7 +18,6 @@ Prints JSON and saves it to benchmarks/results/patients_list.json.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import median, mimic_store, save  # noqa: E402
+from benchmarks.common import load_average, median, mimic_store, save  # noqa: E402
 
 BASELINE_SQL = """
     SELECT p.patient_id, p.sex, p.age_at_ref, p.ref_date, p.birth_date,
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
     from data.db import open_store
 
     payload = {"command": "python benchmarks/patients_list.py" + (f" --rows {args.rows}" if args.rows != 10_000_000 else ""),
-               "load_average_1min": round(os.getloadavg()[0], 2)}
+               "load_average_1min": load_average()}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.store) if args.store else Path(tmp) / "bench.duckdb"
         if not path.exists():

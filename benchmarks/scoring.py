@@ -31,7 +31,6 @@ Writes ``benchmarks/results/scoring.json`` and prints it. On the 100 MIMIC-IV de
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -40,14 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import median, mimic_store, percentile, save  # noqa: E402
-
-
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
+from benchmarks.common import load_average, median, mimic_store, percentile, save  # noqa: E402
 
 
 def _fresh(base: Path, tmp: Path, name: str) -> Path:
@@ -67,7 +59,7 @@ def throughput(base: Path, tmp: Path, model: str, engines: list[str], workers: i
         rows = []
         for r in range(runs):
             db = _fresh(base, tmp, f"tp-{engine}-{r}")
-            load = _load()
+            load = load_average()
             s = run_scoring(ScoreConfig(db_path=str(db), model_dir=model), engine=engine,
                             workers=1 if engine == "serial" else workers, progress=False)
             cores = 1 if engine == "serial" else workers
@@ -152,7 +144,7 @@ def per_patient(base: Path, tmp: Path, model: str, n: int) -> dict:
     store = Store(StoreSettings(path=str(db)))
     pipe = ForecastPipeline.from_pretrained(model)
     busiest = queries.patients(store).sort_values(["n_results", "patient_id"], ascending=[False, True]).head(n)
-    out = {"load_1min_at_start": _load(), "patients": int(len(busiest)),
+    out = {"load_1min_at_start": load_average(), "patients": int(len(busiest)),
            "n_results": {"max": int(busiest["n_results"].max()), "min": int(busiest["n_results"].min())}}
     warm = busiest["patient_id"].iloc[-1]
     patient_outputs(pipe, queries.patient_info(store, warm), queries.timeline(store, warm))
@@ -191,7 +183,7 @@ def explanations(base: Path, tmp: Path, model: str, n: int) -> dict:
     store = Store(StoreSettings(path=str(_fresh(base, tmp, "explain"))))
     pipe = ForecastPipeline.from_pretrained(model)
     busiest = queries.patients(store).sort_values(["n_results", "patient_id"], ascending=[False, True]).head(n)
-    load = _load()
+    load = load_average()
     wall, cpu, fc_wall, gaps, evals, groups, statuses = [], [], [], [], [], [], []
     first = True
     for pid in busiest["patient_id"]:
@@ -239,7 +231,7 @@ def demo_outputs(base: Path, tmp: Path, model: str) -> dict:
     pats = queries.patients(store)
     held = pats[pats["patient_id"].isin(_demo_holdout(pats, 10))].sort_values(["n_results", "patient_id"],
                                                                             ascending=[False, True])
-    load = _load()
+    load = load_average()
     t0 = time.perf_counter()
     review = held["patient_id"].head(3).astype(str).tolist()
     s = run_scoring(ScoreConfig(db_path=str(db), model_dir=model), patients=review, engine="serial", progress=False)
